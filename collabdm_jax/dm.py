@@ -1,0 +1,105 @@
+"""The distribution-matching synthesis step shared by every distiller.
+
+The CollabDM server, a client's local distillation and the central DM
+baseline all learn synthetic images the same way: for each class in turn,
+embed the (augmented) synthetic images of that class with the current random
+network, compare their mean (and optionally spread) with a real-data target,
+and take one optimiser step. They differ only in where the target comes from
+(aggregated client statistics, or the real data at hand).
+
+Faithfulness note: the reference code keeps ONE SGD-momentum optimiser over
+the whole synthetic tensor and calls ``step()`` once per class, so each class
+step also moves every other class by its decayed momentum. Summing the class
+losses into one step is a different algorithm; ``match_classes`` scans over
+classes with the full-tensor optimiser state to reproduce the reference.
+"""
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from collabdm_jax import augment
+from collabdm_jax import keys as keys_lib
+from collabdm_jax import losses
+from collabdm_jax import models
+
+
+class SynthesisState(NamedTuple):
+  """Synthetic images ``[C, ipc, H, W, Ch]`` (class-major) and optimiser state."""
+  images: jax.Array
+  opt_state: optax.OptState
+
+
+def make_optimizer(lr, momentum=0.5):
+  """The reference image optimiser: SGD with heavy-ball momentum, no decay."""
+  return optax.sgd(lr, momentum=momentum)
+
+
+def init_state(images, optimizer):
+  return SynthesisState(images, optimizer.init(images))
+
+
+def synthetic_embeddings(embed, net_params, images, aug_key, dsa_strategy,
+                         pae):
+  """Embeds one class of synthetic images the way the loss sees them.
+
+  PAE first splits every image into its 4 upsampled quadrants; the Siamese
+  DSA transform is then drawn from ``aug_key``, the same key the real side
+  used for this (iteration, class).
+  """
+  if pae:
+    images = augment.pae_expand(images)
+  images = augment.dsa(aug_key, images, dsa_strategy, siamese=True)
+  return embed(net_params, images)
+
+
+def match_classes(state, optimizer, embed, net_params, aug_keys, target_mean,
+                  target_std, valid, *, dsa_strategy, pae, std_weight):
+  """One DM iteration: a loss and an optimiser step per class, in class order.
+
+  Args:
+    state: ``SynthesisState`` with images ``[C, ipc, H, W, Ch]``.
+    optimizer: the optax transformation whose state is in ``state``.
+    embed: ``embed(params, images) -> [N, D]``.
+    net_params: parameters of this iteration's random network.
+    aug_keys: ``[C]`` Siamese augmentation keys, one per class.
+    target_mean, target_std: ``[C, D]`` real-data targets.
+    valid: ``[C]`` bool; classes without a target are skipped (no step).
+    dsa_strategy, pae, std_weight: static loss options.
+
+  Returns:
+    ``(new_state, losses [C])``.
+  """
+
+  def class_loss(images, c):
+    emb = synthetic_embeddings(embed, net_params, images[c], aug_keys[c],
+                               dsa_strategy, pae)
+    return losses.matching_loss(target_mean[c], emb,
+                                target_std=target_std[c],
+                                std_weight=std_weight)
+
+  def step(state, c):
+    loss, grads = jax.value_and_grad(class_loss)(state.images, c)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.images)
+    stepped = SynthesisState(optax.apply_updates(state.images, updates),
+                             opt_state)
+    # A class no client holds has no target: leave everything untouched
+    # rather than pull its images towards a zero vector.
+    new = jax.tree.map(lambda a, b: jnp.where(valid[c], a, b), stepped, state)
+    return new, jnp.where(valid[c], loss, 0.0)
+
+  num_classes = state.images.shape[0]
+  return jax.lax.scan(step, state, jnp.arange(num_classes))
+
+
+def class_aug_keys(root, t, num_classes):
+  """``[C]`` Siamese augmentation keys of iteration ``t``."""
+  return jax.vmap(lambda c: keys_lib.augment_key(root, t, c))(
+      jnp.arange(num_classes))
+
+
+def network_params(model, root, t, input_shape):
+  """Parameters of the random network psi_t shared by clients and server."""
+  return models.init_params(model, keys_lib.network_key(root, t), input_shape)

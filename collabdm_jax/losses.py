@@ -1,0 +1,135 @@
+"""Distribution-matching losses and the aggregation of client statistics.
+
+This module is the public, stable API for other JAX projects: every function
+is pure, jittable, differentiable where it makes sense and works on plain
+arrays. Embeddings are ``[N, D]``; an optional ``weights`` vector ``[N]``
+(0/1 masks of padded batches, or real weights) says which rows count.
+
+Distribution matching (DM, Zhao & Bilen 2023) compares two sets through the
+mean of their embeddings under a random network: the squared distance of the
+means is the maximum mean discrepancy with a linear kernel. CollabDM makes
+this federated: the real-side mean is assembled at the server from client
+statistics (``aggregate_class_moments``), so raw data never leaves a client.
+"""
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+# Keeps sqrt differentiable where a synthetic set has zero spread (one image).
+_STD_EPS = 1e-8
+
+
+def _weighted_mean(x, weights):
+  if weights is None:
+    return jnp.mean(x, axis=0)
+  w = weights.astype(x.dtype)
+  return jnp.einsum("n,n...->...", w, x) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def embedding_mean(embeddings, weights=None):
+  """Mean embedding ``[D]`` of ``embeddings [N, D]`` over rows with weight."""
+  return _weighted_mean(embeddings, weights)
+
+
+def embedding_std(embeddings, weights=None):
+  """Per-feature population standard deviation ``[D]`` (eps-stabilised)."""
+  mean = _weighted_mean(embeddings, weights)
+  var = _weighted_mean(jnp.square(embeddings - mean), weights)
+  return jnp.sqrt(var + _STD_EPS)
+
+
+def mean_embedding_loss(target_mean, embeddings, weights=None):
+  """DM's loss: ``sum((target_mean - mean(embeddings))**2)``.
+
+  Args:
+    target_mean: ``[D]`` mean embedding of the real data (no gradient needed).
+    embeddings: ``[N, D]`` embeddings of the synthetic images.
+    weights: optional ``[N]`` row weights (e.g. a padding mask).
+
+  Returns:
+    Scalar squared linear-kernel MMD between the two sets.
+  """
+  return jnp.sum(jnp.square(target_mean - _weighted_mean(embeddings, weights)))
+
+
+def std_matching_loss(target_std, embeddings, weights=None):
+  """IDM's spread term: ``sum((target_std - std(embeddings))**2)``.
+
+  Used with partition-and-expansion (CollabDM-pae) so the synthetic set
+  matches the per-feature spread of the real data, not only its mean.
+  """
+  return jnp.sum(jnp.square(target_std - embedding_std(embeddings, weights)))
+
+
+class ClassMoments(NamedTuple):
+  """Aggregated real-data targets of one or more (iteration, class) cells.
+
+  mean, std: ``[..., C, D]``; valid: ``[..., C]`` bool, False where no
+  client contributed (the server skips those classes instead of matching a
+  meaningless zero target).
+  """
+  mean: jax.Array
+  std: jax.Array
+  valid: jax.Array
+
+
+def aggregate_class_moments(means, counts, class_counts, second_moments=None,
+                            weighting="count"):
+  """Combines per-client statistics into per-class targets.
+
+  Args:
+    means: ``[K, ..., C, D]`` each client's mean embedding per class (any
+      values where ``counts`` is 0; they are ignored, so no NaN can leak).
+    counts: ``[K, ..., C]`` number of samples behind each mean.
+    class_counts: ``[K, C]`` each client's local class sizes.
+    second_moments: optional ``[K, ..., C, D]`` per-client mean of squared
+      embeddings; needed for ``std``, which is zero when omitted.
+    weighting: ``"count"`` weights client k's mean by its class size
+      n_{k,c}: with full-class statistics this is exactly the mean over the
+      pooled data, and with minibatch statistics an unbiased estimate of it.
+      ``"uniform"`` is the authors' choice: the plain mean of the means of
+      the clients that hold the class (small clients count as much as big).
+
+  Returns:
+    ``ClassMoments`` with mean/std ``[..., C, D]`` and valid ``[..., C]``.
+  """
+  if weighting not in ("count", "uniform"):
+    raise ValueError(
+        f"weighting must be 'count' or 'uniform', got {weighting!r}")
+  counts = jnp.asarray(counts)
+  class_counts = jnp.asarray(class_counts)
+  extra = counts.ndim - class_counts.ndim  # iteration axes between K and C
+  present = counts > 0
+  if weighting == "count":
+    n = class_counts.reshape(class_counts.shape[:1] + (1,) * extra +
+                             class_counts.shape[1:])
+    w = jnp.where(present, n, 0).astype(jnp.float32)
+  else:
+    w = present.astype(jnp.float32)
+  total = jnp.sum(w, axis=0)
+  valid = total > 0
+  wn = w / jnp.where(valid, total, 1.0)
+
+  def combine(x):
+    x = jnp.where(present[..., None], x, 0.0)  # masked cells may hold junk
+    return jnp.einsum("k...c,k...cd->...cd", wn, x.astype(jnp.float32))
+
+  mean = combine(means)
+  if second_moments is None:
+    std = jnp.zeros_like(mean)
+  else:
+    var = combine(second_moments) - jnp.square(mean)
+    std = jnp.sqrt(jnp.maximum(var, 0.0))
+  return ClassMoments(mean, std, valid)
+
+
+def matching_loss(target_mean, embeddings, weights=None, target_std=None,
+                  std_weight=0.0):
+  """Mean loss plus ``std_weight`` times the std loss (when a target is given)."""
+  loss = mean_embedding_loss(target_mean, embeddings, weights)
+  if target_std is not None and std_weight:
+    loss = loss + std_weight * std_matching_loss(target_std, embeddings,
+                                                 weights)
+  return loss

@@ -1,0 +1,140 @@
+"""What the server does: aggregate client statistics, then synthesise.
+
+For every iteration t the server rebuilds psi_t and the Siamese keys from the
+shared root key, turns the clients' statistics into per-class targets
+(``losses.aggregate_class_moments``) and takes DM's per-class steps on the
+synthetic set (``dm.match_classes``). Targets can arrive all at once (message
+files) or streamed a chunk of iterations at a time (simulation), so server
+memory does not have to grow with the number of iterations.
+"""
+
+import dataclasses
+from typing import Callable, Iterable, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from collabdm_jax import augment
+from collabdm_jax import dm
+from collabdm_jax import keys as keys_lib
+from collabdm_jax import losses
+from collabdm_jax import models
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+  """Server-side synthesis settings.
+
+  Attributes:
+    ipc: synthetic images per class.
+    lr, momentum: the image optimiser (reference: SGD lr_img 10, momentum 0.5).
+    dsa_strategy: Siamese DSA families; must equal the clients'.
+    pae: partition-and-expansion of synthetic images in the loss.
+    std_weight: weight of the std-matching term (needs second moments).
+    weighting: "count" (exact pooled mean) or "uniform" (authors' choice).
+  """
+  ipc: int
+  lr: float = 10.0
+  momentum: float = 0.5
+  dsa_strategy: str = augment.DEFAULT_STRATEGY
+  pae: bool = False
+  std_weight: float = 0.0
+  weighting: str = "count"
+
+
+def make_step(model, input_shape, num_classes, cfg: ServerConfig):
+  """Returns ``(optimizer, step)``; ``step(state, root, t, targets)`` is jitted.
+
+  ``targets`` is a ``losses.ClassMoments`` of one iteration (``[C, D]``).
+  The state argument is donated: the synthetic set is updated in place.
+  """
+  embed = models.embed_fn(model)
+  optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
+
+  def step(state, root, t, targets):
+    params = dm.network_params(model, root, t, input_shape)
+    aug_keys = dm.class_aug_keys(root, t, num_classes)
+    return dm.match_classes(state, optimizer, embed, params, aug_keys,
+                            targets.mean, targets.std, targets.valid,
+                            dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,
+                            std_weight=cfg.std_weight)
+
+  return optimizer, jax.jit(step, donate_argnums=0)
+
+
+def initial_synthetic_set(key, init, num_classes, ipc, input_shape,
+                          pool_x=None, pool_y=None, pae=False):
+  """Starting images ``[C, ipc, ...]`` of the server's synthetic set.
+
+  Args:
+    key: server-private key.
+    init: "noise" (standard Gaussian in normalised space), "real" (ipc real
+      images per class from ``pool``; 2x2 mosaics of four when ``pae``, as
+      IDM does) or "local" (ipc images per class drawn from the pool of the
+      clients' locally distilled images, as the reference server does).
+    pool_x, pool_y: images and labels to draw from ("real"/"local").
+
+  Classes missing from the pool start from noise; a pool smaller than ipc is
+  drawn with replacement.
+  """
+  if init not in ("noise", "real", "local"):
+    raise ValueError(f"init must be 'noise', 'real' or 'local', got {init!r}")
+  from collabdm_jax import client  # local import: client imports dm too
+  if init != "noise" and (pool_x is None or len(pool_x) == 0):
+    raise ValueError(f"init={init!r} needs a non-empty pool of images")
+  if init == "noise":
+    return client.initial_images(key, np.zeros((0,) + tuple(input_shape)),
+                                 np.zeros((0,), np.int32), num_classes, ipc,
+                                 "noise", False)
+  return client.initial_images(key, pool_x, pool_y, num_classes, ipc, "real",
+                               pae and init == "real")
+
+
+def messages_to_stats(messages):
+  """Stacks decoded ``protocol.ClientMessage``s into arrays ``[K, ...]``."""
+  means = np.stack([m.means for m in messages])
+  counts = np.stack([m.counts for m in messages])
+  class_counts = np.stack([m.class_counts for m in messages])
+  sq = None
+  if all(m.second_moments is not None for m in messages):
+    sq = np.stack([m.second_moments for m in messages])
+  return means, counts, class_counts, sq
+
+
+def synthesize(root, target_chunks: Iterable[Tuple[int, losses.ClassMoments]],
+               model, input_shape, num_classes, cfg: ServerConfig,
+               init_images, state=None, on_iteration: Optional[Callable] = None):
+  """Runs the server iterations over streamed targets.
+
+  Args:
+    root: shared root key.
+    target_chunks: yields ``(t0, ClassMoments with [Tc, C, ...] arrays)`` in
+      increasing t.
+    init_images: ``[C, ipc, ...]`` starting synthetic set (ignored when a
+      ``state`` is given, e.g. from a checkpoint).
+    on_iteration: called as ``on_iteration(t, state, losses)`` after each
+      iteration (logging, checkpoints).
+
+  Returns:
+    The final ``dm.SynthesisState``.
+  """
+  optimizer, step = make_step(model, tuple(input_shape), num_classes, cfg)
+  if state is None:
+    state = dm.init_state(jnp.asarray(init_images, jnp.float32), optimizer)
+  for t0, chunk in target_chunks:
+    for i in range(chunk.mean.shape[0]):
+      t = t0 + i
+      targets = jax.tree.map(lambda a: jnp.asarray(a[i]), chunk)
+      state, class_losses = step(state, root, jnp.int32(t), targets)
+      if on_iteration is not None:
+        on_iteration(t, state, class_losses)
+  return state
+
+
+def synthetic_dataset(images):
+  """Flattens ``[C, ipc, ...]`` into ``(images [C*ipc, ...], labels)``."""
+  images = np.asarray(images)
+  C, ipc = images.shape[:2]
+  return (images.reshape((C * ipc,) + images.shape[2:]),
+          np.repeat(np.arange(C, dtype=np.int32), ipc))

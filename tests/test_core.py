@@ -1,0 +1,290 @@
+"""CollabDM core: client statistics, aggregation and the server step."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from collabdm_jax import augment
+from collabdm_jax import client
+from collabdm_jax import dm
+from collabdm_jax import keys
+from collabdm_jax import losses
+from collabdm_jax import models
+from collabdm_jax import server
+
+SHAPE = (28, 28, 1)
+C = 3
+STRATEGY = "color_crop_cutout_scale_rotate"
+ROOT = jax.random.key(7)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """Three clients with skewed classes; one lacks class 2 entirely."""
+  rng = np.random.default_rng(0)
+  model = models.make_model("convnet", C, width=8, depth=2)
+  sizes = [(30, 5, 0), (3, 20, 9), (12, 1, 14)]
+  xs, ys = [], []
+  for per_class in sizes:
+    y = np.concatenate([np.full(n, c) for c, n in enumerate(per_class)])
+    y = rng.permutation(y).astype(np.int32)
+    xs.append(rng.standard_normal((len(y),) + SHAPE).astype(np.float32)
+              + y[:, None, None, None])
+    ys.append(y)
+  return model, xs, ys
+
+
+def full_spec(model, **kw):
+  return client.StatsSpec(model=model, input_shape=SHAPE, num_classes=C,
+                          batch_real=None, dsa_strategy=STRATEGY,
+                          embed_batch=16, **kw)
+
+
+def loop_reference(model, x, y, t):
+  """Per-class mean embeddings by a plain loop over classes (full class)."""
+  params = dm.network_params(model, ROOT, t, SHAPE)
+  embed = models.embed_fn(model)
+  out = {}
+  for c in range(C):
+    xc = x[y == c]
+    if len(xc) == 0:
+      continue
+    aug = augment.dsa(keys.augment_key(ROOT, t, c), jnp.asarray(xc), STRATEGY,
+                      siamese=True)
+    out[c] = np.asarray(embed(params, aug)).mean(0)
+  return out
+
+
+def test_vmapped_stats_equal_per_client_loop(tiny):
+  model, xs, ys = tiny
+  spec = full_spec(model)
+  stats = client.client_stats(ROOT, xs, ys, [0, 1, 2], spec, 2, t_chunk=1,
+                              clients_per_device=2)
+  assert stats.means.shape == (3, 2, C, models.feature_dim(model, SHAPE))
+  for k in range(3):
+    np.testing.assert_array_equal(stats.class_counts[k],
+                                  np.bincount(ys[k], minlength=C))
+    for t in range(2):
+      ref = loop_reference(model, xs[k], ys[k], t)
+      np.testing.assert_array_equal(stats.counts[k, t],
+                                    np.bincount(ys[k], minlength=C))
+      for c in range(C):
+        if c in ref:
+          np.testing.assert_allclose(stats.means[k, t, c], ref[c], rtol=2e-4,
+                                     atol=2e-5)
+        else:  # absent class: zero row, zero count
+          assert not stats.means[k, t, c].any()
+
+
+def test_client_result_independent_of_block_mates(tiny):
+  model, xs, ys = tiny
+  spec = full_spec(model)
+  together = client.client_stats(ROOT, xs, ys, [0, 1, 2], spec, 2,
+                                 clients_per_device=3)
+  alone = client.client_stats(ROOT, xs[1:2], ys[1:2], [1], spec, 2)
+  np.testing.assert_allclose(together.means[1], alone.means[0], rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_minibatch_draws_without_replacement_and_changes_with_t(tiny):
+  model, xs, ys = tiny
+  spec = client.StatsSpec(model=model, input_shape=SHAPE, num_classes=C,
+                          batch_real=4, dsa_strategy="", embed_batch=8)
+  stats = client.client_stats(ROOT, xs, ys, [0, 1, 2], spec, 3)
+  for k in range(3):
+    expect = np.minimum(np.bincount(ys[k], minlength=C), 4)
+    assert (stats.counts[k] == expect).all()
+  # Class 0 of client 0 has 30 samples: different subsets at different t.
+  assert not np.allclose(stats.means[0, 0, 0], stats.means[0, 1, 0])
+  # The draw itself: distinct indices, all of the requested class.
+  y = np.sort(ys[0])
+  counts = np.bincount(y, minlength=C)
+  sc, sr = client.class_slots(counts, np.minimum(counts, 4))
+  start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  idx = np.asarray(client.sample_class_slots(
+      jax.random.key(3), jnp.asarray(y), jnp.asarray(start), jnp.asarray(sc),
+      jnp.asarray(sr)))
+  assert len(set(idx.tolist())) == len(idx)
+  np.testing.assert_array_equal(y[idx], sc)
+
+
+def test_count_weighting_gives_pooled_mean(tiny):
+  model, xs, ys = tiny
+  spec = full_spec(model)
+  stats = client.client_stats(ROOT, xs, ys, [0, 1, 2], spec, 2)
+  agg = losses.aggregate_class_moments(stats.means, stats.counts,
+                                       stats.class_counts)
+  pooled = client.client_stats(ROOT, [np.concatenate(xs)],
+                               [np.concatenate(ys)], [0], spec, 2)
+  np.testing.assert_allclose(agg.mean, pooled.means[0], rtol=2e-4, atol=2e-5)
+  assert np.asarray(agg.valid).all()
+
+
+def test_uniform_weighting_is_reference_formula():
+  rng = np.random.default_rng(1)
+  K, T, D = 4, 2, 5
+  means = rng.standard_normal((K, T, C, D)).astype(np.float32)
+  counts = rng.integers(0, 4, (K, T, C)).astype(np.int32)
+  counts[:, :, 2] = 0  # nobody holds class 2
+  means[counts == 0] = np.nan  # junk must not leak
+  class_counts = counts[:, 0] * 10
+  agg = losses.aggregate_class_moments(means, counts, class_counts,
+                                       weighting="uniform")
+  for t in range(T):
+    for c in range(C):
+      holders = [k for k in range(K) if counts[k, t, c] > 0]
+      if holders:
+        ref = np.mean([means[k, t, c] for k in holders], axis=0)
+        np.testing.assert_allclose(agg.mean[t, c], ref, rtol=1e-6)
+      else:
+        assert not bool(agg.valid[t, c])
+  assert np.isfinite(np.asarray(agg.mean)).all()
+  assert np.isfinite(np.asarray(agg.std)).all()
+  with pytest.raises(ValueError, match="weighting"):
+    losses.aggregate_class_moments(means, counts, class_counts,
+                                   weighting="mean")
+
+
+def test_second_moments_give_pooled_std(tiny):
+  model, xs, ys = tiny
+  spec = full_spec(model, second_moments=True)
+  stats = client.client_stats(ROOT, xs, ys, [0, 1, 2], spec, 1)
+  agg = losses.aggregate_class_moments(stats.means, stats.counts,
+                                       stats.class_counts,
+                                       stats.second_moments)
+  params = dm.network_params(model, ROOT, 0, SHAPE)
+  x, y = np.concatenate(xs), np.concatenate(ys)
+  aug = augment.dsa(keys.augment_key(ROOT, 0, 1), jnp.asarray(x[y == 1]),
+                    STRATEGY)
+  emb = np.asarray(models.embed_fn(model)(params, aug))
+  np.testing.assert_allclose(agg.std[0, 1], emb.std(0), rtol=2e-3, atol=2e-4)
+
+
+def test_losses_match_definitions():
+  rng = np.random.default_rng(2)
+  emb = rng.standard_normal((6, 4)).astype(np.float32)
+  target = rng.standard_normal(4).astype(np.float32)
+  np.testing.assert_allclose(losses.mean_embedding_loss(target, emb),
+                             ((target - emb.mean(0)) ** 2).sum(), rtol=1e-5)
+  w = np.array([1, 1, 0, 0, 1, 0], np.float32)
+  np.testing.assert_allclose(
+      losses.mean_embedding_loss(target, emb, w),
+      ((target - emb[w > 0].mean(0)) ** 2).sum(), rtol=1e-5)
+  np.testing.assert_allclose(
+      losses.std_matching_loss(target, emb), ((target - emb.std(0)) ** 2).sum(),
+      rtol=1e-4)
+  g = jax.grad(lambda e: losses.std_matching_loss(target, e))(emb[:1])
+  assert np.isfinite(np.asarray(g)).all()  # one image: no NaN gradient
+
+
+def test_server_step_lowers_loss_on_fixed_problem(tiny):
+  model, xs, ys = tiny
+  cfg = server.ServerConfig(ipc=2, lr=1.0, dsa_strategy="")
+  optimizer, step = server.make_step(model, SHAPE, C, cfg)
+  params = dm.network_params(model, ROOT, 0, SHAPE)
+  embed = models.embed_fn(model)
+  target = jnp.stack([embed(params, jnp.asarray(xs[0][ys[0] == c][:5])).mean(0)
+                      if (ys[0] == c).sum() else jnp.zeros(models.feature_dim(model, SHAPE))
+                      for c in range(C)])
+  targets = losses.ClassMoments(target, jnp.zeros_like(target),
+                                jnp.array([True, True, False]))
+  init = server.initial_synthetic_set(jax.random.key(0), "noise", C, 2, SHAPE)
+  state = dm.init_state(jnp.asarray(init), optimizer)
+  untouched = np.asarray(init[2])
+  history = []
+  for _ in range(15):
+    state, class_losses = step(state, ROOT, jnp.int32(0), targets)
+    history.append(np.asarray(class_losses))
+  history = np.array(history)
+  assert (history[-1, :2] < 0.5 * history[0, :2]).all()
+  assert (history[:, 2] == 0).all()
+  np.testing.assert_array_equal(np.asarray(state.images[2]), untouched)
+
+
+def test_per_class_steps_share_momentum():
+  """Reference semantics: class c's step moves class c' by its momentum."""
+  model = models.make_model("convnet", 2, width=4, depth=1)
+  shape = (8, 8, 1)
+  opt = dm.make_optimizer(1.0, 0.5)
+  images = jnp.asarray(np.random.default_rng(0).standard_normal(
+      (2, 1) + shape).astype(np.float32))
+  params = dm.network_params(model, ROOT, 0, shape)
+  embed = models.embed_fn(model)
+  keys_ = dm.class_aug_keys(ROOT, 0, 2)
+  target = jnp.ones((2, models.feature_dim(model, shape)))
+  valid = jnp.array([True, True])
+  state = dm.init_state(images, opt)
+  state, _ = dm.match_classes(state, opt, embed, params, keys_, target,
+                              target, valid, dsa_strategy="", pae=False,
+                              std_weight=0.0)
+  after_one = state.images
+  g0 = jax.grad(lambda im: losses.mean_embedding_loss(
+      target[0], embed(params, im)))(images[0])
+  # Class 0 moved by its own gradient in step 0 and then by 0.5 * momentum
+  # in class 1's step: total -(1 + 0.5) * g0.
+  np.testing.assert_allclose(after_one[0], images[0] - 1.5 * g0, rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_same_seed_bit_identical_synthetic_set(tiny):
+  model, xs, ys = tiny
+  spec = full_spec(model)
+
+  def run():
+    st = client.client_stats(ROOT, xs, ys, [0, 1, 2], spec, 2)
+    tg = losses.aggregate_class_moments(st.means, st.counts, st.class_counts)
+    cfg = server.ServerConfig(ipc=2, dsa_strategy=STRATEGY)
+    init = server.initial_synthetic_set(jax.random.key(0), "noise", C, 2, SHAPE)
+    return np.asarray(server.synthesize(ROOT, [(0, tg)], model, SHAPE, C, cfg,
+                                        init).images)
+
+  np.testing.assert_array_equal(run(), run())
+
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent("""
+    import numpy as np, jax
+    from collabdm_jax import client, losses, models, parallel, server
+    assert len(jax.devices()) == 4, jax.devices()
+    rng = np.random.default_rng(0)
+    model = models.make_model("convnet", 3, width=8, depth=2)
+    xs, ys = [], []
+    for k in range(6):
+        y = rng.integers(0, 3, 10 + 7 * k).astype(np.int32)
+        xs.append(rng.standard_normal((len(y), 28, 28, 1)).astype(np.float32))
+        ys.append(y)
+    spec = client.StatsSpec(model=model, input_shape=(28, 28, 1), num_classes=3,
+                            batch_real=8, dsa_strategy="color_crop_scale",
+                            embed_batch=16)
+    root = jax.random.key(0)
+    out = {}
+    for n in (1, 4):
+        mesh = parallel.client_mesh(num_devices=n)
+        st = client.client_stats(root, xs, ys, list(range(6)), spec, 3,
+                                 mesh=mesh)
+        tg = losses.aggregate_class_moments(st.means, st.counts, st.class_counts)
+        cfg = server.ServerConfig(ipc=2, dsa_strategy="color_crop_scale")
+        init = server.initial_synthetic_set(jax.random.key(1), "noise", 3, 2,
+                                            (28, 28, 1))
+        syn = server.synthesize(root, [(0, tg)], model, (28, 28, 1), 3, cfg,
+                                init).images
+        out[n] = (np.asarray(tg.mean), np.asarray(syn), st.counts)
+    np.testing.assert_array_equal(out[1][2], out[4][2])
+    np.testing.assert_allclose(out[1][0], out[4][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[1][1], out[4][1], rtol=1e-4, atol=1e-5)
+    print("OK")
+""")
+
+
+def test_four_devices_match_one():
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
