@@ -281,7 +281,8 @@ def _block_stats_fn(spec: StatsSpec, mesh, t_chunk: int):
 
 def iter_client_stats(root, client_x, client_y, client_ids, spec: StatsSpec,
                       num_iterations: int, *, t_chunk: int = 8, mesh=None,
-                      clients_per_device: int = 1) -> Iterator[Tuple[int, ClientStats]]:
+                      clients_per_device: Optional[int] = None
+                      ) -> Iterator[Tuple[int, ClientStats]]:
   """Streams the statistics of many clients, ``t_chunk`` iterations at a time.
 
   Args:
@@ -293,7 +294,9 @@ def iter_client_stats(root, client_x, client_y, client_ids, spec: StatsSpec,
     num_iterations: T, the number of server iterations / random networks.
     t_chunk: iterations computed per device call; memory is independent of T.
     mesh: a mesh with a ``clients`` axis (default: all local devices).
-    clients_per_device: clients vmapped together on each device.
+    clients_per_device: clients vmapped together on each device; default
+      spreads all clients evenly over the devices (at most 16 per device),
+      so there are few blocks and hence few compilations.
 
   Yields:
     ``(t0, ClientStats)`` for iterations ``t0 .. t0 + len - 1``, clients in
@@ -303,6 +306,8 @@ def iter_client_stats(root, client_x, client_y, client_ids, spec: StatsSpec,
     raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
   mesh = mesh if mesh is not None else parallel.client_mesh()
   n_dev = mesh.shape[parallel.CLIENT_AXIS]
+  if clients_per_device is None:
+    clients_per_device = min(16, -(-len(client_x) // n_dev))
   blocks = make_blocks(client_x, client_y, client_ids, spec,
                        n_dev * clients_per_device)
   t_chunk = max(1, min(t_chunk, num_iterations))

@@ -1,0 +1,401 @@
+"""A whole CollabDM run, as the launchers drive it.
+
+``run_distillation`` simulates every client and the server in one process;
+``run_client`` and ``run_server`` are the same protocol split across
+processes (one per client plus the server) that exchange message files.
+Both paths go through the same encode/validate/decode of every message, so
+the simulation measures exactly what a deployment would send (and the cost
+of bf16 transport).
+
+Configs are ``ml_collections.ConfigDict``s as in ``experiments/configs/``.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+
+from collabdm_jax import augment
+from collabdm_jax import client as client_lib
+from collabdm_jax import data as data_lib
+from collabdm_jax.data import tabular as tabular_lib
+from collabdm_jax import evaluate
+from collabdm_jax import keys as keys_lib
+from collabdm_jax import losses
+from collabdm_jax import models
+from collabdm_jax import parallel
+from collabdm_jax import partition as partition_lib
+from collabdm_jax import protocol
+from collabdm_jax import server as server_lib
+
+log = logging.getLogger("collabdm_jax")
+
+
+class Progress:
+  """Logs ``done/total`` with rate and ETA at most every ``every_s`` seconds."""
+
+  def __init__(self, name, total, every_s=10.0):
+    self.name, self.total, self.every_s = name, total, every_s
+    self.start = self.last = time.perf_counter()
+
+  def update(self, done, extra=""):
+    now = time.perf_counter()
+    if done < self.total and now - self.last < self.every_s:
+      return
+    self.last = now
+    elapsed = now - self.start
+    eta = elapsed / max(done, 1) * (self.total - done)
+    log.info("%s %d/%d  %.1fs elapsed, ETA %.1fs %s", self.name, done,
+             self.total, elapsed, eta, extra)
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from a config before any client or server work."""
+  config: object
+  dataset: data_lib.Dataset
+  partition: partition_lib.Partition
+  model: object
+  input_shape: tuple
+  dsa_strategy: str
+  stats_spec: client_lib.StatsSpec
+  root: jax.Array
+  train_x: np.ndarray  # what the embedding nets see (images, or tables)
+  test_x: np.ndarray
+
+
+def _opt(value):
+  """ConfigDict placeholders read as None."""
+  return None if value is None else value
+
+
+def dsa_strategy(config, dataset_name):
+  s = config.dsa_strategy
+  return augment.dsa_strategy_for(dataset_name) if s == "auto" else s
+
+
+def protocol_fields(config) -> Dict:
+  """The settings a client and the server must share; hashed into messages."""
+  return {
+      "seed": config.seed,
+      "dataset": config.dataset,
+      "model": config.model.to_dict(),
+      "dsa_strategy": config.dsa_strategy,
+      "num_iterations": config.num_iterations,
+      "batch_real": _opt(config.stats.batch_real),
+      "second_moments": bool(config.stats.second_moments),
+      "tabular_as_image": bool(config.get("tabular_as_image", False)),
+  }
+
+
+def load_data(config) -> data_lib.Dataset:
+  kwargs = {k: v for k, v in config.get("data_kwargs", {}).items()
+            if v is not None}
+  return data_lib.load_dataset(config.dataset, data_dir=_opt(config.data_dir),
+                               **kwargs)
+
+
+def setup(config, dataset: Optional[data_lib.Dataset] = None) -> Setup:
+  """Loads data, partitions it and builds the shared model and spec."""
+  if config.server.std_weight > 0 and not config.stats.second_moments:
+    raise ValueError("server.std_weight > 0 needs stats.second_moments=True "
+                     "(clients must upload second moments for std targets)")
+  dataset = dataset if dataset is not None else load_data(config)
+  p = config.partition
+  part = partition_lib.make_partition(
+      p.method, dataset.train_y, p.num_clients, seed=p.seed, alpha=p.alpha,
+      ipc=_opt(p.get("ipc")), classes_per_client=_opt(p.get("classes_per_client")),
+      min_size=p.min_size, num_classes=dataset.num_classes)
+  train_x, test_x = dataset.train_x, dataset.test_x
+  if dataset.kind == "tabular" and config.get("tabular_as_image", False):
+    train_x = tabular_lib.features_as_images(train_x)
+    test_x = tabular_lib.features_as_images(test_x)
+  input_shape = tuple(train_x.shape[1:])
+  model = models.make_model(config.model.arch, dataset.num_classes,
+                            **{k: v for k, v in config.model.items()
+                               if k != "arch"})
+  strategy = dsa_strategy(config, config.dataset)
+  spec = client_lib.StatsSpec(
+      model=model, input_shape=input_shape, num_classes=dataset.num_classes,
+      batch_real=_opt(config.stats.batch_real), dsa_strategy=strategy,
+      second_moments=bool(config.stats.second_moments),
+      embed_batch=config.stats.embed_batch)
+  return Setup(config, dataset, part, model, input_shape, strategy, spec,
+               jax.random.key(config.seed), train_x, test_x)
+
+
+def local_ipc(config):
+  ipc = _opt(config.local.ipc)
+  # The reference gives each client ipc // K + 1 images per class, so the
+  # pooled local images always cover the server's ipc.
+  return ipc if ipc is not None else (
+      config.server.ipc // config.partition.num_clients + 1)
+
+
+def local_config(config, strategy) -> client_lib.LocalDMConfig:
+  c = config.local
+  return client_lib.LocalDMConfig(
+      ipc=local_ipc(config), iterations=c.iterations, lr=c.lr,
+      momentum=c.momentum, batch_real=c.batch_real, dsa_strategy=strategy,
+      pae=bool(config.server.pae), std_weight=c.std_weight, init=c.init)
+
+
+def message_spec(s: Setup) -> protocol.MessageSpec:
+  return protocol.MessageSpec(
+      root_key_fingerprint=protocol.key_fingerprint(s.root),
+      config_hash=protocol.config_hash(protocol_fields(s.config)),
+      num_iterations=s.config.num_iterations,
+      num_classes=s.dataset.num_classes,
+      embed_dim=models.feature_dim(s.model, s.input_shape),
+      image_shape=s.input_shape,
+      requires_second_moments=s.config.server.std_weight > 0)
+
+
+def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
+                    timings=None) -> List[protocol.ClientMessage]:
+  """Computes the one-shot messages of the given clients (any subset)."""
+  cfg = s.config
+  xs = [s.train_x[s.partition.client_indices[k]] for k in client_ids]
+  ys = [s.dataset.train_y[s.partition.client_indices[k]] for k in client_ids]
+  local = [None] * len(client_ids)
+  t0 = time.perf_counter()
+  if cfg.local.enabled:
+    lcfg = local_config(cfg, s.dsa_strategy)
+    for i, k in enumerate(client_ids):
+      prog = Progress(f"local DM client {k}", lcfg.iterations)
+      local[i] = client_lib.local_distill(
+          keys_lib.local_distill_key(s.root, k), xs[i], ys[i],
+          s.dataset.num_classes, s.model, s.input_shape, lcfg,
+          progress=lambda it, loss, prog=prog: prog.update(it + 1))
+  t1 = time.perf_counter()
+  T = cfg.num_iterations
+  prog = Progress("client statistics", T)
+  parts = []
+  for t0_, chunk in client_lib.iter_client_stats(
+      s.root, xs, ys, list(client_ids), s.stats_spec, T,
+      t_chunk=cfg.stats.t_chunk, mesh=mesh,
+      clients_per_device=cfg.stats.clients_per_device):
+    parts.append(chunk)
+    prog.update(t0_ + chunk.means.shape[1])
+  t2 = time.perf_counter()
+  if timings is not None:
+    timings["local_distill"] = timings.get("local_distill", 0.0) + t1 - t0
+    timings["client_stats"] = timings.get("client_stats", 0.0) + t2 - t1
+  cat = lambda name: (None if getattr(parts[0], name) is None else
+                      np.concatenate([getattr(p, name) for p in parts], 1))
+  means, counts, sq = cat("means"), cat("counts"), cat("second_moments")
+  spec = message_spec(s)
+  msgs = []
+  for i, k in enumerate(client_ids):
+    li, ll = local[i] if local[i] is not None else (None, None)
+    msgs.append(protocol.ClientMessage(
+        client_id=int(k), root_key_fingerprint=spec.root_key_fingerprint,
+        config_hash=spec.config_hash, means=means[i], counts=counts[i],
+        class_counts=parts[0].class_counts[i],
+        second_moments=None if sq is None else sq[i],
+        local_images=li, local_labels=ll))
+  return msgs
+
+
+def synthesize_from_messages(s: Setup, messages, timings=None):
+  """Aggregates messages into targets and runs the server; returns images."""
+  cfg = s.config
+  t0 = time.perf_counter()
+  means, counts, class_counts, sq = server_lib.messages_to_stats(messages)
+  targets = losses.aggregate_class_moments(
+      means, counts, class_counts, sq if cfg.server.std_weight > 0 else None,
+      weighting=cfg.server.weighting)
+  valid = np.asarray(targets.valid)
+  if not valid.any():
+    raise ValueError("no client holds any class: nothing to distil")
+  scfg = server_lib.ServerConfig(
+      ipc=cfg.server.ipc, lr=cfg.server.lr, momentum=cfg.server.momentum,
+      dsa_strategy=s.dsa_strategy, pae=bool(cfg.server.pae),
+      std_weight=cfg.server.std_weight, weighting=cfg.server.weighting)
+  pool_x = pool_y = None
+  if cfg.server.init == "local":
+    have = [m for m in messages if m.local_images is not None]
+    if not have:
+      raise ValueError("server.init='local' but no message carries local "
+                       "images; enable local distillation or use init='noise'")
+    pool_x = np.concatenate([m.local_images for m in have])
+    pool_y = np.concatenate([m.local_labels for m in have])
+  elif cfg.server.init == "real":
+    pool_x, pool_y = s.train_x, s.dataset.train_y
+  init = server_lib.initial_synthetic_set(
+      keys_lib.server_key(s.root), cfg.server.init, s.dataset.num_classes,
+      cfg.server.ipc, s.input_shape, pool_x, pool_y, pae=bool(cfg.server.pae))
+  T = cfg.num_iterations
+  prog = Progress("server", T)
+  state = server_lib.synthesize(
+      s.root, [(0, targets)], s.model, s.input_shape, s.dataset.num_classes,
+      scfg, init,
+      on_iteration=lambda t, st, l: prog.update(t + 1, f"loss {float(l.sum()):.3f}"))
+  images = np.asarray(state.images)
+  if timings is not None:
+    timings["server"] = time.perf_counter() - t0
+  return images
+
+
+def evaluate_images(s: Setup, images, labels, timings=None):
+  cfg = s.config.eval
+  t0 = time.perf_counter()
+  ecfg = evaluate.EvalConfig(
+      arch=cfg.arch, num_nets=cfg.num_nets, epochs=cfg.epochs, lr=cfg.lr,
+      momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+      batch_size=cfg.batch_size,
+      dsa_strategy=s.dsa_strategy if cfg.dsa else "",
+      pae=bool(s.config.server.pae),
+      model_kwargs=tuple(sorted(cfg.model_kwargs.to_dict().items())))
+  res = evaluate.evaluate_synthetic(
+      keys_lib.eval_key(s.root), images, labels, s.test_x, s.dataset.test_y,
+      num_classes=s.dataset.num_classes, config=ecfg)
+  if timings is not None:
+    timings["evaluate"] = time.perf_counter() - t0
+  return res
+
+
+def save_synthetic(path, s: Setup, images):
+  """Writes the synthetic set as .npz (normalised images, labels, metadata)."""
+  x, y = server_lib.synthetic_dataset(images)
+  np.savez(path, images=x, labels=y,
+           class_names=np.asarray(s.dataset.class_names),
+           mean=np.asarray(s.dataset.mean), std=np.asarray(s.dataset.std),
+           pae=np.asarray(bool(s.config.server.pae)))
+
+
+def _env():
+  return {"backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()],
+          "process_count": jax.process_count(), "jax": jax.__version__}
+
+
+def _finish(s: Setup, workdir, images, timings, upload, extra=None):
+  workdir = pathlib.Path(workdir)
+  x, y = server_lib.synthetic_dataset(images)
+  res = evaluate_images(s, x, y, timings)
+  save_synthetic(workdir / "synthetic.npz", s, images)
+  results = {
+      "config": s.config.to_dict(),
+      "method": "collabdm-pae" if s.config.server.pae else "collabdm",
+      "dataset": s.config.dataset,
+      "num_clients": s.config.partition.num_clients,
+      "alpha": s.config.partition.alpha,
+      "ipc": s.config.server.ipc,
+      "accuracy_mean": res.mean,
+      "accuracy_std": res.std,
+      "accuracies": [float(a) for a in res.accuracies],
+      "n_eval": int(len(res.accuracies)),
+      "per_class_recall": np.nanmean(res.per_class_recall, 0).tolist(),
+      "upload_bytes_per_client": upload,
+      "upload_bytes_total": int(sum(upload.values())),
+      "wall_s": {k: round(v, 3) for k, v in timings.items()},
+      "client_class_counts": s.partition.counts.tolist(),
+      "environment": _env(),
+  }
+  results.update(extra or {})
+  tmp = workdir / "results.json.tmp"
+  tmp.write_text(json.dumps(results, indent=2, default=str))
+  os.replace(tmp, workdir / "results.json")
+  log.info("accuracy %.4f +- %.4f over %d nets", res.mean, res.std,
+           len(res.accuracies))
+  return results
+
+
+def run_distillation(config, workdir, mesh=None) -> Dict:
+  """The whole simulated run; writes synthetic.npz and results.json."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  timings = {}
+  t0 = time.perf_counter()
+  s = setup(config)
+  timings["setup"] = time.perf_counter() - t0
+  log.info("dataset %s (%s): %d train, %d test\n%s", s.dataset.name,
+           s.dataset.source, len(s.dataset.train_y), len(s.dataset.test_y),
+           partition_lib.format_count_table(s.partition.counts,
+                                            s.dataset.class_names))
+  ids = list(range(config.partition.num_clients))
+  msgs = client_messages(s, ids, mesh=mesh, timings=timings)
+  # Every message crosses the same wire format as in a real deployment.
+  t1 = time.perf_counter()
+  spec = message_spec(s)
+  upload, received = {}, []
+  for m in msgs:
+    blob = protocol.encode_message(
+        m, transport_dtype=config.message.transport_dtype)
+    upload[str(m.client_id)] = len(blob)
+    received.append(protocol.decode_message(blob, spec))
+  timings["transport"] = time.perf_counter() - t1
+  images = synthesize_from_messages(s, received, timings)
+  timings["total"] = time.perf_counter() - t0
+  return _finish(s, workdir, images, timings, upload)
+
+
+def message_path(message_dir, client_id):
+  return pathlib.Path(message_dir) / f"client_{client_id:05d}.cdm"
+
+
+def run_client(config, client_id, message_dir, mesh=None) -> pathlib.Path:
+  """One client's whole job: compute its message and write it to a file.
+
+  Only this client's shard of the data is used (the partition is recomputed
+  from the shared seed, as a real client would already hold its own data).
+  """
+  s = setup(config)
+  K = config.partition.num_clients
+  if not 0 <= client_id < K:
+    raise ValueError(f"client_id must be in [0, {K}), got {client_id}")
+  (msg,) = client_messages(s, [client_id], mesh=mesh)
+  path = message_path(message_dir, client_id)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  n = protocol.save_message(path, msg,
+                            transport_dtype=config.message.transport_dtype)
+  log.info("client %d wrote %s (%d bytes)", client_id, path, n)
+  return path
+
+
+def run_server(config, message_dir, workdir) -> Dict:
+  """Reads every message in ``message_dir``, synthesises and evaluates.
+
+  Missing clients are tolerated with a warning; an invalid message is
+  rejected (logged with its reason) and the run goes on with the rest.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  timings = {}
+  t0 = time.perf_counter()
+  s = setup(config)
+  spec = message_spec(s)
+  msgs, upload, rejected = [], {}, {}
+  for k in range(config.partition.num_clients):
+    path = message_path(message_dir, k)
+    if not path.exists():
+      log.warning("no message from client %d (%s): continuing without it",
+                  k, path)
+      continue
+    try:
+      m = protocol.load_message(path, spec)
+    except protocol.MessageError as e:
+      log.error("rejected message of client %d: %s", k, e)
+      rejected[str(k)] = str(e)
+      continue
+    if m.client_id != k:
+      log.error("rejected %s: it claims client id %d", path, m.client_id)
+      rejected[str(k)] = f"file of client {k} claims client id {m.client_id}"
+      continue
+    msgs.append(m)
+    upload[str(k)] = path.stat().st_size
+  if not msgs:
+    raise ValueError(f"no valid client message in {message_dir}")
+  timings["receive"] = time.perf_counter() - t0
+  images = synthesize_from_messages(s, msgs, timings)
+  timings["total"] = time.perf_counter() - t0
+  return _finish(s, workdir, images, timings, upload,
+                 {"clients_used": sorted(m.client_id for m in msgs),
+                  "clients_rejected": rejected})

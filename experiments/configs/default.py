@@ -1,0 +1,92 @@
+"""Default CollabDM run: embedded Fashion-MNIST subset, 10 clients, Dir(0.1), ipc 10.
+
+Sized to finish in a few minutes on 2 CPU cores (short budgets everywhere);
+``paper_scale.py`` holds the reference budgets. Run:
+
+  python -m launch.distill --config=experiments/configs/default.py --workdir=/tmp/collabdm
+
+Override any field on the command line, e.g. ``--config.num_iterations=200``.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # the shared root key: clients and server must agree on it
+  c.dataset = "fashion_mnist_embedded"
+  c.data_dir = config_dict.placeholder(str)
+  # Loader options; None values are not passed. The two below take a
+  # class-balanced subset (first k per class) for quick runs.
+  c.data_kwargs = ml_collections.ConfigDict()
+  c.data_kwargs.max_train_per_class = config_dict.placeholder(int)
+  c.data_kwargs.max_test_per_class = config_dict.placeholder(int)
+  c.tabular_as_image = False
+  # Siamese DSA families; "auto" picks DM's set for the dataset (no flip on
+  # digits, none on tables).
+  c.dsa_strategy = "auto"
+  # Server iterations = number of distinct random networks psi_t.
+  c.num_iterations = 40
+
+  c.partition = ml_collections.ConfigDict()
+  c.partition.method = "dirichlet"  # iid | dirichlet | collabdm | shards
+  c.partition.num_clients = 10
+  c.partition.alpha = 0.1
+  c.partition.min_size = 10
+  c.partition.ipc = config_dict.placeholder(int)  # collabdm variant only
+  c.partition.classes_per_client = config_dict.placeholder(int)  # shards only
+  c.partition.seed = 0
+
+  # Every random network psi_t is this architecture (DM's ConvNet-3).
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "convnet"
+  c.model.width = 128
+  c.model.depth = 3
+  c.model.norm = "instancenorm"
+  c.model.activation = "relu"
+  c.model.pooling = "avgpool"
+
+  c.stats = ml_collections.ConfigDict()
+  # Real samples per (t, class); None = the whole local class (exact pooled
+  # mean). The reference uses a random batch of 256.
+  c.stats.batch_real = config_dict.FieldReference(32, field_type=int)
+  c.stats.second_moments = False
+  c.stats.embed_batch = 256
+  c.stats.t_chunk = 8
+  # Clients vmapped together per device; None spreads them evenly.
+  c.stats.clients_per_device = config_dict.placeholder(int)
+
+  c.local = ml_collections.ConfigDict()
+  c.local.enabled = True
+  c.local.ipc = config_dict.placeholder(int)  # None: ipc // clients + 1
+  c.local.iterations = 20  # reference: 400
+  c.local.lr = 1.0
+  c.local.momentum = 0.5
+  c.local.batch_real = 64  # reference: 256
+  c.local.std_weight = 0.0
+  c.local.init = "real"
+
+  c.server = ml_collections.ConfigDict()
+  c.server.ipc = 10
+  c.server.lr = 10.0
+  c.server.momentum = 0.5
+  c.server.init = "local"  # local | noise | real (real = not federated)
+  c.server.pae = False
+  c.server.std_weight = 0.0
+  c.server.weighting = "count"  # count (exact pooled mean) | uniform
+
+  c.message = ml_collections.ConfigDict()
+  c.message.transport_dtype = "float32"  # or bfloat16
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.arch = "convnet"
+  c.eval.model_kwargs = ml_collections.ConfigDict()
+  c.eval.num_nets = 3
+  c.eval.epochs = 100  # reference: 1000
+  c.eval.lr = 0.01
+  c.eval.momentum = 0.9
+  c.eval.weight_decay = 5e-4
+  c.eval.batch_size = 256
+  c.eval.dsa = True
+  return c

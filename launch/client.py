@@ -1,0 +1,32 @@
+"""One CollabDM client: compute its one-shot message and write it to a file.
+
+  python -m launch.client --config=experiments/configs/default.py --client_id=3 --message_dir=/tmp/msgs
+
+Run one per client (any order, any machine); then ``launch.server``.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from collabdm_jax import pipeline
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/default.py", "Experiment config file.")
+_CLIENT_ID = flags.DEFINE_integer("client_id", None, "This client's id.",
+                                  required=True)
+_MESSAGE_DIR = flags.DEFINE_string("message_dir", None,
+                                   "Where to write the message.", required=True)
+
+
+def main(argv):
+  del argv
+  common.init_runtime()
+  path = pipeline.run_client(_CONFIG.value, _CLIENT_ID.value,
+                             _MESSAGE_DIR.value)
+  print(path)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,36 @@
+"""The CollabDM server: read the clients' messages, synthesise, evaluate.
+
+  python -m launch.server --config=experiments/configs/default.py --message_dir=/tmp/msgs --workdir=/tmp/collabdm
+
+Missing clients are skipped with a warning; invalid messages are rejected
+with their reason (also recorded in results.json).
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from collabdm_jax import pipeline
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/default.py", "Experiment config file.")
+_MESSAGE_DIR = flags.DEFINE_string("message_dir", None,
+                                   "Directory of client messages.",
+                                   required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
+                               required=True)
+
+
+def main(argv):
+  del argv
+  common.init_runtime()
+  results = pipeline.run_server(_CONFIG.value, _MESSAGE_DIR.value,
+                                _WORKDIR.value)
+  print(f"test accuracy {100 * results['accuracy_mean']:.2f} +- "
+        f"{100 * results['accuracy_std']:.2f} % from clients "
+        f"{results['clients_used']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

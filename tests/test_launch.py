@@ -1,0 +1,94 @@
+"""End-to-end: launch.distill, and launch.client x K + launch.server by hand."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from collabdm_jax import pipeline
+from collabdm_jax import protocol
+from experiments.configs import smoke
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "experiments/configs/smoke.py"
+
+
+def run(module, *flags):
+  proc = subprocess.run([sys.executable, "-m", module, f"--config={CONFIG}",
+                         *flags], cwd=ROOT, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("distill")
+  proc = run("launch.distill", f"--workdir={workdir}")
+  return workdir, proc
+
+
+def test_distill_writes_results_and_synthetic_set(distilled):
+  workdir, proc = distilled
+  results = json.loads((workdir / "results.json").read_text())
+  for key in ("config", "accuracy_mean", "accuracy_std",
+              "upload_bytes_per_client", "wall_s"):
+    assert key in results
+  assert 0.0 <= results["accuracy_mean"] <= 1.0
+  assert len(results["accuracies"]) == 2
+  assert set(results["upload_bytes_per_client"]) == {"0", "1", "2"}
+  # Each message carries T x C x D float32 means at least.
+  assert min(results["upload_bytes_per_client"].values()) > 3 * 10 * 512 * 4
+  for phase in ("local_distill", "client_stats", "server", "evaluate"):
+    assert results["wall_s"][phase] > 0
+  syn = np.load(workdir / "synthetic.npz")
+  assert syn["images"].shape == (20, 28, 28, 1)
+  np.testing.assert_array_equal(syn["labels"], np.repeat(np.arange(10), 2))
+  assert "test accuracy" in proc.stdout
+  assert "total" in proc.stderr  # the client x class count table is logged
+
+
+def test_client_server_processes_reproduce_distill(distilled, tmp_path):
+  workdir, _ = distilled
+  msgs = tmp_path / "msgs"
+  for k in range(3):
+    run("launch.client", f"--client_id={k}", f"--message_dir={msgs}")
+  out = tmp_path / "server"
+  run("launch.server", f"--message_dir={msgs}", f"--workdir={out}")
+  a = np.load(workdir / "synthetic.npz")["images"]
+  b = np.load(out / "synthetic.npz")["images"]
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_server_tolerates_missing_and_rejects_invalid(tmp_path, caplog):
+  config = smoke.get_config()
+  s = pipeline.setup(config)
+  msgs = pipeline.client_messages(s, [0, 1])
+  d = tmp_path / "msgs"
+  d.mkdir()
+  protocol.save_message(pipeline.message_path(d, 0), msgs[0])
+  # Client 1's file is truncated in transit; client 2 never sends.
+  blob = protocol.encode_message(msgs[1])
+  pipeline.message_path(d, 1).write_bytes(blob[:len(blob) // 2])
+  results = pipeline.run_server(config, d, tmp_path / "out")
+  assert results["clients_used"] == [0]
+  assert "truncated" in results["clients_rejected"]["1"]
+  assert "no message from client 2" in caplog.text
+  # A message made under another root key is rejected with that reason.
+  other = config.copy_and_resolve_references()
+  other.seed = 1
+  (foreign,) = pipeline.client_messages(pipeline.setup(other), [0])
+  protocol.save_message(pipeline.message_path(d, 0), foreign)
+  with pytest.raises(ValueError, match="no valid client message"):
+    pipeline.run_server(config, d, tmp_path / "out2")
+  assert "root key" in caplog.text
+
+
+def test_std_weight_requires_second_moments():
+  config = smoke.get_config()
+  config.server.std_weight = 1.0
+  with pytest.raises(ValueError, match="second_moments"):
+    pipeline.setup(config)
