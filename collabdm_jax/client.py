@@ -48,7 +48,7 @@ class StatsSpec:
       (then count-weighted aggregation gives the exact pooled mean), an
       integer draws a fresh random subset of that size per t as the
       reference does (the whole class when it is smaller).
-    dsa_strategy: DSA families applied Siamese-ly ("" for none).
+    dsa_strategy: Siamese augmentation: DSA families, "tabular" or "".
     second_moments: also upload the mean of squared embeddings (std targets).
     embed_batch: samples embedded at once (bounds activation memory).
   """
@@ -209,7 +209,7 @@ def augment_per_slot(class_keys, images, slot_class, dsa_strategy):
   if not dsa_strategy or dsa_strategy == "none":
     return images
   slot_keys = class_keys[jnp.maximum(slot_class, 0)]
-  one = lambda k, im: augment.dsa(k, im[None], dsa_strategy, siamese=True)[0]
+  one = lambda k, im: augment.siamese_augment(k, im[None], dsa_strategy)[0]
   return jax.vmap(one)(slot_keys, images)
 
 
@@ -377,7 +377,7 @@ def _local_dm_fns(model, input_shape, num_classes, cfg: LocalDMConfig):
                    num_classes=num_classes, batch_real=cfg.batch_real,
                    dsa_strategy=cfg.dsa_strategy, second_moments=need_std)
 
-  def step(state, it, key, x, y, class_start, slot_class, slot_rank, valid):
+  def targets(it, key, x, y, class_start, slot_class, slot_rank):
     # Everything here is private to the party: its own random network and
     # augmentations, unrelated to the shared psi_t.
     k_it = jax.random.fold_in(key, it)
@@ -391,11 +391,12 @@ def _local_dm_fns(model, input_shape, num_classes, cfg: LocalDMConfig):
     mean = s / n
     std = (jnp.sqrt(jnp.maximum(q / n - jnp.square(mean), 0.0)) if need_std
            else jnp.zeros_like(mean))
-    return dm.match_classes(state, optimizer, embed, params, aug_keys, mean,
-                            std, valid, dsa_strategy=cfg.dsa_strategy,
-                            pae=cfg.pae, std_weight=cfg.std_weight)
+    return params, aug_keys, mean, std
 
-  return optimizer, jax.jit(step, donate_argnums=0)
+  class_step = dm.make_class_step(optimizer, embed,
+                                  dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,
+                                  std_weight=cfg.std_weight)
+  return optimizer, jax.jit(targets), class_step
 
 
 def initial_images(key, x, y, num_classes, ipc, init, pae):
@@ -455,13 +456,17 @@ def local_distill(key, x, y, num_classes, model, input_shape,
   slot_class, slot_rank = _padded_slots(counts,
                                         np.minimum(counts, cfg.batch_real))
   valid = counts > 0
-  optimizer, step = _local_dm_fns(model, tuple(input_shape), num_classes, cfg)
+  optimizer, targets, class_step = _local_dm_fns(model, tuple(input_shape),
+                                                  num_classes, cfg)
   state = dm.init_state(jnp.asarray(images), optimizer)
   train_key = jax.random.fold_in(key, 1)
   args = tuple(jnp.asarray(a) for a in (xs, ys, class_start, slot_class,
-                                        slot_rank, valid))
+                                        slot_rank))
+  valid_dev = jnp.asarray(valid)
   for it in range(cfg.iterations):
-    state, loss = step(state, it, train_key, *args)
+    params, aug_keys, mean, std = targets(it, train_key, *args)
+    state, loss = dm.match_classes(state, class_step, params, aug_keys, mean,
+                                   std, valid_dev)
     if progress is not None:
       progress(it, loss)
   imgs = np.asarray(state.images)[valid]

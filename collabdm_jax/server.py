@@ -44,23 +44,26 @@ class ServerConfig:
 
 
 def make_step(model, input_shape, num_classes, cfg: ServerConfig):
-  """Returns ``(optimizer, step)``; ``step(state, root, t, targets)`` is jitted.
+  """Returns ``(optimizer, step)`` with ``step(state, root, t, targets)``.
 
   ``targets`` is a ``losses.ClassMoments`` of one iteration (``[C, D]``).
-  The state argument is donated: the synthetic set is updated in place.
+  ``step`` rebuilds psi_t and the Siamese keys of iteration t, then takes
+  the per-class DM steps (jitted, state donated: updated in place) and
+  returns ``(state, losses [C])``.
   """
   embed = models.embed_fn(model)
   optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
+  class_step = dm.make_class_step(optimizer, embed,
+                                  dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,
+                                  std_weight=cfg.std_weight)
+  inputs = dm.iteration_inputs_fn(model, tuple(input_shape), num_classes)
 
   def step(state, root, t, targets):
-    params = dm.network_params(model, root, t, input_shape)
-    aug_keys = dm.class_aug_keys(root, t, num_classes)
-    return dm.match_classes(state, optimizer, embed, params, aug_keys,
-                            targets.mean, targets.std, targets.valid,
-                            dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,
-                            std_weight=cfg.std_weight)
+    params, aug_keys = inputs(root, t)
+    return dm.match_classes(state, class_step, params, aug_keys,
+                            targets.mean, targets.std, targets.valid)
 
-  return optimizer, jax.jit(step, donate_argnums=0)
+  return optimizer, step
 
 
 def initial_synthetic_set(key, init, num_classes, ipc, input_shape,
@@ -121,7 +124,8 @@ def synthesize(root, target_chunks: Iterable[Tuple[int, losses.ClassMoments]],
   """
   optimizer, step = make_step(model, tuple(input_shape), num_classes, cfg)
   if state is None:
-    state = dm.init_state(jnp.asarray(init_images, jnp.float32), optimizer)
+    # A copy: the steps donate the state, which must not free the caller's array.
+    state = dm.init_state(jnp.array(init_images, jnp.float32), optimizer)
   for t0, chunk in target_chunks:
     for i in range(chunk.mean.shape[0]):
       t = t0 + i

@@ -219,10 +219,11 @@ def test_per_class_steps_share_momentum():
   keys_ = dm.class_aug_keys(ROOT, 0, 2)
   target = jnp.ones((2, models.feature_dim(model, shape)))
   valid = jnp.array([True, True])
-  state = dm.init_state(images, opt)
-  state, _ = dm.match_classes(state, opt, embed, params, keys_, target,
-                              target, valid, dsa_strategy="", pae=False,
-                              std_weight=0.0)
+  state = dm.init_state(jnp.array(images), opt)  # the step donates its input
+  step = dm.make_class_step(opt, embed, dsa_strategy="", pae=False,
+                            std_weight=0.0)
+  state, _ = dm.match_classes(state, step, params, keys_, target, target,
+                              valid)
   after_one = state.images
   g0 = jax.grad(lambda im: losses.mean_embedding_loss(
       target[0], embed(params, im)))(images[0])
