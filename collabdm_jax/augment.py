@@ -529,7 +529,26 @@ def tabular_augment(key, x, *, mask_prob: float = 0.1,
   return x * (factor * keep).astype(x.dtype)
 
 
+TABULAR_STRATEGY = "tabular"
+
+
+def siamese_augment(key, x, strategy: str):
+  """The Siamese augmentation a strategy names, for images or tables.
+
+  ``strategy`` is a DSA strategy (images), ``"tabular"`` (feature masking and
+  jitter shared by the batch, ``tabular_augment``) or ``""``/``"none"``. The
+  same key gives the same transform on batches of any size.
+  """
+  if strategy == TABULAR_STRATEGY:
+    return tabular_augment(key, x, siamese=True)
+  if strategy in ("", "none", "None"):
+    return x
+  return dsa(key, x, strategy, siamese=True)
+
+
 __all__ = (
+    "TABULAR_STRATEGY",
+    "siamese_augment",
     "DEFAULT_STRATEGY",
     "DIGIT_STRATEGY",
     "NO_AUGMENTATION",

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from collabdm_jax import augment
+from collabdm_jax import checkpoint as ckpt_lib
 from collabdm_jax import client as client_lib
 from collabdm_jax import data as data_lib
 from collabdm_jax.data import tabular as tabular_lib
@@ -203,8 +204,72 @@ def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
   return msgs
 
 
-def synthesize_from_messages(s: Setup, messages, timings=None):
-  """Aggregates messages into targets and runs the server; returns images."""
+def server_config(s: Setup) -> server_lib.ServerConfig:
+  cfg = s.config
+  return server_lib.ServerConfig(
+      ipc=cfg.server.ipc, lr=cfg.server.lr, momentum=cfg.server.momentum,
+      dsa_strategy=s.dsa_strategy, pae=bool(cfg.server.pae),
+      std_weight=cfg.server.std_weight, weighting=cfg.server.weighting)
+
+
+def open_checkpointer(s: Setup, workdir):
+  """The server's checkpointer under ``workdir/checkpoints``, or None (off)."""
+  c = s.config.get("checkpoint")
+  if c is None or not c.every:
+    return None
+  if jax.process_count() > 1:
+    log.warning("server checkpoints are single-process only: disabled")
+    return None
+  return ckpt_lib.ServerCheckpointer(
+      pathlib.Path(workdir) / "checkpoints", every=c.every,
+      config_hash=ckpt_lib.synthesis_config_hash(s.config),
+      root_fingerprint=protocol.key_fingerprint(s.root),
+      max_to_keep=c.max_to_keep)
+
+
+def restore_server(s: Setup, ckpt):
+  """The latest server checkpoint (``checkpoint.Restored``) or None."""
+  if ckpt is None:
+    return None
+  return ckpt.restore_or_none(*ckpt_lib.templates(
+      server_config(s), s.config.num_iterations, s.dataset.num_classes,
+      s.input_shape, models.feature_dim(s.model, s.input_shape)))
+
+
+def _server_loop(s: Setup, chunks, init, state, targets, ckpt, extra):
+  prog = Progress("server", s.config.num_iterations)
+
+  def on_iteration(t, st, l):
+    prog.update(t + 1, f"loss {float(l.sum()):.3f}")
+    if ckpt is not None:
+      ckpt.maybe_save(t, st, targets, extra)
+
+  state = server_lib.synthesize(
+      s.root, chunks, s.model, s.input_shape, s.dataset.num_classes,
+      server_config(s), init, state=state, on_iteration=on_iteration)
+  return np.asarray(state.images)
+
+
+def resume_synthesis(s: Setup, restored, ckpt=None, timings=None):
+  """Finishes the server run from a checkpoint (no client needed)."""
+  t0 = time.perf_counter()
+  log.info("resuming the server at iteration %d/%d", restored.next_t,
+           s.config.num_iterations)
+  images = _server_loop(
+      s, ckpt_lib.resume_chunks(restored.targets, restored.next_t), None,
+      restored.state, restored.targets, ckpt, restored.extra)
+  if timings is not None:
+    timings["server"] = time.perf_counter() - t0
+  return images
+
+
+def synthesize_from_messages(s: Setup, messages, timings=None, ckpt=None,
+                             extra=None):
+  """Aggregates messages into targets and runs the server; returns images.
+
+  With a checkpointer, the server state, targets and ``extra`` (JSON) are
+  saved every ``ckpt.every`` iterations.
+  """
   cfg = s.config
   t0 = time.perf_counter()
   means, counts, class_counts, sq = server_lib.messages_to_stats(messages)
@@ -214,10 +279,6 @@ def synthesize_from_messages(s: Setup, messages, timings=None):
   valid = np.asarray(targets.valid)
   if not valid.any():
     raise ValueError("no client holds any class: nothing to distil")
-  scfg = server_lib.ServerConfig(
-      ipc=cfg.server.ipc, lr=cfg.server.lr, momentum=cfg.server.momentum,
-      dsa_strategy=s.dsa_strategy, pae=bool(cfg.server.pae),
-      std_weight=cfg.server.std_weight, weighting=cfg.server.weighting)
   pool_x = pool_y = None
   if cfg.server.init == "local":
     have = [m for m in messages if m.local_images is not None]
@@ -231,13 +292,7 @@ def synthesize_from_messages(s: Setup, messages, timings=None):
   init = server_lib.initial_synthetic_set(
       keys_lib.server_key(s.root), cfg.server.init, s.dataset.num_classes,
       cfg.server.ipc, s.input_shape, pool_x, pool_y, pae=bool(cfg.server.pae))
-  T = cfg.num_iterations
-  prog = Progress("server", T)
-  state = server_lib.synthesize(
-      s.root, [(0, targets)], s.model, s.input_shape, s.dataset.num_classes,
-      scfg, init,
-      on_iteration=lambda t, st, l: prog.update(t + 1, f"loss {float(l.sum()):.3f}"))
-  images = np.asarray(state.images)
+  images = _server_loop(s, [(0, targets)], init, None, targets, ckpt, extra)
   if timings is not None:
     timings["server"] = time.perf_counter() - t0
   return images
@@ -250,7 +305,9 @@ def evaluate_images(s: Setup, images, labels, timings=None):
       arch=cfg.arch, num_nets=cfg.num_nets, epochs=cfg.epochs, lr=cfg.lr,
       momentum=cfg.momentum, weight_decay=cfg.weight_decay,
       batch_size=cfg.batch_size,
-      dsa_strategy=s.dsa_strategy if cfg.dsa else "",
+      # Evaluation nets train with DSA on images; tables are not augmented.
+      dsa_strategy=(s.dsa_strategy if cfg.dsa and s.dataset.kind == "image"
+                    else ""),
       pae=bool(s.config.server.pae),
       model_kwargs=tuple(sorted(cfg.model_kwargs.to_dict().items())))
   res = evaluate.evaluate_synthetic(
@@ -276,33 +333,71 @@ def _env():
           "process_count": jax.process_count(), "jax": jax.__version__}
 
 
-def _finish(s: Setup, workdir, images, timings, upload, extra=None):
-  workdir = pathlib.Path(workdir)
-  x, y = server_lib.synthetic_dataset(images)
-  res = evaluate_images(s, x, y, timings)
-  save_synthetic(workdir / "synthetic.npz", s, images)
-  results = {
+def method_name(config):
+  method = config.get("method", "collabdm")
+  return f"{method}-pae" if method == "collabdm" and config.server.pae else method
+
+
+def _write_results(workdir, results):
+  tmp = pathlib.Path(workdir) / "results.json.tmp"
+  tmp.write_text(json.dumps(results, indent=2, default=str))
+  os.replace(tmp, pathlib.Path(workdir) / "results.json")
+
+
+def _base_results(s: Setup, timings):
+  return {
       "config": s.config.to_dict(),
-      "method": "collabdm-pae" if s.config.server.pae else "collabdm",
+      "method": method_name(s.config),
       "dataset": s.config.dataset,
       "num_clients": s.config.partition.num_clients,
       "alpha": s.config.partition.alpha,
       "ipc": s.config.server.ipc,
-      "accuracy_mean": res.mean,
-      "accuracy_std": res.std,
-      "accuracies": [float(a) for a in res.accuracies],
-      "n_eval": int(len(res.accuracies)),
-      "per_class_recall": np.nanmean(res.per_class_recall, 0).tolist(),
-      "upload_bytes_per_client": upload,
-      "upload_bytes_total": int(sum(upload.values())),
       "wall_s": {k: round(v, 3) for k, v in timings.items()},
       "client_class_counts": s.partition.counts.tolist(),
       "environment": _env(),
   }
+
+
+def detection_metrics(s: Setup, predictions):
+  """Mean and std over eval nets of what a security team reads.
+
+  Balanced accuracy, per-class recall and (for tabular intrusion data, where
+  class 0 is benign traffic) the false-positive rate.
+  """
+  if predictions is None:
+    return {}
+  benign = 0 if s.dataset.kind == "tabular" else None
+  m = evaluate.classification_metrics(np.asarray(predictions),
+                                      s.dataset.test_y, s.dataset.num_classes,
+                                      benign_class=benign)
+  out = {"balanced_accuracy_mean": float(np.mean(m["balanced_accuracy"])),
+         "balanced_accuracy_std": float(np.std(m["balanced_accuracy"])),
+         "per_class_recall": np.nanmean(m["per_class_recall"], 0).tolist()}
+  if benign is not None:
+    out["false_positive_rate_mean"] = float(np.mean(m["false_positive_rate"]))
+    out["false_positive_rate_std"] = float(np.std(m["false_positive_rate"]))
+  return out
+
+
+def _finish(s: Setup, workdir, images, timings, upload, extra=None):
+  workdir = pathlib.Path(workdir)
+  x, y = server_lib.synthetic_dataset(images)
+  res = evaluate_images(s, x, y, timings)
+  if "total" in timings:
+    timings["total"] += timings["evaluate"]
+  save_synthetic(workdir / "synthetic.npz", s, images)
+  results = _base_results(s, timings)
+  results.update({
+      "accuracy_mean": res.mean,
+      "accuracy_std": res.std,
+      "accuracies": [float(a) for a in res.accuracies],
+      "n_eval": int(len(res.accuracies)),
+      "upload_bytes_per_client": upload,
+      "upload_bytes_total": int(sum(upload.values())),
+  })
+  results.update(detection_metrics(s, res.predictions))
   results.update(extra or {})
-  tmp = workdir / "results.json.tmp"
-  tmp.write_text(json.dumps(results, indent=2, default=str))
-  os.replace(tmp, workdir / "results.json")
+  _write_results(workdir, results)
   log.info("accuracy %.4f +- %.4f over %d nets", res.mean, res.std,
            len(res.accuracies))
   return results
@@ -320,6 +415,15 @@ def run_distillation(config, workdir, mesh=None) -> Dict:
            s.dataset.source, len(s.dataset.train_y), len(s.dataset.test_y),
            partition_lib.format_count_table(s.partition.counts,
                                             s.dataset.class_names))
+  ckpt = open_checkpointer(s, workdir)
+  restored = restore_server(s, ckpt)
+  if restored is not None:
+    images = resume_synthesis(s, restored, ckpt, timings)
+    ckpt.close()
+    timings["total"] = time.perf_counter() - t0
+    return _finish(s, workdir, images, timings,
+                   restored.extra.get("upload", {}),
+                   {"resumed_from_t": restored.next_t})
   ids = list(range(config.partition.num_clients))
   msgs = client_messages(s, ids, mesh=mesh, timings=timings)
   # Every message crosses the same wire format as in a real deployment.
@@ -332,7 +436,10 @@ def run_distillation(config, workdir, mesh=None) -> Dict:
     upload[str(m.client_id)] = len(blob)
     received.append(protocol.decode_message(blob, spec))
   timings["transport"] = time.perf_counter() - t1
-  images = synthesize_from_messages(s, received, timings)
+  images = synthesize_from_messages(s, received, timings, ckpt,
+                                    {"upload": upload})
+  if ckpt is not None:
+    ckpt.close()
   timings["total"] = time.perf_counter() - t0
   return _finish(s, workdir, images, timings, upload)
 
@@ -371,6 +478,17 @@ def run_server(config, message_dir, workdir) -> Dict:
   timings = {}
   t0 = time.perf_counter()
   s = setup(config)
+  ckpt = open_checkpointer(s, workdir)
+  restored = restore_server(s, ckpt)
+  if restored is not None:
+    images = resume_synthesis(s, restored, ckpt, timings)
+    ckpt.close()
+    timings["total"] = time.perf_counter() - t0
+    return _finish(s, workdir, images, timings,
+                   restored.extra.get("upload", {}),
+                   {"clients_used": restored.extra.get("clients_used"),
+                    "clients_rejected": restored.extra.get("clients_rejected"),
+                    "resumed_from_t": restored.next_t})
   spec = message_spec(s)
   msgs, upload, rejected = [], {}, {}
   for k in range(config.partition.num_clients):
@@ -394,8 +512,65 @@ def run_server(config, message_dir, workdir) -> Dict:
   if not msgs:
     raise ValueError(f"no valid client message in {message_dir}")
   timings["receive"] = time.perf_counter() - t0
-  images = synthesize_from_messages(s, msgs, timings)
+  used = sorted(m.client_id for m in msgs)
+  images = synthesize_from_messages(
+      s, msgs, timings, ckpt, {"upload": upload, "clients_used": used,
+                               "clients_rejected": rejected})
+  if ckpt is not None:
+    ckpt.close()
   timings["total"] = time.perf_counter() - t0
   return _finish(s, workdir, images, timings, upload,
                  {"clients_used": sorted(m.client_id for m in msgs),
                   "clients_rejected": rejected})
+
+
+BASELINES = ("central_dm", "merged_local_dm", "fedavg", "dense")
+
+
+def run(config, workdir) -> Dict:
+  """Runs ``config.method``: CollabDM or one of the ``BASELINES``.
+
+  Every method sees the same data, partition, budget and evaluator; image
+  baselines are evaluated exactly like CollabDM's synthetic set, model
+  baselines (FedAvg, DENSE) report their global model's test accuracy.
+  """
+  method = config.get("method", "collabdm")
+  if method == "collabdm":
+    return run_distillation(config, workdir)
+  if method not in BASELINES:
+    raise ValueError(f"method must be 'collabdm' or one of {BASELINES}, got "
+                     f"{method!r}")
+  import importlib
+  module = importlib.import_module(f"collabdm_jax.baselines.{method}")
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  timings = {}
+  t0 = time.perf_counter()
+  s = setup(config)
+  timings["setup"] = time.perf_counter() - t0
+  out = module.run(s, timings)
+  if "images" in out:
+    x, y = np.asarray(out["images"]), np.asarray(out["labels"])
+    res = evaluate_images(s, x, y, timings)
+    np.savez(workdir / "synthetic.npz", images=x, labels=y,
+             class_names=np.asarray(s.dataset.class_names),
+             mean=np.asarray(s.dataset.mean), std=np.asarray(s.dataset.std))
+    acc = [float(a) for a in res.accuracies]
+    predictions = res.predictions
+  else:
+    acc = [float(a) for a in out["accuracies"]]
+    predictions = out.get("predictions")
+  timings["total"] = time.perf_counter() - t0
+  results = _base_results(s, timings)
+  results.update({
+      "accuracy_mean": float(np.mean(acc)),
+      "accuracy_std": float(np.std(acc)),
+      "accuracies": acc,
+      "n_eval": len(acc),
+      "upload_bytes_per_client": out.get("upload_bytes_per_client", {}),
+  })
+  results.update(detection_metrics(s, predictions))
+  _write_results(workdir, results)
+  log.info("%s accuracy %.4f +- %.4f", method, results["accuracy_mean"],
+           results["accuracy_std"])
+  return results

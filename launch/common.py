@@ -24,5 +24,7 @@ def init_runtime():
   logging.basicConfig(
       level=logging.INFO, stream=sys.stderr,
       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  # Orbax and friends log every file operation at INFO through absl.
+  logging.getLogger("absl").setLevel(logging.WARNING)
   parallel.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value,
                                   PROCESS_ID.value, CPU_COLLECTIVES.value)

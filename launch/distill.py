@@ -22,7 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
 def main(argv):
   del argv
   common.init_runtime()
-  results = pipeline.run_distillation(_CONFIG.value, _WORKDIR.value)
+  results = pipeline.run(_CONFIG.value, _WORKDIR.value)
   print(f"{results['method']} on {results['dataset']}: test accuracy "
         f"{100 * results['accuracy_mean']:.2f} +- "
         f"{100 * results['accuracy_std']:.2f} % over {results['n_eval']} "

@@ -14,6 +14,7 @@ from ml_collections import config_dict
 
 def get_config():
   c = ml_collections.ConfigDict()
+  c.method = "collabdm"  # or a baseline: central_dm, merged_local_dm, fedavg, dense
   c.seed = 0  # the shared root key: clients and server must agree on it
   c.dataset = "fashion_mnist_embedded"
   c.data_dir = config_dict.placeholder(str)
@@ -78,6 +79,12 @@ def get_config():
 
   c.message = ml_collections.ConfigDict()
   c.message.transport_dtype = "float32"  # or bfloat16
+
+  # Server checkpoints in <workdir>/checkpoints: a relaunch with the same
+  # --workdir resumes where a killed run stopped. every=0 turns them off.
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 10  # server iterations between checkpoints
+  c.checkpoint.max_to_keep = 2
 
   c.eval = ml_collections.ConfigDict()
   c.eval.arch = "convnet"
