@@ -31,7 +31,6 @@ from jax.sharding import PartitionSpec as P
 from collabdm_jax import augment
 from collabdm_jax import dm
 from collabdm_jax import keys as keys_lib
-from collabdm_jax import losses
 from collabdm_jax import models
 from collabdm_jax import parallel
 

@@ -14,7 +14,7 @@ losses into one step is a different algorithm; ``match_classes`` steps the
 classes in order with the full-tensor optimiser state to reproduce it.
 """
 
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

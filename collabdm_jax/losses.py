@@ -12,7 +12,7 @@ this federated: the real-side mean is assembled at the server from client
 statistics (``aggregate_class_moments``), so raw data never leaves a client.
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -30,7 +30,6 @@ from collabdm_jax import evaluate
 from collabdm_jax import keys as keys_lib
 from collabdm_jax import losses
 from collabdm_jax import models
-from collabdm_jax import parallel
 from collabdm_jax import partition as partition_lib
 from collabdm_jax import protocol
 from collabdm_jax import server as server_lib

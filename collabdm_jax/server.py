@@ -9,7 +9,7 @@ memory does not have to grow with the number of iterations.
 """
 
 import dataclasses
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,6 @@ import numpy as np
 
 from collabdm_jax import augment
 from collabdm_jax import dm
-from collabdm_jax import keys as keys_lib
 from collabdm_jax import losses
 from collabdm_jax import models
 
