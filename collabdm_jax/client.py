@@ -401,10 +401,10 @@ def _local_dm_fns(model, input_shape, num_classes, cfg: LocalDMConfig):
 def initial_images(key, x, y, num_classes, ipc, init, pae):
   """Per-class starting images ``[C, ipc, ...]`` drawn from ``(x, y)``.
 
-  ``real`` draws ipc real images per class (with replacement only when the
-  class is smaller than needed); with ``pae`` each starting image is a 2x2
-  mosaic of four real images, as IDM initialises. Classes absent from ``y``
-  start from Gaussian noise (they are masked out of training anyway).
+  ``real`` draws ipc distinct real images per class; when the class has
+  fewer, the remaining slots start from Gaussian noise. With ``pae`` each
+  starting image is a 2x2 mosaic of four real images, as IDM initialises.
+  Classes absent from ``y`` start from noise.
   """
   x = np.asarray(x, np.float32)
   y = np.asarray(y)
@@ -420,9 +420,15 @@ def initial_images(key, x, y, num_classes, ipc, init, pae):
     pool = np.flatnonzero(y == c)
     if pool.size == 0:
       continue
-    pick = rng.choice(pool, per, replace=pool.size < per)
-    imgs = x[pick]
-    out[c] = np.asarray(augment.mosaic_init(jnp.asarray(imgs))) if pae else imgs
+    if pae:  # mosaics of 4: tiles may repeat, whole mosaics rarely do
+      pick = rng.choice(pool, per, replace=pool.size < per)
+      out[c] = np.asarray(augment.mosaic_init(jnp.asarray(x[pick])))
+    else:
+      # Distinct images only: a duplicate would get the same gradient as its
+      # twin (the augmentation is Siamese) and never separate from it, so
+      # slots the pool cannot fill keep their noise start.
+      pick = rng.permutation(pool)[:per]
+      out[c, :len(pick)] = x[pick]
   return out
 
 

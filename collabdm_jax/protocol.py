@@ -93,7 +93,8 @@ class ClientMessage:
     class_counts: [C] int32 local class sizes, >= 0.
     second_moments: optional [T, C, D] float32 mean of squared embeddings,
       >= 0 and zero where ``counts == 0``.
-    local_images: optional [M, H, W, Ch] float32 locally distilled images.
+    local_images: optional [M, *input_shape] float32 locally distilled images
+      (or table rows [M, F]).
     local_labels: optional [M] int32 labels of ``local_images`` in [0, C).
     protocol_version: format version the message was built for.
   """
@@ -366,8 +367,9 @@ def validate_message(msg: ClientMessage, spec: Optional[MessageSpec] = None) -> 
                        f"got local_images={'present' if images is not None else 'None'}, "
                        f"local_labels={'present' if labels is not None else 'None'}")
   if images is not None:
-    if images.ndim != 4:
-      raise MessageError(f"local_images must have shape [M, H, W, Ch], got "
+    if images.ndim < 2:
+      raise MessageError(f"local_images must have shape [M, *input_shape] "
+                         f"(images [M, H, W, Ch] or table rows [M, F]), got "
                          f"{images.shape}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
       raise MessageError(f"local_labels shape {labels.shape} does not match "

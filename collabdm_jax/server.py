@@ -77,8 +77,8 @@ def initial_synthetic_set(key, init, num_classes, ipc, input_shape,
       clients' locally distilled images, as the reference server does).
     pool_x, pool_y: images and labels to draw from ("real"/"local").
 
-  Classes missing from the pool start from noise; a pool smaller than ipc is
-  drawn with replacement.
+  Classes missing from the pool start from noise, and so do the slots a
+  class's pool is too small to fill with distinct images.
   """
   if init not in ("noise", "real", "local"):
     raise ValueError(f"init must be 'noise', 'real' or 'local', got {init!r}")
