@@ -1,0 +1,500 @@
+"""DENSE: data-free one-shot FL, distilling the client ensemble (Zhang et al.).
+
+DENSE (NeurIPS 2022, reference code ``zj-jayzhang/DENSE``) has two stages.
+
+1. Clients train local models once and upload them. Here they are exactly
+   one-shot FedAvg's client models (``fedavg.train_clients`` with the
+   FedAvg key and settings), so DENSE and FedAvg differ only in how the
+   server combines the same uploads. The teacher is the ensemble whose
+   logits are the mean of the client models' logits.
+2. The server alternates, for ``epochs`` rounds:
+
+   * data generation: a generator (re-initialised every round, as the
+     reference resets it) and its latent batch ``z`` are trained with Adam
+     for ``g_steps`` steps so that its (crop/flip-augmented) samples are
+     classified by the ensemble as randomly drawn target labels (cross
+     entropy, weight ``oh``) and make the student disagree with the
+     ensemble (weight ``adv``: minus the teacher-to-student KL on samples
+     where their predicted classes differ, pushing samples towards the
+     decision boundary). The batch of lowest loss seen joins a pool that
+     grows every round.
+   * distillation: one pass over the whole pool (shuffled, augmented) with
+     SGD on the student, loss ``T^2 KL(softmax(t/T) || softmax(s/T))``.
+
+Deviation (documented): the reference also matches the BatchNorm running
+statistics of the teachers (DeepInversion's term, weight ``bn``). Our
+networks use instance norm, which keeps no running statistics, so that term
+does not exist here. In its place, besides the adversarial term above, the
+generator loss has DAFL's information-entropy diversity term (weight
+``div``): minus the entropy of the ensemble's mean prediction over the
+batch, which keeps a batch spread over classes, the role the BN prior plays
+in keeping samples diverse. Other differences: the pool is kept in memory
+in normalised float (the reference round-trips it through 8-bit PNG files);
+augmentation is DSA's crop (translation by 1/8 of the side, as RandomCrop
+with padding 4 on 32 px) and flip, restricted to the families the dataset's
+DSA strategy allows (no flip on digits, none on tables); tables get an MLP
+generator.
+
+Settings (``config.baseline``; reference values in brackets, CPU-sized
+defaults first): ``dense_epochs`` 5 [200], ``dense_g_steps`` 5 [30],
+``dense_synthesis_batch`` 32 [256], ``dense_kd_batch`` 32 [256],
+``dense_nz`` 256 [256], ``dense_ngf`` 64 [64], ``dense_lr_g`` 1e-3 [1e-3],
+``dense_kd_lr`` 0.005 [0.005], ``dense_kd_momentum`` 0.9 [0.9],
+``dense_T`` 20 [20], ``dense_oh`` 1 [1], ``dense_adv`` 1 [1],
+``dense_div`` 1 (replaces ``bn`` 1). Client training: see ``fedavg``.
+
+The student is a fresh network of the evaluation architecture; its test
+accuracy is reported per seed (``config.eval.num_nets`` seeds; seed i
+distils FedAvg seed i's client models).
+"""
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from collabdm_jax import augment
+from collabdm_jax import baselines
+from collabdm_jax import models
+from collabdm_jax.baselines import fedavg
+
+_BN_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseConfig:
+  """Server-side settings of DENSE (see the module docstring)."""
+  epochs: int = 5
+  g_steps: int = 5
+  synthesis_batch: int = 32
+  kd_batch: int = 32
+  nz: int = 256
+  ngf: int = 64
+  lr_g: float = 1e-3
+  kd_lr: float = 0.005
+  kd_momentum: float = 0.9
+  temperature: float = 20.0
+  oh: float = 1.0
+  adv: float = 1.0
+  div: float = 1.0
+  aug_strategy: str = "crop_flip"
+
+
+def dense_config(s) -> DenseConfig:
+  """``DenseConfig`` from ``config.baseline`` with the defaults above."""
+  opt = functools.partial(baselines.option, s.config)
+  pos = baselines.check_positive
+  d = DenseConfig()
+  kd_momentum = float(opt("dense_kd_momentum", d.kd_momentum))
+  if not 0 <= kd_momentum < 1:
+    raise ValueError(
+        f"baseline.dense_kd_momentum must be in [0, 1), got {kd_momentum}")
+  return DenseConfig(
+      epochs=pos(opt("dense_epochs", d.epochs), "baseline.dense_epochs",
+                 integer=True),
+      g_steps=pos(opt("dense_g_steps", d.g_steps), "baseline.dense_g_steps",
+                  integer=True),
+      synthesis_batch=pos(opt("dense_synthesis_batch", d.synthesis_batch),
+                          "baseline.dense_synthesis_batch", integer=True),
+      kd_batch=pos(opt("dense_kd_batch", d.kd_batch), "baseline.dense_kd_batch",
+                   integer=True),
+      nz=pos(opt("dense_nz", d.nz), "baseline.dense_nz", integer=True),
+      ngf=pos(opt("dense_ngf", d.ngf), "baseline.dense_ngf", integer=True),
+      lr_g=pos(opt("dense_lr_g", d.lr_g), "baseline.dense_lr_g"),
+      kd_lr=pos(opt("dense_kd_lr", d.kd_lr), "baseline.dense_kd_lr"),
+      kd_momentum=kd_momentum,
+      temperature=pos(opt("dense_T", d.temperature), "baseline.dense_T"),
+      oh=pos(opt("dense_oh", d.oh), "baseline.dense_oh", allow_zero=True),
+      adv=pos(opt("dense_adv", d.adv), "baseline.dense_adv", allow_zero=True),
+      div=pos(opt("dense_div", d.div), "baseline.dense_div", allow_zero=True),
+      aug_strategy=baselines.augment_strategy(s.dsa_strategy))
+
+
+# ---------------------------------------------------------------------------
+# Generator
+# ---------------------------------------------------------------------------
+
+def _W_INIT(key, shape, dtype=jnp.float32):
+  """N(0, 0.02) weights, as the reference resets its generator every round.
+
+  Drawn flat and reshaped: XLA:CPU compiles threefry for rank-4 shapes
+  several times slower (see ``models._torch_kernel_init``).
+  """
+  flat = 0.02 * jax.random.normal(key, (math.prod(shape),), dtype)
+  return flat.reshape(shape)
+
+
+class _BatchStatNorm(nn.Module):
+  """BatchNorm in training mode: batch statistics, affine, no running stats.
+
+  The reference generator is only ever run in training mode, so its running
+  averages are never used; without them the module stays pure.
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    axes = tuple(range(x.ndim - 1))
+    scale = self.param(
+        "scale", lambda k, s: 1.0 + 0.02 * jax.random.normal(k, s),
+        (x.shape[-1],))
+    bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+    mean = jnp.mean(x, axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + _BN_EPS) * scale + bias
+
+
+def _upsample2(x):
+  """Nearest-neighbour x2 upsampling of NHWC maps."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class Generator(nn.Module):
+  """DENSE's generator, NHWC: z -> image in the dataset's normalised space.
+
+  Images: Linear(nz -> 2ngf * H/4 * W/4), BN, up x2, conv3x3(2ngf), BN,
+  LeakyReLU(0.2), up x2, conv3x3(ngf), BN, LeakyReLU(0.2), conv3x3(C),
+  sigmoid, then ``(pixel - mean) / std`` so samples live where the client
+  models' inputs do. Tables (``out_shape`` of rank 1): Linear(4ngf), BN,
+  LeakyReLU, Linear(4ngf), BN, LeakyReLU, Linear(F), unbounded (features are
+  standardised).
+
+  Attributes:
+    out_shape: one sample's shape, (H, W, C) with H, W divisible by 4, or (F,).
+    ngf: generator width.
+    mean, std: per-channel normalisation of the dataset (images only).
+  """
+  out_shape: Tuple[int, ...]
+  ngf: int = 64
+  mean: Tuple[float, ...] = (0.0,)
+  std: Tuple[float, ...] = (1.0,)
+
+  @nn.compact
+  def __call__(self, z):
+    lrelu = lambda v: nn.leaky_relu(v, 0.2)
+    dense = functools.partial(nn.Dense, kernel_init=_W_INIT)
+    if len(self.out_shape) == 1:
+      x = lrelu(_BatchStatNorm()(dense(4 * self.ngf)(z)))
+      x = lrelu(_BatchStatNorm()(dense(4 * self.ngf)(x)))
+      return dense(self.out_shape[0])(x)
+    h, w, c = self.out_shape
+    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=1,
+                             kernel_init=_W_INIT)
+    x = dense(2 * self.ngf * (h // 4) * (w // 4))(z)
+    x = x.reshape((z.shape[0], h // 4, w // 4, 2 * self.ngf))
+    x = _upsample2(_BatchStatNorm()(x))
+    x = lrelu(_BatchStatNorm()(conv(2 * self.ngf, use_bias=False)(x)))
+    x = _upsample2(x)
+    x = lrelu(_BatchStatNorm()(conv(self.ngf, use_bias=False)(x)))
+    x = nn.sigmoid(conv(c)(x))
+    return (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
+
+
+def make_generator(input_shape, ngf, mean=None, std=None) -> Generator:
+  """A ``Generator`` for samples of ``input_shape`` (checked)."""
+  shape = tuple(int(v) for v in input_shape)
+  if len(shape) == 3:
+    if shape[0] % 4 or shape[1] % 4:
+      raise ValueError(f"input_shape height and width must be divisible by 4 "
+                       f"for the DENSE generator, got {shape}")
+    c = shape[2]
+    mean = np.ravel(np.asarray(0.0 if mean is None else mean, np.float64))
+    std = np.ravel(np.asarray(1.0 if std is None else std, np.float64))
+    if mean.size not in (1, c) or std.size not in (1, c):
+      raise ValueError(f"mean and std must have 1 or {c} entries, got "
+                       f"{mean.size} and {std.size}")
+    if not (std > 0).all():
+      raise ValueError(f"std must be > 0, got {std}")
+    return Generator(shape, ngf,
+                     tuple(float(v) for v in np.broadcast_to(mean, (c,))),
+                     tuple(float(v) for v in np.broadcast_to(std, (c,))))
+  if len(shape) == 1:
+    return Generator(shape, ngf)
+  raise ValueError(f"input_shape must be (H, W, C) or (F,), got {shape}")
+
+
+# ---------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------
+
+
+def kl_per_sample(student_logits, teacher_logits, temperature=1.0):
+  """``T^2 KL(softmax(t/T) || softmax(s/T))`` per row, ``[B]``."""
+  t = temperature
+  log_p = jax.nn.log_softmax(teacher_logits / t)
+  log_q = jax.nn.log_softmax(student_logits / t)
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1) * (t * t)
+
+
+def generator_loss(teacher_logits, student_logits, targets, *, oh, adv, div):
+  """DENSE's generator objective with the BN term replaced (module docstring).
+
+  Returns ``(total, (ce, adv_term, div_term))``; ``adv_term`` is minus the
+  mean KL over the batch, counted only where student and teacher predict
+  different classes.
+  """
+  ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+      teacher_logits, targets))
+  differ = (jnp.argmax(student_logits, -1)
+            != jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
+  adv_term = -jnp.mean(kl_per_sample(student_logits, teacher_logits) * differ)
+  p_mean = jnp.mean(jax.nn.softmax(teacher_logits), 0)
+  div_term = jnp.sum(p_mean * jnp.log(p_mean + 1e-12))
+  return oh * ce + adv * adv_term + div * div_term, (ce, adv_term, div_term)
+
+
+# ---------------------------------------------------------------------------
+# Server programs
+# ---------------------------------------------------------------------------
+
+
+def _augment(key, x, strategy):
+  if not strategy:
+    return x
+  return augment.dsa(key, x, strategy, siamese=False, one_family=False)
+
+
+def _ensemble_fn(apply_fn):
+  return lambda teachers, x: jnp.mean(
+      jax.vmap(apply_fn, in_axes=(0, None))(teachers, x), 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _generator_programs(model, generator, num_classes, batch, nz, lr_g, oh,
+                        adv, div, aug_strategy):
+  """Jitted ``(start_round, generator_step)`` for one static configuration.
+
+  Steps are dispatched from Python (see ``fedavg._client_programs`` for
+  why: XLA:CPU convolutions inside loop bodies are slow; for this
+  generator a ``lax.scan`` over the steps was ~100x slower per step). Only
+  settings that shape the program key the cache, so budgets (rounds,
+  steps) can change without recompiling.
+  """
+  apply_fn = baselines.logits_of(model)
+  ensemble = _ensemble_fn(apply_fn)
+  g_opt = optax.adam(lr_g, b1=0.5, b2=0.999)
+  B = batch
+
+  @jax.jit
+  def start_round(key):
+    """Fresh generator (the reference resets it), latents and targets."""
+    gen_params = generator.init(jax.random.fold_in(key, 0),
+                                jnp.zeros((B, nz)))["params"]
+    z = jax.random.normal(jax.random.fold_in(key, 1), (B, nz))
+    targets = jnp.sort(jax.random.randint(jax.random.fold_in(key, 2), (B,), 0,
+                                          num_classes))
+    variables = (gen_params, z)
+    return variables, g_opt.init(variables), targets
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def generator_step(variables, opt_state, teachers, student, targets,
+                     aug_key):
+    """One Adam step on (generator, z); returns the pre-step samples/loss."""
+
+    def loss_fn(variables):
+      gp, z = variables
+      x = generator.apply({"params": gp}, z)
+      xa = _augment(aug_key, x, aug_strategy)
+      total, parts = generator_loss(ensemble(teachers, xa),
+                                    apply_fn(student, xa), targets,
+                                    oh=oh, adv=adv, div=div)
+      return total, (x, parts)
+
+    (loss, (x, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        variables)
+    updates, opt_state = g_opt.update(grads, opt_state, variables)
+    return (optax.apply_updates(variables, updates), opt_state, x,
+            jnp.stack((loss,) + parts))
+
+  return start_round, generator_step
+
+
+@functools.lru_cache(maxsize=None)
+def _kd_programs(model, pool_size, b, kd_lr, kd_momentum, temperature,
+                 aug_strategy):
+  """Jitted ``(kd_order, kd_step, kd_opt)`` for one static configuration."""
+  apply_fn = baselines.logits_of(model)
+  ensemble = _ensemble_fn(apply_fn)
+  kd_opt = optax.sgd(kd_lr, momentum=kd_momentum)
+
+  @jax.jit
+  def kd_order(key, n):
+    return fedavg.shuffled_batches(key, n, pool_size, b)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def kd_step(student, opt_state, teachers, pool, order, i, n, aug_key):
+    """One KD step on pool batch ``i``; returns the summed loss too."""
+    idx, w = fedavg.batch_slice(order, i, n, b)
+    xb = _augment(aug_key, pool[idx], aug_strategy)
+    t_logits = ensemble(teachers, xb)
+
+    def loss_fn(p):
+      kl = kl_per_sample(apply_fn(p, xb), t_logits, temperature)
+      return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+    loss, grads = jax.value_and_grad(loss_fn)(student)
+    updates, opt_state = kd_opt.update(grads, opt_state, student)
+    return (optax.apply_updates(student, updates), opt_state,
+            loss * jnp.sum(w))
+
+  return kd_order, kd_step, kd_opt
+
+
+def distill(key, teachers, model, input_shape, num_classes, cfg: DenseConfig,
+            mean=None, std=None):
+  """DENSE's server stage for one seed.
+
+  Args:
+    key: this seed's server key (student init, generator rounds, KD order).
+    teachers: client models, leaves ``[K, ...]``.
+    model: the architecture of teachers and student.
+    input_shape: one sample's shape.
+    num_classes: C.
+    cfg: ``DenseConfig``.
+    mean, std: the dataset's per-channel normalisation (images).
+
+  Returns:
+    ``(student_params, init_params, history)``: the distilled student, its
+    initialisation, and ``history`` with ``gen`` ``[epochs, g_steps, 4]``
+    (total, ce, adv, div generator losses), ``kd`` ``[epochs]`` (mean KD
+    loss of each pass over the pool) and ``pool`` ``[epochs * batch, ...]``
+    (every generated sample the student was distilled on).
+  """
+  generator = make_generator(input_shape, cfg.ngf, mean, std)
+  B = cfg.synthesis_batch
+  pool_size = cfg.epochs * B
+  start_round, generator_step = _generator_programs(
+      model, generator, int(num_classes), B, cfg.nz, cfg.lr_g, cfg.oh,
+      cfg.adv, cfg.div, cfg.aug_strategy)
+  b = min(cfg.kd_batch, pool_size)
+  kd_order, kd_step, kd_opt = _kd_programs(
+      model, pool_size, b, cfg.kd_lr, cfg.kd_momentum, cfg.temperature,
+      cfg.aug_strategy)
+  student = models.init_params(model, jax.random.fold_in(key, 0), input_shape)
+  init = jax.tree.map(jnp.copy, student)  # the steps donate the student
+  opt_state = kd_opt.init(student)
+  pool = jnp.zeros((pool_size,) + tuple(input_shape), jnp.float32)
+  gen_hist, kd_hist = [], []
+  for e in range(cfg.epochs):
+    ekey = jax.random.fold_in(jax.random.fold_in(key, 1), e)
+    gkey = jax.random.fold_in(ekey, 0)
+    variables, g_state, targets = start_round(gkey)
+    aug_key = jax.random.fold_in(gkey, 3)
+    best_loss, best_x, hist = np.inf, None, []
+    for i in range(cfg.g_steps):
+      variables, g_state, x, losses = generator_step(
+          variables, g_state, teachers, student, targets,
+          jax.random.fold_in(aug_key, i))
+      losses = np.asarray(losses)
+      hist.append(losses)
+      # As the reference: keep the samples of the lowest loss seen (the
+      # loss is computed before this step's update, on these samples).
+      if best_x is None or losses[0] < best_loss:
+        best_loss, best_x = float(losses[0]), x
+    pool = jax.lax.dynamic_update_slice_in_dim(pool, best_x, e * B, 0)
+    n = np.int32((e + 1) * B)
+    kkey = jax.random.fold_in(ekey, 1)
+    order = kd_order(jax.random.fold_in(kkey, 0), n)
+    aug = jax.random.fold_in(kkey, 1)
+    total = 0.0
+    for i in range(-(-int(n) // b)):
+      student, opt_state, loss = kd_step(student, opt_state, teachers, pool,
+                                         order, np.int32(i), n,
+                                         jax.random.fold_in(aug, i))
+      total += float(loss)
+    gen_hist.append(np.stack(hist))
+    kd_hist.append(total / int(n))
+  history = {"gen": np.stack(gen_hist), "kd": np.asarray(kd_hist),
+             "pool": np.asarray(pool)}
+  return student, init, history
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+@functools.lru_cache(maxsize=None)
+def ensemble_logits(model):
+  """``f(teachers [K, ...], x) -> mean logits``, cached per model."""
+  return _ensemble_fn(baselines.logits_of(model))
+
+
+def run(s, timings: dict, client_params=None) -> dict:
+  """DENSE on the setup's clients; student accuracy over ``num_nets`` seeds.
+
+  Args:
+    s: ``pipeline.Setup``.
+    client_params: optional ``fedavg.run(s, ...)["client_params"]`` of the
+      same config (leaves ``[n, K, ...]``): reused as the teachers instead
+      of training the identical client models again.
+    timings: receives ``dense_client_training``, ``dense_server`` and
+      ``dense_evaluate`` (wall seconds).
+
+  Returns:
+    ``accuracies [n]``, ``accuracy_mean``, ``accuracy_std``,
+    ``per_class_recall [C]``, ``predictions [n, N_test]`` of the students;
+    ``ensemble_accuracies [n]`` (the teachers, DENSE's ceiling);
+    ``init_accuracies [n]`` (the students before distillation);
+    ``ensemble_predictions`` / ``init_predictions`` ``[n, N_test]``;
+    ``history`` (per seed, see ``distill``), ``params`` and
+    ``init_params`` (students after / before, leaves ``[n, ...]``) for
+    inspection (not JSON).
+  """
+  cfg = s.config
+  n = baselines.check_positive(cfg.eval.num_nets, "eval.num_nets",
+                               integer=True)
+  C = s.dataset.num_classes
+  model = baselines.eval_model(cfg, C)
+  dcfg = dense_config(s)
+  xs, ys = fedavg.client_data(s)
+  t0 = time.perf_counter()
+  if client_params is None:
+    teachers = fedavg.train_clients(baselines.baseline_key(s.root, "fedavg"),
+                                    model, s.input_shape, xs, ys, n,
+                                    fedavg.local_train_config(s))
+  else:
+    teachers = jax.tree.map(jnp.asarray, client_params)
+    shape = jax.tree.leaves(teachers)[0].shape[:2]
+    if shape != (n, len(xs)):
+      raise ValueError(f"client_params must have leaves [num_nets={n}, "
+                       f"K={len(xs)}, ...], got leading shape {shape}")
+  jax.block_until_ready(teachers)
+  t1 = time.perf_counter()
+  key = baselines.baseline_key(s.root, "dense")
+  mean = std = None
+  if len(s.input_shape) == 3:
+    mean, std = s.dataset.mean, s.dataset.std
+  students, inits, histories = [], [], []
+  for i in range(n):
+    st, init, hist = distill(
+        jax.random.fold_in(key, i), jax.tree.map(lambda a: a[i], teachers),
+        model, s.input_shape, C, dcfg, mean, std)
+    students.append(st)
+    inits.append(init)
+    histories.append(hist)
+  students, inits = _stack(students), _stack(inits)
+  jax.block_until_ready(students)
+  t2 = time.perf_counter()
+  apply_fn = baselines.logits_of(model)
+  out = baselines.model_metrics(
+      baselines.predict(apply_fn, students, s.test_x), s.dataset.test_y, C)
+  init_preds = baselines.predict(apply_fn, inits, s.test_x)
+  ens_preds = baselines.predict(ensemble_logits(model), teachers, s.test_x)
+  test_y = np.asarray(s.dataset.test_y)
+  out["init_accuracies"] = np.mean(init_preds == test_y, -1)
+  out["ensemble_accuracies"] = np.mean(ens_preds == test_y, -1)
+  out["ensemble_predictions"] = ens_preds
+  out["init_predictions"] = init_preds
+  out["history"] = histories
+  out["params"] = jax.device_get(students)
+  out["init_params"] = jax.device_get(inits)
+  timings["dense_client_training"] = t1 - t0
+  timings["dense_server"] = t2 - t1
+  timings["dense_evaluate"] = time.perf_counter() - t2
+  return out
