@@ -1,0 +1,470 @@
+"""Result tables: collect the ``results.json`` of many runs into rows.
+
+A run directory (one sweep cell, or any ``launch.distill`` workdir) holds
+``results.json`` when it finished. ``launch.sweep`` also writes
+
+* ``cell.json``: the cell's grid overrides (``{"overrides": {path: value}}``),
+  written before the run starts;
+* ``error.json``: written instead of ``results.json`` when the run raised,
+  with the same identifying keys as ``results.json`` (``method``,
+  ``dataset``, ``num_clients``, ``alpha``, ``ipc``, ``config``) plus
+  ``error_type``, ``error`` and ``traceback``.
+
+``collect`` turns every such directory into one flat row (a dict); the other
+helpers are pure functions of rows. Row keys:
+
+==========================  ===================================================
+``cell``                    the run directory relative to the collected folder
+``status``                  ``"ok"``, ``"failed"`` or ``"pending"`` (only
+                            ``cell.json``: running, or killed)
+``method``, ``dataset``     as in ``results.json``
+``partition``               the partition method (``config.partition.method``)
+``num_clients``, ``ipc``    ints
+``alpha``                   float, or ``"iid"`` for an iid partition or
+                            ``alpha = inf`` (``format_alpha``)
+``accuracy_mean``/``_std``  fractions in [0, 1] (None unless ok)
+``n_eval``                  number of evaluated networks
+``upload_bytes_per_client`` mean over clients of the upload in bytes
+``upload_bytes_total``      sum over clients
+``wall_s``                  total wall seconds of the run
+``error``                   ``"ErrorType: message"`` of a failed run, else None
+``<grid path>``             one key per grid override not already a column
+                            above (e.g. ``server.weighting``)
+==========================  ===================================================
+
+Markdown shows accuracies as percentages (``mean ± std``); the CSV keeps the
+raw fractions of ``results.json``.
+"""
+
+import csv
+import json
+import math
+import os
+import pathlib
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+RESULTS_FILE = "results.json"
+CELL_FILE = "cell.json"
+ERROR_FILE = "error.json"
+
+# Grid paths that are already columns of every row.
+STANDARD_PATHS = {
+    "method": "method",
+    "dataset": "dataset",
+    "partition.method": "partition",
+    "partition.num_clients": "num_clients",
+    "partition.alpha": "alpha",
+    "server.ipc": "ipc",
+}
+ID_COLUMNS = ("method", "dataset", "partition", "num_clients", "alpha", "ipc")
+METRIC_COLUMNS = ("accuracy_mean", "accuracy_std", "n_eval",
+                  "upload_bytes_per_client", "upload_bytes_total", "wall_s")
+# CollabDM first, then the baselines from "not federated" to model-based.
+METHOD_ORDER = ("collabdm", "collabdm-pae", "central_dm", "merged_local_dm",
+                "fedavg", "dense")
+STATUSES = ("ok", "failed", "pending")
+
+
+def format_alpha(alpha, partition_method: Optional[str] = None):
+  """α as a table shows it: ``"iid"`` for an iid split, else a float.
+
+  Args:
+    alpha: the Dirichlet concentration (float, ``inf``, or None).
+    partition_method: ``config.partition.method``; ``"iid"`` wins over alpha.
+
+  Returns:
+    ``"iid"`` when the partition is iid or ``alpha`` is infinite, otherwise
+    ``float(alpha)`` (None stays None).
+  """
+  if partition_method == "iid":
+    return "iid"
+  if alpha is None:
+    return None
+  if isinstance(alpha, str):
+    if alpha.lower() in ("iid", "inf", "infinity"):
+      return "iid"
+    alpha = float(alpha)
+  alpha = float(alpha)
+  return "iid" if math.isinf(alpha) else alpha
+
+
+def format_accuracy(mean, std) -> str:
+  """``"81.23 ± 0.45"``: a mean and std given as fractions, in percent."""
+  if mean is None:
+    return "–"
+  if std is None:
+    return f"{100 * mean:.2f}"
+  return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def format_bytes(n) -> str:
+  """A byte count with a decimal unit (``"1.64 MB"``); ``"–"`` for None."""
+  if n is None:
+    return "–"
+  n, units, i = float(n), ("B", "kB", "MB", "GB", "TB"), 0
+  while abs(n) >= 1000 and i < len(units) - 1:
+    n, i = n / 1000, i + 1
+  return f"{n:.0f} B" if i == 0 else f"{n:.2f} {units[i]}"
+
+
+def format_value(value) -> str:
+  """Any cell value as short text (floats with ``:g``, None as ``–``)."""
+  if value is None:
+    return "–"
+  if isinstance(value, bool):
+    return str(value)
+  if isinstance(value, float):
+    return "inf" if math.isinf(value) else f"{value:g}"
+  return str(value)
+
+
+def _read_json(path: pathlib.Path):
+  return json.loads(path.read_text())
+
+
+def _wall_total(wall) -> Optional[float]:
+  if wall is None:
+    return None
+  if isinstance(wall, (int, float)):
+    return float(wall)
+  if "total" in wall:
+    return float(wall["total"])
+  return float(sum(wall.values())) if wall else None
+
+
+def _upload(per_client) -> Tuple[Optional[float], Optional[int]]:
+  if not per_client:
+    return None, None
+  values = [float(v) for v in per_client.values()]
+  return sum(values) / len(values), int(sum(values))
+
+
+def _partition_method(payload) -> Optional[str]:
+  config = payload.get("config") or {}
+  return (config.get("partition") or {}).get("method")
+
+
+def _identity(payload) -> Dict:
+  part = _partition_method(payload)
+  return {
+      "method": payload.get("method"),
+      "dataset": payload.get("dataset"),
+      "partition": part,
+      "num_clients": payload.get("num_clients"),
+      "alpha": format_alpha(payload.get("alpha"), part),
+      "ipc": payload.get("ipc"),
+  }
+
+
+def _empty_metrics() -> Dict:
+  return {k: None for k in METRIC_COLUMNS}
+
+
+def row_from_results(results: Dict, cell: str = "",
+                     overrides: Optional[Dict] = None) -> Dict:
+  """One ``ok`` row from a ``results.json`` payload (see module docstring)."""
+  mean_up, total_up = _upload(results.get("upload_bytes_per_client"))
+  accs = results.get("accuracies")
+  n_eval = results.get("n_eval", len(accs) if accs is not None else None)
+  row = {"cell": cell, "status": "ok", **_identity(results)}
+  row.update({
+      "accuracy_mean": results.get("accuracy_mean"),
+      "accuracy_std": results.get("accuracy_std"),
+      "n_eval": n_eval,
+      "upload_bytes_per_client": mean_up,
+      "upload_bytes_total": results.get("upload_bytes_total", total_up),
+      "wall_s": _wall_total(results.get("wall_s")),
+      "error": None,
+  })
+  row.update(_extra_columns(overrides))
+  return row
+
+
+def row_from_error(error: Dict, cell: str = "",
+                   overrides: Optional[Dict] = None) -> Dict:
+  """One ``failed`` row from an ``error.json`` payload."""
+  row = {"cell": cell, "status": "failed", **_identity(error),
+         **_empty_metrics()}
+  row["error"] = f"{error.get('error_type', 'Error')}: {error.get('error', '')}"
+  row.update(_extra_columns(overrides))
+  return row
+
+
+def _extra_columns(overrides: Optional[Dict]) -> Dict:
+  return {path: value for path, value in (overrides or {}).items()
+          if path not in STANDARD_PATHS}
+
+
+def _pending_row(cell: str, overrides: Dict) -> Dict:
+  row = {"cell": cell, "status": "pending", **{k: None for k in ID_COLUMNS},
+         **_empty_metrics(), "error": None}
+  for path, column in STANDARD_PATHS.items():
+    if path in overrides:
+      row[column] = overrides[path]
+  row["alpha"] = format_alpha(row["alpha"], row["partition"])
+  row.update(_extra_columns(overrides))
+  return row
+
+
+def read_run(run_dir, cell: str = "") -> Optional[Dict]:
+  """The row of one run directory, or None if it holds no run files.
+
+  ``results.json`` wins over ``error.json`` (a failed cell that was rerun
+  successfully); an unreadable ``results.json`` gives a ``failed`` row
+  rather than an exception, so one damaged file never hides the others.
+  """
+  run_dir = pathlib.Path(run_dir)
+  overrides = {}
+  if (run_dir / CELL_FILE).exists():
+    try:
+      overrides = _read_json(run_dir / CELL_FILE).get("overrides", {})
+    except (OSError, ValueError):
+      overrides = {}
+  if (run_dir / RESULTS_FILE).exists():
+    try:
+      return row_from_results(_read_json(run_dir / RESULTS_FILE), cell,
+                              overrides)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+      return row_from_error({"error_type": type(e).__name__,
+                             "error": f"unreadable {RESULTS_FILE}: {e}"},
+                            cell, overrides)
+  if (run_dir / ERROR_FILE).exists():
+    try:
+      return row_from_error(_read_json(run_dir / ERROR_FILE), cell, overrides)
+    except (OSError, ValueError) as e:
+      return row_from_error({"error_type": type(e).__name__,
+                             "error": f"unreadable {ERROR_FILE}: {e}"},
+                            cell, overrides)
+  if (run_dir / CELL_FILE).exists():
+    return _pending_row(cell, overrides)
+  return None
+
+
+def collect(sweep_dir) -> List[Dict]:
+  """Rows of every run under ``sweep_dir`` (itself included), sorted.
+
+  A directory counts as a run when it holds ``results.json``,
+  ``error.json`` or ``cell.json``; runs are leaves (their subfolders, e.g.
+  checkpoints, are not searched).
+
+  Args:
+    sweep_dir: folder to search recursively.
+
+  Returns:
+    ``sort_rows`` of the rows (see the module docstring for the keys).
+  """
+  sweep_dir = pathlib.Path(sweep_dir)
+  if not sweep_dir.is_dir():
+    raise ValueError(f"sweep_dir must be an existing folder, got {sweep_dir}")
+  rows = []
+  for dirpath, dirnames, _ in os.walk(sweep_dir):
+    path = pathlib.Path(dirpath)
+    rel = path.relative_to(sweep_dir).as_posix()
+    row = read_run(path, "" if rel == "." else rel)
+    if row is not None:
+      rows.append(row)
+      dirnames[:] = []  # a run is a leaf
+    else:
+      dirnames.sort()
+  return sort_rows(rows)
+
+
+def extra_columns(rows: Iterable[Dict]) -> List[str]:
+  """Keys of ``rows`` beyond the standard ones, in first-seen order."""
+  known = set(ID_COLUMNS) | set(METRIC_COLUMNS) | {"cell", "status", "error"}
+  seen = []
+  for row in rows:
+    for key in row:
+      if key not in known and key not in seen:
+        seen.append(key)
+  return seen
+
+
+def _sort_value(value):
+  # Numbers before strings (so "iid" follows every finite alpha), None last.
+  if value is None:
+    return (3, 0.0, "")
+  if isinstance(value, bool):
+    return (1, float(value), "")
+  if isinstance(value, (int, float)):
+    return (0, float(value), "")
+  return (2, 0.0, str(value))
+
+
+def _method_key(method):
+  if method in METHOD_ORDER:
+    return (0, METHOD_ORDER.index(method), "")
+  return (1, 0, str(method))
+
+
+def sort_rows(rows: Sequence[Dict]) -> List[Dict]:
+  """Rows ordered by dataset, clients, ipc, α, extra columns, then method."""
+  extras = extra_columns(rows)
+
+  def key(row):
+    return ((_sort_value(row.get("dataset")),
+             _sort_value(row.get("num_clients")), _sort_value(row.get("ipc")),
+             _sort_value(row.get("alpha")))
+            + tuple(_sort_value(row.get(e)) for e in extras)
+            + (_method_key(row.get("method")), row.get("cell", "")))
+
+  return sorted(rows, key=key)
+
+
+def _md_escape(text: str) -> str:
+  return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+  lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in body]
+  return "\n".join(lines) + "\n"
+
+
+def _accuracy_cell(row) -> str:
+  if row.get("status") == "failed":
+    return "failed"
+  if row.get("status") == "pending":
+    return "pending"
+  return format_accuracy(row.get("accuracy_mean"), row.get("accuracy_std"))
+
+
+def to_markdown(rows: Sequence[Dict], max_error_chars: int = 120) -> str:
+  """One Markdown table, a line per row (see module docstring for keys).
+
+  Columns: method, dataset, clients, α, ipc, any extra grid columns,
+  ``accuracy (%)`` as ``mean ± std`` in percent (``failed``/``pending``
+  otherwise), n_eval, mean upload per client, wall seconds, status, and the
+  error (cut to ``max_error_chars``) when any row failed.
+  """
+  if max_error_chars < 1:
+    raise ValueError(f"max_error_chars must be >= 1, got {max_error_chars}")
+  extras = extra_columns(rows)
+  any_error = any(r.get("error") for r in rows)
+  header = (["method", "dataset", "clients", "α", "ipc"] + extras
+            + ["accuracy (%)", "n_eval", "upload/client", "wall (s)",
+               "status"] + (["error"] if any_error else []))
+  body = []
+  for r in rows:
+    wall = r.get("wall_s")
+    line = ([format_value(r.get("method")), format_value(r.get("dataset")),
+             format_value(r.get("num_clients")), format_value(r.get("alpha")),
+             format_value(r.get("ipc"))]
+            + [format_value(r.get(e)) for e in extras]
+            + [_accuracy_cell(r), format_value(r.get("n_eval")),
+               format_bytes(r.get("upload_bytes_per_client")),
+               "–" if wall is None else f"{wall:.1f}",
+               format_value(r.get("status"))])
+    if any_error:
+      err = r.get("error") or ""
+      line.append(err if len(err) <= max_error_chars
+                  else err[:max_error_chars - 1] + "…")
+    body.append(line)
+  return _md_table(header, body)
+
+
+def to_pivot_markdown(rows: Sequence[Dict], index: str = "method",
+                      columns: Sequence[str] = ("num_clients", "alpha")) -> str:
+  """Paper-style tables: ``index`` down, ``columns`` across, accuracy in cells.
+
+  Rows are split into one table per combination of the remaining
+  identifying keys (dataset, partition, ipc, extra grid columns) that vary,
+  each under a ``#### key=value, ...`` heading. A cell reads ``mean ± std``
+  (percent), ``failed`` or ``pending``; ``–`` where no run exists.
+
+  Raises:
+    ValueError: if two rows land in the same table cell (``index`` and
+      ``columns`` do not identify runs), naming both cells.
+  """
+  columns = tuple(columns)
+  if index in columns:
+    raise ValueError(f"index {index!r} must not be one of columns {columns}")
+  # An iid split is the same whichever partition method asked for it, so
+  # the partition only separates tables when skewed runs differ in it.
+  skewed_parts = {r.get("partition") for r in rows if r.get("alpha") != "iid"}
+  group_keys = [k for k in ("dataset", "partition", "ipc", "num_clients",
+                            "alpha") + tuple(extra_columns(rows))
+                if k != index and k not in columns
+                and not (k == "partition" and len(skewed_parts) <= 1)]
+  groups: Dict[tuple, List[Dict]] = {}
+  for r in sort_rows(rows):
+    groups.setdefault(tuple(r.get(k) for k in group_keys), []).append(r)
+  out = []
+  for gkey, grows in groups.items():
+    if len(groups) > 1 or any(v is not None for v in gkey):
+      out.append("#### " + ", ".join(
+          f"{k}={format_value(v)}" for k, v in zip(group_keys, gkey)) + "\n")
+    col_values, idx_values, cells = [], [], {}
+    for r in grows:
+      c = tuple(r.get(k) for k in columns)
+      i = r.get(index)
+      if c not in col_values:
+        col_values.append(c)
+      if i not in idx_values:
+        idx_values.append(i)
+      if (i, c) in cells:
+        raise ValueError(
+            f"rows {cells[(i, c)]['cell']!r} and {r.get('cell')!r} share "
+            f"{index}={i!r} and {dict(zip(columns, c))}: add the key that "
+            "tells them apart to columns")
+      cells[(i, c)] = r
+    col_values.sort(key=lambda c: tuple(_sort_value(v) for v in c))
+    if index == "method":
+      idx_values.sort(key=_method_key)
+    else:
+      idx_values.sort(key=_sort_value)
+    header = [index] + [", ".join(f"{short_name(k)}={format_value(v)}"
+                                  for k, v in zip(columns, c))
+                        for c in col_values]
+    body = [[format_value(i)] + [
+        _accuracy_cell(cells[(i, c)]) if (i, c) in cells else "–"
+        for c in col_values] for i in idx_values]
+    out.append(_md_table(header, body))
+  return "\n".join(out)
+
+
+def short_name(key: str) -> str:
+  """Column key as a header shows it (``K`` for clients, ``α``)."""
+  return {"num_clients": "K", "alpha": "α"}.get(key, key)
+
+
+def csv_columns(rows: Sequence[Dict]) -> List[str]:
+  """The CSV header for ``rows``: cell, status, ids, extras, metrics, error."""
+  return (["cell", "status"] + list(ID_COLUMNS) + extra_columns(rows)
+          + list(METRIC_COLUMNS) + ["error"])
+
+
+def to_csv(rows: Sequence[Dict], path) -> pathlib.Path:
+  """Writes ``rows`` as CSV (raw values, accuracies as fractions).
+
+  The file is replaced atomically, so a reader never sees half a table.
+
+  Args:
+    rows: rows as ``collect`` returns them.
+    path: output file; its folder is created.
+
+  Returns:
+    The path written.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=csv_columns(rows),
+                            extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+      writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+  os.replace(tmp, path)
+  return path
+
+
+def write_text(path, text: str) -> pathlib.Path:
+  """Writes ``text`` to ``path`` atomically (folder created); returns path."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+  return path

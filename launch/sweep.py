@@ -1,0 +1,440 @@
+"""Runs a grid of experiments and collects their results into tables.
+
+  python -m launch.sweep --config=experiments/configs/fmnist_table.py --workdir=/tmp/fmnist_table
+
+A sweep config (see ``experiments/configs/fmnist_table.py``) is a ConfigDict
+with
+
+* ``name``: the sweep's name (default results folder
+  ``experiments/results/<name>``);
+* ``base``: a full run config (``experiments/configs/default.py`` with
+  overrides);
+* ``grid``: field paths of ``base`` mapped to the values to try, either
+  nested (``grid.partition.alpha = (0.1, 0.5)``, which the command line can
+  override: ``--config.grid.partition.alpha='(0.5,)'``) or with dotted keys
+  (``ConfigDict({"partition.alpha": [0.1, 0.5]}, allow_dotted_keys=True)``).
+  Every combination is one cell (the Cartesian product, in sorted path
+  order).
+
+Each cell runs ``pipeline.run`` in ``<workdir>/<cell name>``, where the name
+lists the cell's values (``method=fedavg,partition.alpha=0.1,...``), so it
+is readable and the same on every machine and rerun. A cell is finished
+when its ``results.json`` exists; finished cells are skipped, so rerunning
+the same command resumes a sweep (an interrupted CollabDM cell also resumes
+from its server checkpoint). A cell that raises is logged with its
+traceback, leaves ``error.json`` (its row in the table reads ``failed``)
+and the sweep goes on; the next rerun retries it. Cells are matched by
+name only: a finished cell whose recorded config differs from the sweep's
+current one (e.g. after editing a budget) is kept, with a warning; delete
+its folder to rerun it.
+
+Modes:
+
+* default: run every cell here, one after another, then write the tables;
+* ``--list_cells``: print ``index<TAB>status<TAB>name`` per cell and exit;
+* ``--cell=N``: run only cell N (one process per cell, e.g. a cluster array
+  job with ``--cell=$SLURM_ARRAY_TASK_ID``); no tables are written;
+* ``--collect_only``: only (re)write the tables from what is on disk.
+
+Tables go to ``--results_dir``: ``results.md`` (one line per cell, then
+paper-style method × (clients, α) tables), ``results.csv`` and one
+``accuracy_vs_alpha_<dataset>_K<clients>_ipc<ipc>.png`` per group. Each
+finished cell also gets ``synthetic.png`` and ``client_class_counts.png``.
+The exit status is 1 when a cell run by this call failed.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+import sys
+import traceback
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+
+from collabdm_jax import pipeline
+from collabdm_jax import plots
+from collabdm_jax import results as results_lib
+
+log = logging.getLogger("collabdm_jax.sweep")
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Cell names longer than this are cut and end in a hash of the full name,
+# well below the usual 255-byte file-name limit.
+MAX_NAME_CHARS = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One grid point: its position, folder name and field overrides."""
+  index: int
+  name: str
+  overrides: Tuple[Tuple[str, object], ...]  # (dotted path, value), in order
+
+
+def grid_axes(grid) -> List[Tuple[str, list]]:
+  """The grid as ``[(dotted path, [values...])]`` in sorted path order.
+
+  Args:
+    grid: a ConfigDict or dict, nested (``{"partition": {"alpha": [..]}}``)
+      or with dotted keys (``{"partition.alpha": [..]}``); leaves are
+      non-empty lists or tuples of scalar values (None, bool, int, float,
+      str).
+
+  Raises:
+    ValueError: a leaf is not a non-empty list of scalars, or a path is
+      given twice.
+  """
+  axes: Dict[str, list] = {}
+
+  def walk(node, prefix):
+    items = node.items() if hasattr(node, "items") else None
+    if items is None:
+      raise ValueError(f"grid must map field paths to value lists, got "
+                       f"{type(node).__name__} at {prefix or 'the top'}")
+    for key, value in items:
+      path = f"{prefix}.{key}" if prefix else str(key)
+      if isinstance(value, (dict, ml_collections.ConfigDict)):
+        walk(value, path)
+        continue
+      if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"grid[{path!r}] must be a non-empty list of values, "
+                         f"got {value!r}")
+      for v in value:
+        if not (v is None or isinstance(v, (bool, int, float, str))):
+          raise ValueError(f"grid[{path!r}] values must be None, bool, int, "
+                           f"float or str, got {v!r}")
+      if path in axes:
+        raise ValueError(f"grid path {path!r} is given twice")
+      axes[path] = list(value)
+
+  walk(grid if grid is not None else {}, "")
+  return sorted(axes.items())
+
+
+def format_value(value) -> str:
+  """A grid value as it appears in a cell name (floats by ``repr``)."""
+  if isinstance(value, float):
+    return "inf" if value == math.inf else ("-inf" if value == -math.inf
+                                            else repr(value))
+  return str(value)
+
+
+def cell_name(overrides: Sequence[Tuple[str, object]]) -> str:
+  """``path=value,path=value`` made safe as one folder name.
+
+  Characters other than letters, digits and ``._+-=,`` become ``_``; a name
+  over ``MAX_NAME_CHARS`` is cut and ends in a hash of the full name, so it
+  stays unique. No overrides gives ``base``.
+  """
+  if not overrides:
+    return "base"
+  raw = ",".join(f"{p}={format_value(v)}" for p, v in overrides)
+  name = re.sub(r"[^A-Za-z0-9._+=,-]", "_", raw)
+  if name in (".", ".."):
+    name = name.replace(".", "_")
+  if len(name) > MAX_NAME_CHARS:
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
+    name = name[:MAX_NAME_CHARS - 13] + "-" + digest
+  return name
+
+
+def apply_overrides(base, overrides: Sequence[Tuple[str, object]]):
+  """A copy of ``base`` with each dotted path set to its value.
+
+  Raises:
+    ValueError: a path names no existing field of ``base`` (typos fail
+      before anything runs), or the value does not fit the field's type.
+  """
+  config = copy.deepcopy(base)
+  for path, value in overrides:
+    parts = path.split(".")
+    node = config
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = ".".join(parts[:i]) or "the base config"
+        raise ValueError(f"grid path {path!r}: {where} has no field "
+                         f"{part!r}")
+      if i < len(parts) - 1:
+        node = node[part]
+    try:
+      node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"grid path {path!r} cannot take {value!r}: {e}") from e
+  return config
+
+
+def make_cells(sweep_config) -> List[Cell]:
+  """Every cell of the sweep, in a fixed order (product of ``grid_axes``).
+
+  Every cell's overrides are applied to ``base`` once here, so a bad path
+  or value fails before any cell runs.
+
+  Raises:
+    ValueError: the config lacks ``base``, a grid path or value is invalid,
+      or two cells map to the same folder name.
+  """
+  if "base" not in sweep_config:
+    raise ValueError("the sweep config must have a 'base' run config")
+  axes = grid_axes(sweep_config.get("grid"))
+  paths = [p for p, _ in axes]
+  cells, names = [], {}
+  for i, values in enumerate(itertools.product(*[v for _, v in axes])):
+    overrides = tuple(zip(paths, values))
+    apply_overrides(sweep_config.base, overrides)
+    name = cell_name(overrides)
+    if name in names:
+      raise ValueError(f"cells {names[name]} and {i} both map to folder "
+                       f"{name!r}: make the grid values distinct")
+    names[name] = i
+    cells.append(Cell(i, name, overrides))
+  return cells
+
+
+def sweep_name(sweep_config) -> str:
+  """The sweep's name as a safe folder name (``name`` field, or ``sweep``)."""
+  name = str(sweep_config.get("name", None) or "sweep")
+  return re.sub(r"[^A-Za-z0-9._+=,-]", "_", name)
+
+
+def default_results_dir(sweep_config) -> pathlib.Path:
+  """``experiments/results/<name>`` in this repository."""
+  return REPO_ROOT / "experiments" / "results" / sweep_name(sweep_config)
+
+
+def cell_status(workdir, cell: Cell) -> str:
+  """``done``, ``failed``, ``started`` (cell.json only) or ``pending``."""
+  d = pathlib.Path(workdir) / cell.name
+  if (d / results_lib.RESULTS_FILE).exists():
+    return "done"
+  if (d / results_lib.ERROR_FILE).exists():
+    return "failed"
+  if (d / results_lib.CELL_FILE).exists():
+    return "started"
+  return "pending"
+
+
+def _write_json(path: pathlib.Path, payload) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(payload, indent=2, default=str))
+  os.replace(tmp, path)
+
+
+def _error_payload(config, cell: Cell, error: BaseException) -> Dict:
+  part = config.partition
+  return {
+      "status": "failed",
+      "cell": cell.name,
+      "index": cell.index,
+      "overrides": dict(cell.overrides),
+      "method": pipeline.method_name(config),
+      "dataset": config.dataset,
+      "num_clients": part.num_clients,
+      "alpha": part.alpha,
+      "ipc": config.server.ipc,
+      "error_type": type(error).__name__,
+      "error": str(error),
+      "traceback": "".join(traceback.format_exception(error)),
+      "config": config.to_dict(),
+  }
+
+
+def run_cell(sweep_config, cell: Cell, workdir) -> str:
+  """Runs one cell unless it is finished.
+
+  Writes ``cell.json`` first, a per-cell ``log.txt`` of everything logged
+  meanwhile, then either the run's own outputs or ``error.json``.
+
+  Returns:
+    ``"skipped"`` (already finished), ``"done"`` or ``"failed"``.
+  """
+  cell_dir = pathlib.Path(workdir) / cell.name
+  config = apply_overrides(sweep_config.base, cell.overrides)
+  if (cell_dir / results_lib.RESULTS_FILE).exists():
+    log.info("cell %d %s: finished before, skipped", cell.index, cell.name)
+    _warn_if_config_changed(cell_dir, config)
+    _figures(cell_dir)
+    return "skipped"
+  cell_dir.mkdir(parents=True, exist_ok=True)
+  _write_json(cell_dir / results_lib.CELL_FILE, {
+      "sweep": sweep_name(sweep_config), "index": cell.index,
+      "name": cell.name, "overrides": dict(cell.overrides)})
+  stale = cell_dir / results_lib.ERROR_FILE
+  if stale.exists():
+    stale.unlink()
+  handler = logging.FileHandler(cell_dir / "log.txt")
+  handler.setFormatter(logging.Formatter(
+      "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  root = logging.getLogger()
+  root.addHandler(handler)
+  # The cell's log keeps the package's progress lines (INFO) even when the
+  # program's logging shows only warnings; the level is restored after.
+  package = logging.getLogger("collabdm_jax")
+  old_level = package.level
+  if package.getEffectiveLevel() > logging.INFO:
+    package.setLevel(logging.INFO)
+  try:
+    log.info("cell %d %s: running", cell.index, cell.name)
+    pipeline.run(config, cell_dir)
+  except Exception as e:  # one bad cell must not stop the sweep
+    log.error("cell %d %s failed: %s: %s\n%s", cell.index, cell.name,
+              type(e).__name__, e, traceback.format_exc())
+    _write_json(cell_dir / results_lib.ERROR_FILE,
+                _error_payload(config, cell, e))
+    return "failed"
+  finally:
+    root.removeHandler(handler)
+    handler.close()
+    package.setLevel(old_level)
+  _figures(cell_dir)
+  return "done"
+
+
+def _as_json(value):
+  return json.loads(json.dumps(value, default=str))
+
+
+def _warn_if_config_changed(cell_dir, config):
+  # Cells are matched by name only; a finished cell run under another base
+  # config (e.g. edited budgets) would otherwise pass silently into tables.
+  try:
+    done = json.loads((cell_dir / results_lib.RESULTS_FILE).read_text())
+  except (OSError, ValueError):
+    return
+  old = done.get("config")
+  if old is not None and old != _as_json(config.to_dict()):
+    log.warning("%s finished under a different config than the sweep's now; "
+                "its results are kept (delete the folder to rerun it)",
+                cell_dir)
+
+
+def _figures(cell_dir):
+  # Figures are a convenience: a plotting problem is logged, never allowed
+  # to turn a finished run into a failed one.
+  try:
+    plots.run_figures(cell_dir)
+  except Exception:  # noqa: BLE001
+    log.exception("figures of %s failed", cell_dir)
+
+
+def run_sweep(sweep_config, workdir,
+              cell_indices: Optional[Sequence[int]] = None) -> Dict[str, str]:
+  """Runs the sweep's cells (all, or ``cell_indices``) one after another.
+
+  Returns:
+    ``{cell name: "skipped" | "done" | "failed"}`` for the cells visited.
+
+  Raises:
+    ValueError: an index is out of range (before anything runs), or the
+      grid is invalid (``make_cells``).
+  """
+  cells = make_cells(sweep_config)
+  if cell_indices is None:
+    chosen = cells
+  else:
+    for i in cell_indices:
+      if not 0 <= i < len(cells):
+        raise ValueError(f"cell must be in [0, {len(cells)}), got {i}")
+    chosen = [cells[i] for i in cell_indices]
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  outcome = {}
+  for n, cell in enumerate(chosen):
+    log.info("sweep %s: cell %d/%d", sweep_name(sweep_config), n + 1,
+             len(chosen))
+    outcome[cell.name] = run_cell(sweep_config, cell, workdir)
+  return outcome
+
+
+def write_tables(workdir, results_dir) -> Dict[str, object]:
+  """Collects every run under ``workdir`` into tables and plots.
+
+  Returns:
+    ``{"rows": rows, "markdown": path, "csv": path, "plots": [paths]}``.
+  """
+  rows = results_lib.collect(workdir)
+  results_dir = pathlib.Path(results_dir)
+  results_dir.mkdir(parents=True, exist_ok=True)
+  counts = {s: sum(r["status"] == s for r in rows)
+            for s in results_lib.STATUSES}
+  text = (f"# Sweep results\n\n{len(rows)} runs under `{workdir}`: "
+          + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".\n\n"
+          "Accuracy: mean ± std (%) over the evaluated networks.\n\n"
+          + results_lib.to_markdown(rows))
+  if any(r["status"] != "pending" for r in rows):
+    try:
+      text += "\n## By method\n\n" + results_lib.to_pivot_markdown(rows)
+    except ValueError as e:  # rows the pivot cannot place: the list is enough
+      log.warning("no pivot table: %s", e)
+  md = results_lib.write_text(results_dir / "results.md", text)
+  csv_path = results_lib.to_csv(rows, results_dir / "results.csv")
+  figures = plots.sweep_figures(rows, results_dir)
+  log.info("tables: %s, %s; %d plots", md, csv_path, len(figures))
+  return {"rows": rows, "markdown": md, "csv": csv_path, "plots": figures}
+
+
+def define_flags():
+  """Defines this launcher's absl flags (only when run as a program, so
+  importing the module for its functions leaves the global flags alone)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Sweep config file (name, base, grid).")
+  flags.DEFINE_string("workdir", None,
+                      "Sweep folder: one subfolder per cell.", required=True)
+  flags.DEFINE_string(
+      "results_dir", None,
+      "Where tables and plots go; default experiments/results/<sweep name>.")
+  flags.DEFINE_integer("cell", None,
+                       "Run only this cell (0-based; see --list_cells).")
+  flags.DEFINE_bool("list_cells", False,
+                    "Print index, status and name of every cell.")
+  flags.DEFINE_bool("collect_only", False,
+                    "Only write the tables from the cells on disk.")
+
+
+def main(argv):
+  del argv
+  from launch import common  # the launchers' runtime flags and logging
+  common.init_runtime()
+  FLAGS = flags.FLAGS
+  sweep_config = FLAGS.config
+  if sweep_config is None:
+    raise app.UsageError("--config is required")
+  workdir = pathlib.Path(FLAGS.workdir)
+  results_dir = (pathlib.Path(FLAGS.results_dir) if FLAGS.results_dir
+                 else default_results_dir(sweep_config))
+  cells = make_cells(sweep_config)
+  if FLAGS.list_cells:
+    for cell in cells:
+      print(f"{cell.index}\t{cell_status(workdir, cell)}\t{cell.name}")
+    return 0
+  failed = []
+  if not FLAGS.collect_only:
+    indices = None if FLAGS.cell is None else [FLAGS.cell]
+    outcome = run_sweep(sweep_config, workdir, indices)
+    failed = [n for n, s in outcome.items() if s == "failed"]
+    print(f"{len(outcome)} cells: " + ", ".join(
+        f"{sum(s == k for s in outcome.values())} {k}"
+        for k in ("done", "skipped", "failed")))
+  if FLAGS.cell is None or FLAGS.collect_only:
+    out = write_tables(workdir, results_dir)
+    print(f"results: {out['markdown']} and {out['csv']}")
+  if failed:
+    print("failed cells (see error.json and log.txt in each): "
+          + ", ".join(failed), file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
