@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from collabdm_jax import pipeline
+from collabdm_jax import plots
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -23,6 +24,8 @@ def main(argv):
   del argv
   common.init_runtime()
   results = pipeline.run(_CONFIG.value, _WORKDIR.value)
+  # Pictures for people: the synthetic set and the client x class counts.
+  plots.run_figures(_WORKDIR.value, overwrite=True)
   print(f"{results['method']} on {results['dataset']}: test accuracy "
         f"{100 * results['accuracy_mean']:.2f} +- "
         f"{100 * results['accuracy_std']:.2f} % over {results['n_eval']} "

@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from collabdm_jax import pipeline
+from collabdm_jax import plots
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,6 +28,7 @@ def main(argv):
   common.init_runtime()
   results = pipeline.run_server(_CONFIG.value, _MESSAGE_DIR.value,
                                 _WORKDIR.value)
+  plots.run_figures(_WORKDIR.value, overwrite=True)
   print(f"test accuracy {100 * results['accuracy_mean']:.2f} +- "
         f"{100 * results['accuracy_std']:.2f} % from clients "
         f"{results['clients_used']}")

@@ -48,6 +48,8 @@ def test_distill_writes_results_and_synthetic_set(distilled):
   assert syn["images"].shape == (20, 28, 28, 1)
   np.testing.assert_array_equal(syn["labels"], np.repeat(np.arange(10), 2))
   assert "test accuracy" in proc.stdout
+  for png in ("synthetic.png", "client_class_counts.png"):
+    assert (workdir / png).stat().st_size > 1000
   assert "total" in proc.stderr  # the client x class count table is logged
 
 
