@@ -80,11 +80,9 @@ def format_alpha(alpha, partition_method: Optional[str] = None):
     return "iid"
   if alpha is None:
     return None
-  if isinstance(alpha, str):
-    if alpha.lower() in ("iid", "inf", "infinity"):
-      return "iid"
-    alpha = float(alpha)
-  alpha = float(alpha)
+  if isinstance(alpha, str) and alpha.lower() == "iid":
+    return "iid"
+  alpha = float(alpha)  # also reads "inf" / "Infinity" from CSV or JSON
   return "iid" if math.isinf(alpha) else alpha
 
 

@@ -1,0 +1,814 @@
+"""Throughput benchmark of CollabDM's client pass, and of the rest of a run.
+
+The client pass (every client embeds its real samples under every random
+network psi_t) is almost all of CollabDM's compute, so this script measures
+it against the practical peak of the same machine: a jitted float32 matmul
+timed in the same run. It prints ONE JSON document on stdout (progress goes
+to stderr) with, per case, images x networks embedded per second, achieved
+GFLOP/s, the matmul peak and their ratio; the server step time; the phases of
+an end-to-end run of ``experiments/configs/default.py`` (reduced budget);
+peak RSS and the JAX backend and devices.
+
+  python experiments/bench.py                 # full run, ~15 min on 2 cores
+  python experiments/bench.py --quick         # tiny sizes (tests, CI)
+  python experiments/bench.py --cases='fmnist_k100_*,server_*' \
+      --out=experiments/results/bench.json
+
+Case names: ``{fmnist,cifar10}_k{K}_t{T}_d{1,4}`` (client pass on K clients
+for T iterations on 1 or 4 CPU devices; 4 devices run in a subprocess with
+``--xla_force_host_platform_device_count=4``), ``{fmnist,cifar10}_k{K}_t{T}_gpu``
+(skipped, and recorded as such, without a GPU), ``server_{fmnist,cifar10}``
+and ``e2e_default``. ``--cases`` takes comma-separated shell patterns.
+
+How the client pass is measured. Client data is random (throughput does not
+depend on pixel values) with the datasets' shapes and training-set sizes,
+split evenly over K clients with uniform labels; the statistics are those of
+the default config (ConvNet-3, batch_real 32, embed_batch 256, DM's DSA).
+One *chunk* is one call of ``client._block_stats_fn`` (the jitted function
+``iter_client_stats`` calls) on one block of clients for one iteration,
+followed by the device-to-host copy ``iter_client_stats`` does. Blocks use
+``iter_client_stats``' default clients per device unless a call would then
+embed more than ``max_chunk_images`` padded samples (the layout used is
+recorded per case). After a
+warm-up call (tracing and compilation), a few chunks are timed and the whole
+pass (every block, every iteration) is extrapolated linearly from them: the
+cases are labelled ``"method": "extrapolated"`` with the measured share.
+Iterations are independent and sequential inside the block function, so a
+pass costs T times one iteration of every block; per-chunk times are
+reported so that a step above the trend can be read off, and the script
+checks that no timed chunk triggered a new trace or compilation.
+
+The practical peak is the best of several jitted float32 2048 x 2048
+matmuls, timed at the start and again at the end of the run (the better of
+the two is used, so a busy moment does not flatter the ratios). As a second
+reference, the bare embedding (one jitted ConvNet forward of a batch) is
+timed too: the client pass cannot beat it without a faster network.
+
+FLOPs are XLA's own count (``cost_analysis`` of the compiled
+``client.class_moments`` on one embed batch: DSA, ConvNet embedding and
+per-class sums, divided by the batch size), times the number of *real*
+samples embedded: padding the implementation embeds counts as wasted time,
+not as work. XLA counts the multiply-adds of convolution taps that fall
+inside the (unpadded) input only, so its count is a little below 2 x MACs of
+the padded convolution.
+"""
+
+import argparse
+import contextlib
+import fnmatch
+import json
+import math
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402  (after the path set-up so the package imports)
+import jax.numpy as jnp  # noqa: E402
+
+from collabdm_jax import augment  # noqa: E402
+from collabdm_jax import client as client_lib  # noqa: E402
+from collabdm_jax import dm  # noqa: E402
+from collabdm_jax import losses  # noqa: E402
+from collabdm_jax import models  # noqa: E402
+from collabdm_jax import parallel  # noqa: E402
+from collabdm_jax import server as server_lib  # noqa: E402
+
+SCHEMA_VERSION = 1
+TARGET_FRACTION = 0.6  # client pass vs measured matmul peak, CPU (reported)
+MULTI_DEVICES = 4
+# A chunk whose time exceeds the median chunk by this factor is a step above
+# the linear trend (reported, not fatal).
+STEP_TOLERANCE = 1.25
+
+# name -> (input shape, training-set size, name for the DSA strategy)
+DATASETS = {
+    "fmnist": ((28, 28, 1), 60000, "fashion_mnist"),
+    "cifar10": ((32, 32, 3), 50000, "cifar10"),
+}
+NUM_CLASSES = 10
+
+# Sizes. "quick" exercises every code path (extrapolation, partial blocks,
+# the 4-device subprocess, the end-to-end run) in seconds.
+FULL = dict(
+    clients=(10, 100, 1000), iterations=(100, 1000),
+    model=dict(arch="convnet"), train_size=None, batch_real=32,
+    embed_batch=256, dsa_strategy=None, timed_chunks=3,
+    max_chunk_images=2048, embed_probe_batches=(64, 256),
+    matmul_n=2048, matmul_reps=10, gpu_matmul_n=8192, server_ipc=10,
+    server_steps=5, e2e_config="default",
+    # The default config takes ~20 min on 2 busy cores; these keep its
+    # structure (10 clients, Dir(0.1), local DM, server with checkpoints,
+    # evaluation) at a quarter of its iterations, local DM steps and
+    # evaluation epochs, and one evaluation net instead of three.
+    e2e_overrides=(("num_iterations", 10), ("local.iterations", 5),
+                   ("eval.epochs", 25), ("eval.num_nets", 1)))
+# Quick: compilation dominates, so one cheap DSA family ("flip" still goes
+# through the per-slot Siamese augmentation) and a 2-client block, so that
+# K=3 has a full and a partial block.
+QUICK = dict(
+    clients=(3,), iterations=(2, 6),
+    model=dict(arch="convnet", width=8, depth=2), train_size=96,
+    batch_real=8, embed_batch=16, dsa_strategy="flip", timed_chunks=2,
+    max_chunk_images=64, embed_probe_batches=(16,), matmul_n=512, matmul_reps=3, gpu_matmul_n=1024,
+    server_ipc=2, server_steps=2, e2e_config="smoke",
+    e2e_overrides=(("num_iterations", 2), ("local.iterations", 1),
+                   ("dsa_strategy", "flip"), ("eval.dsa", False),
+                   ("eval.num_nets", 1), ("eval.epochs", 1),
+                   ("checkpoint.every", 0)))
+
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def log(msg):
+  print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr,
+        flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Case names and selection.
+# ---------------------------------------------------------------------------
+
+
+def client_case_name(dataset, clients, iterations, where):
+  """``fmnist_k10_t100_d1`` / ``..._gpu``; ``where`` is 1, 4 or "gpu"."""
+  suffix = "gpu" if where == "gpu" else f"d{where}"
+  return f"{dataset}_k{clients}_t{iterations}_{suffix}"
+
+
+def all_case_names(sizes):
+  names = []
+  for ds in DATASETS:
+    for where in (1, MULTI_DEVICES, "gpu"):
+      for k in sizes["clients"]:
+        for t in sizes["iterations"]:
+          names.append(client_case_name(ds, k, t, where))
+  names += [f"server_{ds}" for ds in DATASETS]
+  names.append("e2e_default")
+  return names
+
+
+def parse_patterns(text):
+  patterns = [p.strip() for p in text.split(",") if p.strip()]
+  if not patterns:
+    raise ValueError(f"--cases must name at least one pattern, got {text!r}")
+  return patterns
+
+
+def selected(name, patterns):
+  return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# ---------------------------------------------------------------------------
+# Measurement helpers.
+# ---------------------------------------------------------------------------
+
+
+def flops_of(compiled):
+  """``flops`` of XLA's cost analysis (a dict, or a list of one per module)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+class JaxEvents:
+  """Counts tracing and compilation events reported through jax.monitoring."""
+
+  def __init__(self):
+    self.traces = []
+    self.compiles = []
+
+  def __call__(self, event, duration, **kwargs):
+    del duration
+    if event == TRACE_EVENT:
+      self.traces.append(str(kwargs.get("fun_name", "?")))
+    elif event == COMPILE_EVENT:
+      self.compiles.append(str(kwargs.get("fun_name", "?")))
+
+  def snapshot(self):
+    return len(self.traces), len(self.compiles)
+
+
+@contextlib.contextmanager
+def jax_events():
+  listener = JaxEvents()
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield listener
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def linearity(chunk_seconds):
+  """Step and straight-line checks on equal-work chunk times."""
+  ts = [float(t) for t in chunk_seconds]
+  med = statistics.median(ts)
+  cum = np.cumsum(ts)
+  idx = np.arange(1, len(ts) + 1, dtype=np.float64)
+  out = {"median_s": med, "max_over_median": max(ts) / med,
+         "step_tolerance": STEP_TOLERANCE,
+         "no_step_above_trend": max(ts) <= STEP_TOLERANCE * med}
+  if len(ts) >= 2:
+    slope, intercept = np.polyfit(idx, cum, 1)
+    fit = slope * idx + intercept
+    out["cumulative_fit"] = {
+        "slope_s_per_chunk": float(slope), "intercept_s": float(intercept),
+        "max_abs_residual_s": float(np.max(np.abs(cum - fit)))}
+  return out
+
+
+def peak_rss_mb(who=resource.RUSAGE_SELF):
+  # ru_maxrss is in KiB on Linux.
+  return resource.getrusage(who).ru_maxrss / 1024.0
+
+
+def cpu_model():
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def environment():
+  return {
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "device_kinds": sorted({d.device_kind for d in jax.devices()}),
+      "cpu_model": cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "load_average": list(os.getloadavg()),
+  }
+
+
+def matmul_peak(device, n, reps):
+  """Best-of-``reps`` GFLOP/s of a jitted float32 ``n x n`` matmul."""
+  rng = np.random.default_rng(0)
+  a = jax.device_put(rng.standard_normal((n, n), np.float32), device)
+  b = jax.device_put(rng.standard_normal((n, n), np.float32), device)
+  f = jax.jit(jnp.matmul)
+  flops = flops_of(f.lower(a, b).compile())
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  best = min(times)
+  return {"n": n, "dtype": "float32", "device": str(device),
+          "flops_per_call": flops, "flops_expected": 2.0 * n ** 3,
+          "times_s": times, "best_s": best, "gflops": flops / best / 1e9}
+
+
+# ---------------------------------------------------------------------------
+# Client pass.
+# ---------------------------------------------------------------------------
+
+
+def make_spec(dataset, sizes):
+  shape, _, dsa_name = DATASETS[dataset]
+  model = models.make_model(num_classes=NUM_CLASSES, **sizes["model"])
+  return client_lib.StatsSpec(
+      model=model, input_shape=shape, num_classes=NUM_CLASSES,
+      batch_real=sizes["batch_real"],
+      dsa_strategy=(sizes["dsa_strategy"] or
+                    augment.dsa_strategy_for(dsa_name)),
+      embed_batch=sizes["embed_batch"])
+
+
+_FLOPS_CACHE = {}
+
+
+def _flops_key(spec):
+  return (spec.model, spec.input_shape, spec.dsa_strategy, spec.embed_batch)
+
+
+def flops_per_image(spec):
+  """XLA FLOPs per embedded sample: (class_moments, embed only)."""
+  cache_key = _flops_key(spec)
+  if cache_key in _FLOPS_CACHE:
+    return _FLOPS_CACHE[cache_key]
+  eb, C = spec.embed_batch, spec.num_classes
+  y = np.sort(np.arange(eb) % C).astype(np.int32)
+  counts = np.bincount(y, minlength=C)
+  slot_class, slot_rank = client_lib.class_slots(counts, counts)
+  class_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+  x = np.zeros((eb,) + tuple(spec.input_shape), np.float32)
+  root = jax.random.key(0)
+  params = dm.network_params(spec.model, root, 0, spec.input_shape)
+  class_keys = dm.class_aug_keys(root, 0, C)
+  embed = models.embed_fn(spec.model)
+
+  def moments(params, class_keys, key, x, y, class_start, slot_class,
+              slot_rank):
+    return client_lib.class_moments(spec, embed, params, class_keys, key, x,
+                                    y, class_start, slot_class, slot_rank)
+
+  # One embed batch: every loop in class_moments runs once, so XLA's count
+  # (which counts a loop body once) is exact.
+  total = flops_of(jax.jit(moments).lower(
+      params, class_keys, jax.random.key(1), x, y, class_start, slot_class,
+      slot_rank).compile())
+  embed_only = flops_of(jax.jit(embed).lower(params, x).compile())
+  _FLOPS_CACHE[cache_key] = (total / eb, embed_only / eb)
+  return _FLOPS_CACHE[cache_key]
+
+
+def embed_reference(spec, batch, device, reps):
+  """The bare embedding: one jitted ConvNet forward of ``batch`` images.
+
+  What the client pass would reach if it were nothing but the embedding
+  (no sampling, augmentation, padding or per-class sums).
+  """
+  root = jax.random.key(0)
+  params = jax.device_put(
+      dm.network_params(spec.model, root, 0, spec.input_shape), device)
+  x = jax.device_put(np.random.default_rng(2).standard_normal(
+      (batch,) + tuple(spec.input_shape), np.float32), device)
+  f = jax.jit(models.embed_fn(spec.model))
+  flops = flops_of(f.lower(params, x).compile())
+  f(params, x).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(params, x).block_until_ready()
+    times.append(time.perf_counter() - t)
+  best = min(times)
+  return {"batch": batch, "times_s": times, "best_s": best,
+          "images_per_s": batch / best, "gflops": flops / best / 1e9}
+
+
+def client_data(rng, n, shape, with_images=True):
+  y = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+  x = (rng.standard_normal((n,) + tuple(shape), np.float32) if with_images
+       else None)
+  return x, y
+
+
+def measure_client_config(dataset, num_clients, iterations, where, sizes,
+                          devices, matmul_gflops):
+  """Measures one (dataset, K, device setting); returns one entry per T.
+
+  The T cases share one measurement: the cost of a pass is T times the cost
+  of one iteration over every block.
+  """
+  spec = make_spec(dataset, sizes)
+  shape, train_size, _ = DATASETS[dataset]
+  train_size = sizes["train_size"] or train_size
+  n_dev = len(devices)
+  mesh = parallel.client_mesh(devices=devices)
+  n = train_size // num_clients
+  rng = np.random.default_rng([list(DATASETS).index(dataset), num_clients])
+  # Labels of every client (cheap) give the exact number of real samples
+  # embedded per iteration; images are made only for the blocks timed.
+  labels = [client_data(rng, n, shape, with_images=False)[1]
+            for _ in range(num_clients)]
+  real_slots = np.array([
+      int(spec.slots_per_class(np.bincount(y, minlength=NUM_CLASSES)).sum())
+      for y in labels])
+  images_per_iteration = int(real_slots.sum())
+
+  # Block layout: iter_client_stats' default clients per device, lowered
+  # when one call would embed more than max_chunk_images padded samples (so
+  # that a chunk takes seconds, not minutes, on a small CPU).
+  default_cpd = min(16, -(-num_clients // n_dev))
+  x0, _ = client_data(np.random.default_rng(0), n, shape)
+  probe = client_lib.make_blocks([x0], [labels[0]], [0], spec, 1)[0]
+  padded_slots = probe.slot_class.shape[1]
+  cpd = max(1, min(default_cpd,
+                   sizes["max_chunk_images"] // (n_dev * padded_slots)))
+  block_size = n_dev * cpd
+  n_full, rem = divmod(num_clients, block_size)
+  kinds = []  # (clients in block, how many such blocks)
+  if n_full:
+    kinds.append((block_size, n_full))
+  if rem:
+    kinds.append((rem, 1))
+
+  def build_block(members):
+    xs = [client_data(np.random.default_rng([7, m]), n, shape)[0]
+          for m in members]
+    return client_lib.make_blocks(xs, [labels[m] for m in members],
+                                  list(members), spec, block_size)[0]
+
+  blocks = []
+  start = 0
+  for count, _ in kinds:
+    # Equal-sized clients: a block of any `count` clients is representative.
+    blocks.append(build_block(range(start, start + count)))
+    start += count
+  # Host arrays, as iter_client_stats passes them (the copy is timed too).
+  blk_arrays = [tuple(b[:-1]) for b in blocks]
+
+  fn = client_lib._block_stats_fn(spec, mesh, 1)
+  root = jax.random.key(0)
+
+  def call(kind, t):
+    t0 = time.perf_counter()
+    out = fn(root, jnp.int32(t), *blk_arrays[kind])
+    jax.device_get(out)
+    return time.perf_counter() - t0
+
+  total_units = sum(m for _, m in kinds)  # block-iterations per iteration
+  timed = sizes["timed_chunks"]
+  chunks = []
+  with jax_events() as events:
+    warm_s = call(0, 0)
+    after_warm = events.snapshot()
+    main = max(range(len(kinds)), key=lambda i: kinds[i][1])
+    for j in range(timed):
+      s = call(main, 1 + j)
+      chunks.append({"block_clients": kinds[main][0], "t": 1 + j,
+                     "iterations": 1, "seconds": s})
+    other = {}
+    for i in range(len(kinds)):
+      if i != main:
+        other[i] = call(i, 1)
+        chunks.append({"block_clients": kinds[i][0], "t": 1, "iterations": 1,
+                       "seconds": other[i]})
+    after_all = events.snapshot()
+  new_traces = after_all[0] - after_warm[0]
+  new_compiles = after_all[1] - after_warm[1]
+  if new_traces or new_compiles:
+    raise RuntimeError(
+        f"{dataset} K={num_clients}: the block function was traced "
+        f"{new_traces} and compiled {new_compiles} more times after warm-up "
+        f"({events.traces[after_warm[0]:]})")
+  cache_size = fn._cache_size() if hasattr(fn, "_cache_size") else None
+  if cache_size is not None and cache_size != 1:
+    raise RuntimeError(f"block function compiled {cache_size} times")
+
+  main_times = [c["seconds"] for c in chunks[:timed]]
+  per_main = float(np.mean(main_times))
+  seconds_per_iteration = kinds[main][1] * per_main + sum(
+      kinds[i][1] * s for i, s in other.items())
+  fpi, embed_fpi = flops_per_image(spec)
+  full_block = blocks[main]
+  measurement = {
+      "chunk": "one call of client._block_stats_fn(t_chunk=1) on one block "
+               "for one iteration, plus the device-to-host copy",
+      "warmup_s_including_compile": warm_s,
+      "chunks": chunks,
+      "linearity": linearity(main_times),
+      "traces_during_warmup": after_warm[0],
+      "compiles_during_warmup": after_warm[1],
+      "traces_after_warmup": new_traces,
+      "compiles_after_warmup": new_compiles,
+      "single_trace": new_traces == 0 and new_compiles == 0,
+      "jit_cache_size": cache_size,
+  }
+  workload = {
+      "input_shape": list(shape), "num_classes": NUM_CLASSES,
+      "samples_per_client": n, "labels": "uniform random, seeded",
+      "model": dict(sizes["model"]),
+      "feature_dim": models.feature_dim(spec.model, spec.input_shape),
+      "batch_real": spec.batch_real, "embed_batch": spec.embed_batch,
+      "dsa_strategy": spec.dsa_strategy,
+      "real_slots_per_client_min": int(real_slots.min()),
+      "real_slots_per_client_max": int(real_slots.max()),
+      "images_per_iteration": images_per_iteration,
+      "devices": n_dev, "clients_per_device": cpd,
+      "default_clients_per_device": default_cpd,
+      "block_size": block_size,
+      "blocks": [{"real_clients": c, "count": m} for c, m in kinds],
+      "padded_slots_per_client": padded_slots,
+      "padded_samples_per_block_call": int(full_block.slot_class.size),
+      "real_samples_per_full_block_call": int(
+          (full_block.slot_class >= 0).sum()),
+  }
+  images_per_s = images_per_iteration / seconds_per_iteration
+  gflops = images_per_s * fpi / 1e9
+  entries = []
+  for T in iterations:
+    measured_units = timed + len(other)
+    entries.append({
+        "name": client_case_name(dataset, num_clients, T, where),
+        "dataset": dataset, "num_clients": num_clients, "num_iterations": T,
+        "devices": n_dev, "backend": devices[0].platform,
+        "method": "extrapolated",
+        "measured_fraction_of_pass": measured_units / (total_units * T),
+        "client_pass_s": seconds_per_iteration * T,
+        "seconds_per_iteration": seconds_per_iteration,
+        "images_networks_per_s": images_per_s,
+        "flops_per_image": fpi, "embed_only_flops_per_image": embed_fpi,
+        "flops_source": "XLA cost_analysis of compiled client.class_moments "
+                        "(one embed batch) / batch size; x real samples",
+        "gflops": gflops,
+        "matmul_peak_gflops": matmul_gflops,
+        "fraction_of_matmul_peak": gflops / matmul_gflops,
+        "workload": workload,
+        "measurement": measurement,
+    })
+  return entries
+
+
+def run_client_cases(sizes, patterns, where, devices, matmul_gflops):
+  out = []
+  for ds in DATASETS:
+    for k in sizes["clients"]:
+      ts = [t for t in sizes["iterations"]
+            if selected(client_case_name(ds, k, t, where), patterns)]
+      if not ts:
+        continue
+      log(f"client pass {ds} K={k} on {len(devices)} {devices[0].platform} "
+          f"device(s), T={ts}")
+      entries = measure_client_config(ds, k, ts, where, sizes, devices,
+                                      matmul_gflops)
+      e = entries[0]
+      log(f"  {e['images_networks_per_s']:.1f} images x networks/s, "
+          f"{e['gflops']:.1f} GFLOP/s = "
+          f"{100 * e['fraction_of_matmul_peak']:.1f}% of matmul peak; chunks "
+          f"{[round(c['seconds'], 2) for c in e['measurement']['chunks']]} s")
+      out += entries
+  return out
+
+
+def run_multi_device_child(sizes_name, patterns, matmul_gflops):
+  """Runs the 4-device cases in a subprocess with 4 simulated CPU devices.
+
+  The parent's matmul peak and FLOP counts are passed down, so that every
+  case is compared with the same peak (and the child compiles less).
+  """
+  sizes = QUICK if sizes_name == "quick" else FULL
+  flops = {ds: flops_per_image(make_spec(ds, sizes)) for ds in DATASETS}
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                      f"device_count={MULTI_DEVICES}").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()),
+         f"--devices={MULTI_DEVICES}", f"--cases={','.join(patterns)}",
+         f"--matmul-gflops={matmul_gflops}",
+         f"--flops-per-image={json.dumps(flops)}"]
+  if sizes_name == "quick":
+    cmd.append("--quick")
+  log(f"4-device cases in a subprocess: {' '.join(cmd[1:])}")
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                        cwd=REPO)
+  sys.stderr.write(proc.stderr)
+  if proc.returncode != 0:
+    raise RuntimeError(f"4-device subprocess failed ({proc.returncode}): "
+                       f"{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout)
+
+
+# ---------------------------------------------------------------------------
+# Server step and end-to-end run.
+# ---------------------------------------------------------------------------
+
+
+def server_case(dataset, sizes, iterations):
+  spec = make_spec(dataset, sizes)
+  shape = spec.input_shape
+  cfg = server_lib.ServerConfig(ipc=sizes["server_ipc"],
+                                dsa_strategy=spec.dsa_strategy)
+  optimizer, step = server_lib.make_step(spec.model, shape, NUM_CLASSES, cfg)
+  rng = np.random.default_rng(1)
+  images = rng.standard_normal((NUM_CLASSES, cfg.ipc) + shape, np.float32)
+  state = dm.init_state(jnp.asarray(images), optimizer)
+  D = models.feature_dim(spec.model, shape)
+  targets = losses.ClassMoments(
+      mean=jnp.asarray(rng.standard_normal((NUM_CLASSES, D), np.float32)),
+      std=jnp.zeros((NUM_CLASSES, D)), valid=jnp.ones((NUM_CLASSES,), bool))
+  root = jax.random.key(0)
+  with jax_events() as events:
+    t0 = time.perf_counter()
+    state, class_losses = step(state, root, jnp.int32(0), targets)
+    class_losses.block_until_ready()
+    warm = time.perf_counter() - t0
+    after_warm = events.snapshot()
+    times = []
+    for t in range(1, sizes["server_steps"] + 1):
+      t0 = time.perf_counter()
+      state, class_losses = step(state, root, jnp.int32(t), targets)
+      class_losses.block_until_ready()
+      times.append(time.perf_counter() - t0)
+    after = events.snapshot()
+  if after != after_warm:
+    raise RuntimeError(f"server step retraced/recompiled: {events.traces}")
+  mean = float(np.mean(times))
+  return {
+      "name": f"server_{dataset}", "dataset": dataset, "ipc": cfg.ipc,
+      "num_classes": NUM_CLASSES, "dsa_strategy": cfg.dsa_strategy,
+      "warmup_s_including_compile": warm, "step_times_s": times,
+      "step_s_median": statistics.median(times), "step_s_mean": mean,
+      "linearity": linearity(times),
+      "server_phase_s_extrapolated": {str(T): mean * T for T in iterations},
+      "finite_losses": bool(np.all(np.isfinite(np.asarray(class_losses)))),
+  }
+
+
+def e2e_case(sizes):
+  """Runs launch.distill on the default (or smoke) config in a subprocess."""
+  config = REPO / "experiments" / "configs" / f"{sizes['e2e_config']}.py"
+  overrides = [f"--config.{k}={v}" for k, v in sizes["e2e_overrides"]]
+  with tempfile.TemporaryDirectory(prefix="collabdm_bench_") as workdir:
+    cmd = [sys.executable, "-m", "launch.distill", f"--config={config}",
+           f"--workdir={workdir}", *overrides]
+    log(f"end-to-end: {' '.join(cmd[1:])}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+      raise RuntimeError(f"end-to-end run failed ({proc.returncode}): "
+                         f"{proc.stderr[-3000:]}")
+    results = json.loads((pathlib.Path(workdir) / "results.json").read_text())
+  return {
+      "name": "e2e_default",
+      "config": f"experiments/configs/{sizes['e2e_config']}.py",
+      "reduced_budget": True,
+      "overrides": {k: v for k, v in sizes["e2e_overrides"]},
+      "phases_s": results["wall_s"],
+      "subprocess_wall_s": wall,
+      "accuracy_mean": results.get("accuracy_mean"),
+      "num_clients": results.get("num_clients"),
+      "environment": results.get("environment"),
+      # Children are waited for one at a time and this runs first, so the
+      # children's maximum is this run's peak.
+      "peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
+  }
+
+
+# ---------------------------------------------------------------------------
+# Driver.
+# ---------------------------------------------------------------------------
+
+
+def summarize(result):
+  cases = [c for c in result["client_pass"]
+           if c["dataset"] == "fmnist" and c["backend"] == "cpu"
+           and c["devices"] == 1]
+  summary = {"target_fraction_of_matmul_peak": TARGET_FRACTION}
+  if cases:
+    # Headline: the default config's shape (fewest clients, shortest run).
+    head = min(cases, key=lambda c: (c["num_clients"], c["num_iterations"]))
+    summary.update({
+        "client_pass_fraction_of_matmul_peak": head["fraction_of_matmul_peak"],
+        "client_pass_case": head["name"],
+        "client_pass_gflops": head["gflops"],
+        "client_pass_images_networks_per_s": head["images_networks_per_s"],
+        "matmul_peak_gflops": head["matmul_peak_gflops"],
+        "meets_target": head["fraction_of_matmul_peak"] >= TARGET_FRACTION,
+        "fmnist_cpu_fraction_by_case": {
+            c["name"]: c["fraction_of_matmul_peak"] for c in cases},
+    })
+  lin = [c["measurement"]["linearity"]["no_step_above_trend"]
+         for c in result["client_pass"]]
+  summary["all_chunks_on_trend"] = all(lin) if lin else None
+  summary["single_trace_all_cases"] = all(
+      c["measurement"]["single_trace"] for c in result["client_pass"])
+  summary["all_client_cases_extrapolated"] = all(
+      c["method"] == "extrapolated" for c in result["client_pass"])
+  summary["gpu"] = result["gpu"].get("status")
+  return summary
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny sizes, for tests and CI")
+  parser.add_argument("--cases", default="*",
+                      help="comma-separated shell patterns of case names")
+  parser.add_argument("--out", default=None,
+                      help="also write the JSON document to this path")
+  parser.add_argument("--devices", type=int, default=None,
+                      help=argparse.SUPPRESS)  # internal: 4-device child
+  parser.add_argument("--matmul-gflops", type=float, default=None,
+                      help=argparse.SUPPRESS)  # internal: parent's peak
+  parser.add_argument("--flops-per-image", default=None,
+                      help=argparse.SUPPRESS)  # internal: parent's counts
+  args = parser.parse_args(argv)
+  sizes = QUICK if args.quick else FULL
+  sizes_name = "quick" if args.quick else "full"
+  patterns = parse_patterns(args.cases)
+  names = all_case_names(sizes)
+  if not any(selected(n, patterns) for n in names):
+    raise ValueError(f"--cases={args.cases!r} selects none of {names}")
+
+  if args.devices is not None:  # child: only the multi-device client cases
+    if args.matmul_gflops is None:
+      raise ValueError("--devices needs --matmul-gflops (set by the parent)")
+    for ds, counts in json.loads(args.flops_per_image or "{}").items():
+      _FLOPS_CACHE[_flops_key(make_spec(ds, sizes))] = tuple(counts)
+    devices = jax.devices("cpu")
+    if len(devices) < args.devices:
+      raise ValueError(f"--devices={args.devices} but JAX sees "
+                       f"{len(devices)} CPU devices")
+    cases = run_client_cases(sizes, patterns, args.devices,
+                             devices[:args.devices], args.matmul_gflops)
+    json.dump({"client_pass": cases, "environment": environment(),
+               "peak_rss_mb": peak_rss_mb()}, sys.stdout)
+    return 0
+
+  wall0 = time.perf_counter()
+  result = {"schema_version": SCHEMA_VERSION, "sizes": sizes_name,
+            "cases_pattern": args.cases, "environment": environment()}
+  cpu = jax.devices("cpu")[0]
+  log(f"matmul peak on {cpu}")
+  result["matmul_peak"] = {"cpu": matmul_peak(cpu, sizes["matmul_n"],
+                                              sizes["matmul_reps"])}
+  cpu_peak = result["matmul_peak"]["cpu"]["gflops"]
+  log(f"  {cpu_peak:.1f} GFLOP/s")
+
+  # The end-to-end run goes first so that the children's peak RSS is its own.
+  result["end_to_end"] = (e2e_case(sizes) if selected("e2e_default", patterns)
+                          else None)
+  result["client_pass"] = run_client_cases(sizes, patterns, 1, [cpu],
+                                           cpu_peak)
+  multi = [n for n in names if n.endswith(f"_d{MULTI_DEVICES}")
+           and selected(n, patterns)]
+  result["multi_device"] = {"devices": MULTI_DEVICES,
+                            "simulated_with": "--xla_force_host_platform_"
+                                              f"device_count={MULTI_DEVICES}"}
+  if multi:
+    child = run_multi_device_child(sizes_name, patterns, cpu_peak)
+    result["client_pass"] += child["client_pass"]
+    result["multi_device"].update(peak_rss_mb=child["peak_rss_mb"],
+                                  devices_seen=child["environment"]["devices"])
+
+  gpu_names = [n for n in names if n.endswith("_gpu") and selected(n, patterns)]
+  gpus = [d for d in jax.devices() if d.platform == "gpu"]
+  if not gpu_names:
+    result["gpu"] = {"status": "not selected"}
+  elif not gpus:
+    result["gpu"] = {"status": "skipped", "reason": "no GPU visible to JAX "
+                     f"(backend {jax.default_backend()})",
+                     "skipped_cases": gpu_names}
+  else:
+    peak = matmul_peak(gpus[0], sizes["gpu_matmul_n"], sizes["matmul_reps"])
+    result["matmul_peak"]["gpu"] = peak
+    result["gpu"] = {"status": "measured", "device": str(gpus[0])}
+    result["client_pass"] += run_client_cases(sizes, patterns, "gpu",
+                                              gpus[:1], peak["gflops"])
+
+  # The practical peak is the best matmul of the run: measured again at the
+  # end, so a busy moment at the start does not flatter the ratios.
+  end_peak = matmul_peak(cpu, sizes["matmul_n"], sizes["matmul_reps"])
+  result["matmul_peak"]["cpu_end"] = end_peak
+  cpu_peak = max(cpu_peak, end_peak["gflops"])
+  result["matmul_peak"]["cpu_practical_peak_gflops"] = cpu_peak
+  for c in result["client_pass"]:
+    if c["backend"] == "cpu":
+      c["matmul_peak_gflops"] = cpu_peak
+      c["fraction_of_matmul_peak"] = c["gflops"] / cpu_peak
+
+  result["embed_reference"] = []
+  for ds in DATASETS:
+    if any(c["dataset"] == ds and c["backend"] == "cpu"
+           for c in result["client_pass"]):
+      for batch in sizes["embed_probe_batches"]:
+        r = embed_reference(make_spec(ds, sizes), batch, cpu,
+                            sizes["matmul_reps"])
+        r.update(dataset=ds, fraction_of_matmul_peak=r["gflops"] / cpu_peak)
+        result["embed_reference"].append(r)
+        log(f"bare embedding {ds} batch {batch}: {r['images_per_s']:.0f} "
+            f"images/s = {100 * r['fraction_of_matmul_peak']:.1f}% of peak")
+
+  iterations = sizes["iterations"]
+  result["server_step"] = [server_case(ds, sizes, iterations)
+                           for ds in DATASETS
+                           if selected(f"server_{ds}", patterns)]
+  result["peak_rss_mb"] = {"bench_process": peak_rss_mb()}
+  if result["end_to_end"] is not None:
+    result["peak_rss_mb"]["end_to_end_run"] = result["end_to_end"][
+        "peak_rss_mb"]
+  if "peak_rss_mb" in result["multi_device"]:
+    result["peak_rss_mb"]["multi_device_child"] = result["multi_device"][
+        "peak_rss_mb"]
+  result["environment"]["load_average_end"] = list(os.getloadavg())
+  result["bench_wall_s"] = time.perf_counter() - wall0
+  result["summary"] = summarize(result)
+  s = result["summary"]
+  if "client_pass_fraction_of_matmul_peak" in s:
+    verdict = "meets" if s["meets_target"] else "MISSES"
+    log(f"client pass at {100 * s['client_pass_fraction_of_matmul_peak']:.1f}"
+        f"% of matmul peak ({s['client_pass_case']}): {verdict} the "
+        f"{100 * TARGET_FRACTION:.0f}% target")
+  text = json.dumps(result, indent=2)
+  if args.out:
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out).write_text(text + "\n")
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

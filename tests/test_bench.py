@@ -1,0 +1,141 @@
+"""experiments/bench.py: the quick run's JSON document, and its helpers.
+
+The quick benchmark runs once (module fixture) in a subprocess, as CI would
+run it; the checks are on structure and on numbers being positive and
+finite, never on timing thresholds (the machine is shared).
+"""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiments import bench
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "bench.json"
+  proc = subprocess.run(
+      [sys.executable, "experiments/bench.py", "--quick", f"--out={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
+  assert json.loads(out.read_text()) == doc
+  return doc
+
+
+def test_quick_covers_every_case(quick):
+  names = {c["name"] for c in quick["client_pass"]}
+  expected = {bench.client_case_name(ds, k, t, d)
+              for ds in bench.DATASETS for k in bench.QUICK["clients"]
+              for t in bench.QUICK["iterations"] for d in (1, 4)}
+  assert names == expected
+  assert {s["name"] for s in quick["server_step"]} == {
+      f"server_{ds}" for ds in bench.DATASETS}
+  assert quick["sizes"] == "quick"
+  assert quick["schema_version"] == bench.SCHEMA_VERSION
+
+
+def test_client_cases_are_positive_finite_and_consistent(quick):
+  peak = quick["matmul_peak"]["cpu"]
+  assert _positive(peak["gflops"])
+  assert peak["flops_per_call"] == peak["flops_expected"]  # XLA: 2 n^3
+  assert peak["best_s"] == min(peak["times_s"])
+  for c in quick["client_pass"]:
+    for key in ("images_networks_per_s", "gflops", "matmul_peak_gflops",
+                "fraction_of_matmul_peak", "client_pass_s", "flops_per_image",
+                "embed_only_flops_per_image", "seconds_per_iteration"):
+      assert _positive(c[key]), (c["name"], key, c[key])
+    assert c["method"] == "extrapolated"
+    assert 0 < c["measured_fraction_of_pass"] <= 1
+    # Ratios and rates are what they claim to be.
+    assert math.isclose(c["fraction_of_matmul_peak"],
+                        c["gflops"] / c["matmul_peak_gflops"], rel_tol=1e-9)
+    w = c["workload"]
+    assert math.isclose(
+        c["images_networks_per_s"],
+        w["images_per_iteration"] / c["seconds_per_iteration"], rel_tol=1e-9)
+    assert math.isclose(c["client_pass_s"],
+                        c["seconds_per_iteration"] * c["num_iterations"],
+                        rel_tol=1e-9)
+    # The embedding is most of a sample's FLOPs; DSA and sums add a little.
+    assert c["embed_only_flops_per_image"] <= c["flops_per_image"]
+    assert w["devices"] == c["devices"]
+    assert sum(b["real_clients"] * b["count"] for b in w["blocks"]) == (
+        c["num_clients"])
+    m = c["measurement"]
+    assert m["single_trace"] and m["traces_after_warmup"] == 0
+    assert m["compiles_after_warmup"] == 0 and m["traces_during_warmup"] >= 1
+    assert m["jit_cache_size"] in (None, 1)
+    assert len(m["chunks"]) >= bench.QUICK["timed_chunks"]
+    assert all(_positive(ch["seconds"]) for ch in m["chunks"])
+    assert _positive(m["linearity"]["median_s"])
+
+
+def test_multi_device_cases_ran_on_four_devices(quick):
+  multi = [c for c in quick["client_pass"] if c["name"].endswith("_d4")]
+  assert multi and all(c["devices"] == 4 for c in multi)
+  assert len(quick["multi_device"]["devices_seen"]) == 4
+  assert _positive(quick["multi_device"]["peak_rss_mb"])
+
+
+def test_server_end_to_end_rss_and_summary(quick):
+  for s in quick["server_step"]:
+    assert all(_positive(t) for t in s["step_times_s"])
+    assert s["finite_losses"]
+    assert all(_positive(v) for v in s["server_phase_s_extrapolated"].values())
+  assert quick["embed_reference"]
+  for r in quick["embed_reference"]:
+    assert _positive(r["images_per_s"]) and _positive(r["gflops"])
+    assert _positive(r["fraction_of_matmul_peak"])
+  e2e = quick["end_to_end"]
+  assert e2e["reduced_budget"] is True
+  for phase in ("setup", "local_distill", "client_stats", "server",
+                "evaluate", "total"):
+    assert _positive(e2e["phases_s"][phase]), phase
+  assert all(_positive(v) for v in quick["peak_rss_mb"].values())
+  assert quick["environment"]["backend"] in ("cpu", "gpu", "tpu")
+  assert quick["environment"]["devices"]
+  s = quick["summary"]
+  assert _positive(s["client_pass_fraction_of_matmul_peak"])
+  assert s["client_pass_case"].startswith("fmnist_") and s[
+      "client_pass_case"].endswith("_d1")
+  assert isinstance(s["meets_target"], bool)
+  assert s["single_trace_all_cases"] is True
+  gpu = quick["gpu"]
+  assert gpu["status"] in ("skipped", "measured")
+  if gpu["status"] == "skipped":
+    assert gpu["reason"] and gpu["skipped_cases"]
+
+
+def test_linearity_flags_a_step_above_trend():
+  flat = bench.linearity([1.0, 1.02, 0.98, 1.0])
+  assert flat["no_step_above_trend"]
+  assert flat["cumulative_fit"]["max_abs_residual_s"] < 0.05
+  step = bench.linearity([1.0, 1.0, 2.0, 1.0])
+  assert not step["no_step_above_trend"]
+  assert step["max_over_median"] == pytest.approx(2.0)
+
+
+def test_case_selection():
+  names = bench.all_case_names(bench.FULL)
+  assert "fmnist_k1000_t1000_d4" in names and "e2e_default" in names
+  assert "cifar10_k10_t100_gpu" in names
+  pats = bench.parse_patterns("fmnist_k10_*, server_*")
+  assert bench.selected("fmnist_k10_t100_d1", pats)
+  assert bench.selected("server_cifar10", pats)
+  assert not bench.selected("fmnist_k100_t100_d1", pats)
+  with pytest.raises(ValueError, match="--cases"):
+    bench.parse_patterns(" , ")
+  with pytest.raises(ValueError, match="selects none"):
+    bench.main(["--quick", "--cases=nothing_matches"])
