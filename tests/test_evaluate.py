@@ -5,10 +5,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from collabdm_jax import augment
 from collabdm_jax import evaluate as ev
+from collabdm_jax import models
 
 NUM_BLOBS = 4
 # Small MLP on tables without augmentation: compiles in seconds on CPU.
@@ -111,9 +113,9 @@ def _cache_sizes(programs):
 
 
 def test_no_recompile_for_equal_shapes(trained):
-  programs = ev._compiled("mlp", NUM_BLOBS, MLP_CFG.model_kwargs, "",
-                          MLP_CFG.batch_size, MLP_CFG.test_batch_size)
-  for loop in ("fused", "host"):
+  for loop, micro in (("fused", None), ("host", ev._HOST_MICRO_BATCH)):
+    programs = ev._compiled("mlp", NUM_BLOBS, MLP_CFG.model_kwargs, "",
+                            MLP_CFG.batch_size, MLP_CFG.test_batch_size, micro)
     cfg = dataclasses.replace(MLP_CFG, loop=loop)
     _call(cfg)
     sizes = _cache_sizes(programs)
@@ -192,6 +194,28 @@ def _pattern_images(seed, per_class, size=16):
 # Small ConvNet with the default DSA strategy, trained on 2x2 mosaics with
 # PAE (as CollabDM-pae stores its sets): 8 pattern images per class packed
 # into 2 mosaics per class, which PAE unpacks again (24 training images).
+def test_micro_batched_forward_gives_the_same_loss_and_gradients():
+  # The host loop splits each batch's forward pass; per-sample norms make
+  # that a change of summation order only.
+  model = models.make_model("convnet", 3, width=8, depth=2)
+  params = models.init_params(model, jax.random.key(0), (12, 12, 3))
+  x = jax.random.normal(jax.random.key(1), (20, 12, 12, 3))
+  y = jnp.arange(20) % 3
+  apply = models.logits_fn(model)
+
+  def loss(f):
+    return lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        f(p, x), y).mean()
+
+  whole = jax.value_and_grad(loss(apply))(params)
+  pieces = jax.value_and_grad(loss(ev._chunked(apply, 8)))(params)
+  np.testing.assert_allclose(pieces[0], whole[0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               pieces[1], whole[1])
+  assert ev._chunked(apply, None) is apply
+
+
 CONV_CFG = ev.EvalConfig(arch="convnet", num_nets=2, epochs=60, pae=True,
                          model_kwargs=(("width", 8), ("depth", 2)))
 
