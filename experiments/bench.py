@@ -23,7 +23,7 @@ and ``e2e_default``. ``--cases`` takes comma-separated shell patterns.
 How the client pass is measured. Client data is random (throughput does not
 depend on pixel values) with the datasets' shapes and training-set sizes,
 split evenly over K clients with uniform labels; the statistics are those of
-the default config (ConvNet-3, batch_real 32, embed_batch 256, DM's DSA).
+the default config (ConvNet-3, batch_real 32, embed_batch 64, DM's DSA).
 One *chunk* is one call of ``client._block_stats_fn`` (the jitted function
 ``iter_client_stats`` calls) on one block of clients for one iteration,
 followed by the device-to-host copy ``iter_client_stats`` does. Blocks use
@@ -104,8 +104,8 @@ NUM_CLASSES = 10
 FULL = dict(
     clients=(10, 100, 1000), iterations=(100, 1000),
     model=dict(arch="convnet"), train_size=None, batch_real=32,
-    embed_batch=256, dsa_strategy=None, timed_chunks=3,
-    max_chunk_images=2048, embed_probe_batches=(64, 256),
+    embed_batch=64, dsa_strategy=None, timed_chunks=3,
+    max_chunk_images=2048, embed_probe_batches=(32, 64, 256),
     matmul_n=2048, matmul_reps=10, gpu_matmul_n=8192, server_ipc=10,
     server_steps=5, e2e_config="default",
     # The default config takes ~20 min on 2 busy cores; these keep its
@@ -393,10 +393,11 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
   default_cpd = min(16, -(-num_clients // n_dev))
   x0, _ = client_data(np.random.default_rng(0), n, shape)
   probe = client_lib.make_blocks([x0], [labels[0]], [0], spec, 1)[0]
-  padded_slots = probe.slot_class.shape[1]
+  padded_slots = probe.slot_class.shape[0]
   cpd = max(1, min(default_cpd,
                    sizes["max_chunk_images"] // (n_dev * padded_slots)))
   block_size = n_dev * cpd
+  eb = int(client_lib.default_embed_batch(spec, real_slots, cpd))
   n_full, rem = divmod(num_clients, block_size)
   kinds = []  # (clients in block, how many such blocks)
   if n_full:
@@ -408,7 +409,8 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
     xs = [client_data(np.random.default_rng([7, m]), n, shape)[0]
           for m in members]
     return client_lib.make_blocks(xs, [labels[m] for m in members],
-                                  list(members), spec, block_size)[0]
+                                  list(members), spec, cpd, n_dev,
+                                  embed_batch=eb)[0]
 
   blocks = []
   start = 0
@@ -419,7 +421,7 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
   # Host arrays, as iter_client_stats passes them (the copy is timed too).
   blk_arrays = [tuple(b[:-1]) for b in blocks]
 
-  fn = client_lib._block_stats_fn(spec, mesh, 1)
+  fn = client_lib._block_stats_fn(spec, mesh, 1, eb)
   root = jax.random.key(0)
 
   def call(kind, t):
@@ -432,7 +434,11 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
   timed = sizes["timed_chunks"]
   chunks = []
   with jax_events() as events:
+    # Each block shape (a full block and a partial last one) compiles once,
+    # as in iter_client_stats; all of them are warmed up before timing.
     warm_s = call(0, 0)
+    for i in range(1, len(kinds)):
+      call(i, 0)
     after_warm = events.snapshot()
     main = max(range(len(kinds)), key=lambda i: kinds[i][1])
     for j in range(timed):
@@ -454,8 +460,9 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
         f"{new_traces} and compiled {new_compiles} more times after warm-up "
         f"({events.traces[after_warm[0]:]})")
   cache_size = fn._cache_size() if hasattr(fn, "_cache_size") else None
-  if cache_size is not None and cache_size != 1:
-    raise RuntimeError(f"block function compiled {cache_size} times")
+  if cache_size is not None and cache_size > len(kinds):
+    raise RuntimeError(f"block function compiled {cache_size} times for "
+                       f"{len(kinds)} block shapes")
 
   main_times = [c["seconds"] for c in chunks[:timed]]
   per_main = float(np.mean(main_times))
@@ -481,7 +488,7 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
       "samples_per_client": n, "labels": "uniform random, seeded",
       "model": dict(sizes["model"]),
       "feature_dim": models.feature_dim(spec.model, spec.input_shape),
-      "batch_real": spec.batch_real, "embed_batch": spec.embed_batch,
+      "batch_real": spec.batch_real, "embed_batch": eb,
       "dsa_strategy": spec.dsa_strategy,
       "real_slots_per_client_min": int(real_slots.min()),
       "real_slots_per_client_max": int(real_slots.max()),
@@ -542,13 +549,12 @@ def run_client_cases(sizes, patterns, where, devices, matmul_gflops):
   return out
 
 
-def run_multi_device_child(sizes_name, patterns, matmul_gflops):
+def run_multi_device_child(sizes_name, sizes, patterns, matmul_gflops):
   """Runs the 4-device cases in a subprocess with 4 simulated CPU devices.
 
   The parent's matmul peak and FLOP counts are passed down, so that every
   case is compared with the same peak (and the child compiles less).
   """
-  sizes = QUICK if sizes_name == "quick" else FULL
   flops = {ds: flops_per_image(make_spec(ds, sizes)) for ds in DATASETS}
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
@@ -560,6 +566,7 @@ def run_multi_device_child(sizes_name, patterns, matmul_gflops):
          f"--flops-per-image={json.dumps(flops)}"]
   if sizes_name == "quick":
     cmd.append("--quick")
+  cmd.append(f"--embed-batch={sizes['embed_batch']}")
   log(f"4-device cases in a subprocess: {' '.join(cmd[1:])}")
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                         cwd=REPO)
@@ -687,6 +694,9 @@ def main(argv=None):
                       help="tiny sizes, for tests and CI")
   parser.add_argument("--cases", default="*",
                       help="comma-separated shell patterns of case names")
+  parser.add_argument("--embed-batch", type=int, default=None,
+                      help="samples embedded at once in the client pass "
+                           "(default: the default config's, 64; quick: 16)")
   parser.add_argument("--out", default=None,
                       help="also write the JSON document to this path")
   parser.add_argument("--devices", type=int, default=None,
@@ -696,8 +706,12 @@ def main(argv=None):
   parser.add_argument("--flops-per-image", default=None,
                       help=argparse.SUPPRESS)  # internal: parent's counts
   args = parser.parse_args(argv)
-  sizes = QUICK if args.quick else FULL
+  sizes = dict(QUICK if args.quick else FULL)
   sizes_name = "quick" if args.quick else "full"
+  if args.embed_batch is not None:
+    if args.embed_batch < 1:
+      raise ValueError(f"--embed-batch must be >= 1, got {args.embed_batch}")
+    sizes["embed_batch"] = args.embed_batch
   patterns = parse_patterns(args.cases)
   names = all_case_names(sizes)
   if not any(selected(n, patterns) for n in names):
@@ -720,6 +734,7 @@ def main(argv=None):
 
   wall0 = time.perf_counter()
   result = {"schema_version": SCHEMA_VERSION, "sizes": sizes_name,
+            "embed_batch": sizes["embed_batch"],
             "cases_pattern": args.cases, "environment": environment()}
   cpu = jax.devices("cpu")[0]
   log(f"matmul peak on {cpu}")
@@ -739,7 +754,7 @@ def main(argv=None):
                             "simulated_with": "--xla_force_host_platform_"
                                               f"device_count={MULTI_DEVICES}"}
   if multi:
-    child = run_multi_device_child(sizes_name, patterns, cpu_peak)
+    child = run_multi_device_child(sizes_name, sizes, patterns, cpu_peak)
     result["client_pass"] += child["client_pass"]
     result["multi_device"].update(peak_rss_mb=child["peak_rss_mb"],
                                   devices_seen=child["environment"]["devices"])

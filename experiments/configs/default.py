@@ -53,7 +53,9 @@ def get_config():
   # mean). The reference uses a random batch of 256.
   c.stats.batch_real = config_dict.FieldReference(32, field_type=int)
   c.stats.second_moments = False
-  c.stats.embed_batch = 256
+  # Samples per embedding batch. Small batches stay in cache: on 2 CPU cores
+  # ConvNet-3 embeds ~1.5x faster per image in batches of 64 than of 256.
+  c.stats.embed_batch = 64
   c.stats.t_chunk = 8
   # Clients vmapped together per device; None spreads them evenly.
   c.stats.clients_per_device = config_dict.placeholder(int)
