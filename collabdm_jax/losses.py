@@ -12,7 +12,7 @@ this federated: the real-side mean is assembled at the server from client
 statistics (``aggregate_class_moments``), so raw data never leaves a client.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +75,60 @@ class ClassMoments(NamedTuple):
   valid: jax.Array
 
 
+class MomentSums(NamedTuple):
+  """Weighted sums behind ``ClassMoments``; sums of parts add up.
+
+  mean_sum, sq_sum: ``[..., C, D]`` weighted sums of client means and mean
+  squares (sq_sum is None without second moments); weight: ``[..., C]``
+  total weight. Sums over disjoint groups of clients (e.g. the clients of
+  each process in a multi-host run) add to the sums over all of them.
+  """
+  mean_sum: jax.Array
+  sq_sum: Optional[jax.Array]
+  weight: jax.Array
+
+
+def class_moment_sums(means, counts, class_counts, second_moments=None,
+                      weighting="count") -> MomentSums:
+  """Weighted sums of per-client statistics (see ``aggregate_class_moments``).
+
+  Returns ``MomentSums``; ``moments_from_sums`` turns them into targets.
+  """
+  if weighting not in ("count", "uniform"):
+    raise ValueError(
+        f"weighting must be 'count' or 'uniform', got {weighting!r}")
+  counts = jnp.asarray(counts)
+  class_counts = jnp.asarray(class_counts)
+  extra = counts.ndim - class_counts.ndim  # iteration axes between K and C
+  present = counts > 0
+  if weighting == "count":
+    n = class_counts.reshape(class_counts.shape[:1] + (1,) * extra +
+                             class_counts.shape[1:])
+    w = jnp.where(present, n, 0).astype(jnp.float32)
+  else:
+    w = present.astype(jnp.float32)
+
+  def weighted_sum(x):
+    x = jnp.where(present[..., None], x, 0.0)  # masked cells may hold junk
+    return jnp.einsum("k...c,k...cd->...cd", w, x.astype(jnp.float32))
+
+  sq = None if second_moments is None else weighted_sum(second_moments)
+  return MomentSums(weighted_sum(means), sq, jnp.sum(w, axis=0))
+
+
+def moments_from_sums(sums: MomentSums) -> ClassMoments:
+  """Per-class targets from (possibly summed-up) ``MomentSums``."""
+  valid = sums.weight > 0
+  denom = jnp.where(valid, sums.weight, 1.0)[..., None]
+  mean = sums.mean_sum / denom
+  if sums.sq_sum is None:
+    std = jnp.zeros_like(mean)
+  else:
+    var = sums.sq_sum / denom - jnp.square(mean)
+    std = jnp.sqrt(jnp.maximum(var, 0.0))
+  return ClassMoments(mean, std, valid)
+
+
 def aggregate_class_moments(means, counts, class_counts, second_moments=None,
                             weighting="count"):
   """Combines per-client statistics into per-class targets.
@@ -95,34 +149,8 @@ def aggregate_class_moments(means, counts, class_counts, second_moments=None,
   Returns:
     ``ClassMoments`` with mean/std ``[..., C, D]`` and valid ``[..., C]``.
   """
-  if weighting not in ("count", "uniform"):
-    raise ValueError(
-        f"weighting must be 'count' or 'uniform', got {weighting!r}")
-  counts = jnp.asarray(counts)
-  class_counts = jnp.asarray(class_counts)
-  extra = counts.ndim - class_counts.ndim  # iteration axes between K and C
-  present = counts > 0
-  if weighting == "count":
-    n = class_counts.reshape(class_counts.shape[:1] + (1,) * extra +
-                             class_counts.shape[1:])
-    w = jnp.where(present, n, 0).astype(jnp.float32)
-  else:
-    w = present.astype(jnp.float32)
-  total = jnp.sum(w, axis=0)
-  valid = total > 0
-  wn = w / jnp.where(valid, total, 1.0)
-
-  def combine(x):
-    x = jnp.where(present[..., None], x, 0.0)  # masked cells may hold junk
-    return jnp.einsum("k...c,k...cd->...cd", wn, x.astype(jnp.float32))
-
-  mean = combine(means)
-  if second_moments is None:
-    std = jnp.zeros_like(mean)
-  else:
-    var = combine(second_moments) - jnp.square(mean)
-    std = jnp.sqrt(jnp.maximum(var, 0.0))
-  return ClassMoments(mean, std, valid)
+  return moments_from_sums(class_moment_sums(
+      means, counts, class_counts, second_moments, weighting))
 
 
 def matching_loss(target_mean, embeddings, weights=None, target_std=None,

@@ -28,8 +28,8 @@ from collabdm_jax import data as data_lib
 from collabdm_jax.data import tabular as tabular_lib
 from collabdm_jax import evaluate
 from collabdm_jax import keys as keys_lib
-from collabdm_jax import losses
 from collabdm_jax import models
+from collabdm_jax import parallel
 from collabdm_jax import partition as partition_lib
 from collabdm_jax import protocol
 from collabdm_jax import server as server_lib
@@ -271,10 +271,11 @@ def synthesize_from_messages(s: Setup, messages, timings=None, ckpt=None,
   """
   cfg = s.config
   t0 = time.perf_counter()
-  means, counts, class_counts, sq = server_lib.messages_to_stats(messages)
-  targets = losses.aggregate_class_moments(
-      means, counts, class_counts, sq if cfg.server.std_weight > 0 else None,
-      weighting=cfg.server.weighting)
+  # Multi-process: messages are this process's clients'; targets and the
+  # local-image pool are combined over processes, then every process runs
+  # the same (deterministic) server.
+  targets = server_lib.aggregate_messages(
+      messages, cfg.server.weighting, with_std=cfg.server.std_weight > 0)
   valid = np.asarray(targets.valid)
   if not valid.any():
     raise ValueError("no client holds any class: nothing to distil")
@@ -284,8 +285,10 @@ def synthesize_from_messages(s: Setup, messages, timings=None, ckpt=None,
     if not have:
       raise ValueError("server.init='local' but no message carries local "
                        "images; enable local distillation or use init='noise'")
-    pool_x = np.concatenate([m.local_images for m in have])
-    pool_y = np.concatenate([m.local_labels for m in have])
+    pool_x = parallel.concat_over_processes(
+        np.concatenate([m.local_images for m in have]))
+    pool_y = parallel.concat_over_processes(
+        np.concatenate([m.local_labels for m in have]))
   elif cfg.server.init == "real":
     pool_x, pool_y = s.train_x, s.dataset.train_y
   init = server_lib.initial_synthetic_set(
@@ -423,7 +426,13 @@ def run_distillation(config, workdir, mesh=None) -> Dict:
     return _finish(s, workdir, images, timings,
                    restored.extra.get("upload", {}),
                    {"resumed_from_t": restored.next_t})
-  ids = list(range(config.partition.num_clients))
+  K = config.partition.num_clients
+  if K < jax.process_count():
+    raise ValueError(f"partition.num_clients ({K}) must be >= the number of "
+                     f"processes ({jax.process_count()})")
+  # Each process simulates its own share of the clients and touches only
+  # their data; the client pass itself spans every process's devices.
+  ids = parallel.process_clients(K)
   msgs = client_messages(s, ids, mesh=mesh, timings=timings)
   # Every message crosses the same wire format as in a real deployment.
   t1 = time.perf_counter()
@@ -434,12 +443,22 @@ def run_distillation(config, workdir, mesh=None) -> Dict:
         m, transport_dtype=config.message.transport_dtype)
     upload[str(m.client_id)] = len(blob)
     received.append(protocol.decode_message(blob, spec))
+  if jax.process_count() > 1:
+    sizes = np.zeros(K, np.int64)
+    sizes[ids] = [upload[str(k)] for k in ids]
+    upload = {str(k): int(n) for k, n in
+              enumerate(parallel.sum_over_processes(sizes))}
   timings["transport"] = time.perf_counter() - t1
   images = synthesize_from_messages(s, received, timings, ckpt,
                                     {"upload": upload})
   if ckpt is not None:
     ckpt.close()
   timings["total"] = time.perf_counter() - t0
+  if jax.process_index() > 0:
+    # Every process holds the same synthetic set; process 0 evaluates it and
+    # writes the outputs.
+    return {"method": method_name(config), "wall_s": timings,
+            "upload_bytes_per_client": upload}
   return _finish(s, workdir, images, timings, upload)
 
 

@@ -19,6 +19,7 @@ from collabdm_jax import augment
 from collabdm_jax import dm
 from collabdm_jax import losses
 from collabdm_jax import models
+from collabdm_jax import parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,27 @@ def initial_synthetic_set(key, init, num_classes, ipc, input_shape,
                                  "noise", False)
   return client.initial_images(key, pool_x, pool_y, num_classes, ipc, "real",
                                pae and init == "real")
+
+
+def aggregate_messages(messages, weighting="count", with_std=False
+                       ) -> losses.ClassMoments:
+  """Server targets from decoded messages, over all processes' messages.
+
+  In a multi-process run each process passes the messages of its own
+  clients; their weighted sums are added up across processes, so every
+  process gets the targets of all clients without anyone gathering the
+  per-client statistics.
+  """
+  means, counts, class_counts, sq = messages_to_stats(messages)
+  sums = losses.class_moment_sums(means, counts, class_counts,
+                                  sq if with_std else None, weighting)
+  if jax.process_count() > 1:
+    sums = losses.MomentSums(
+        parallel.sum_over_processes(sums.mean_sum),
+        None if sums.sq_sum is None else parallel.sum_over_processes(
+            sums.sq_sum),
+        parallel.sum_over_processes(sums.weight))
+  return losses.moments_from_sums(sums)
 
 
 def messages_to_stats(messages):

@@ -6,6 +6,7 @@ Writes ``synthetic.npz`` and ``results.json`` under ``--workdir`` and prints
 the accuracy of networks trained on the synthetic set.
 """
 
+import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -24,6 +25,8 @@ def main(argv):
   del argv
   common.init_runtime()
   results = pipeline.run(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() > 0:
+    return  # Process 0 evaluates and writes the outputs of a multi-host run.
   # Pictures for people: the synthetic set and the client x class counts.
   plots.run_figures(_WORKDIR.value, overwrite=True)
   print(f"{results['method']} on {results['dataset']}: test accuracy "
