@@ -405,6 +405,24 @@ def _finish(s: Setup, workdir, images, timings, upload, extra=None):
   return results
 
 
+def _resume(s: Setup, workdir, ckpt, timings, t0, extra_keys):
+  """Finishes a run from its latest server checkpoint; None if there is none.
+
+  ``extra_keys`` are fields saved with the checkpoint that go back into
+  ``results.json`` (the upload sizes always do).
+  """
+  restored = restore_server(s, ckpt)
+  if restored is None:
+    return None
+  images = resume_synthesis(s, restored, ckpt, timings)
+  ckpt.close()
+  timings["total"] = time.perf_counter() - t0
+  extra = {k: restored.extra.get(k) for k in extra_keys}
+  extra["resumed_from_t"] = restored.next_t
+  return _finish(s, workdir, images, timings,
+                 restored.extra.get("upload", {}), extra)
+
+
 def run_distillation(config, workdir, mesh=None) -> Dict:
   """The whole simulated run; writes synthetic.npz and results.json."""
   workdir = pathlib.Path(workdir)
@@ -418,14 +436,9 @@ def run_distillation(config, workdir, mesh=None) -> Dict:
            partition_lib.format_count_table(s.partition.counts,
                                             s.dataset.class_names))
   ckpt = open_checkpointer(s, workdir)
-  restored = restore_server(s, ckpt)
-  if restored is not None:
-    images = resume_synthesis(s, restored, ckpt, timings)
-    ckpt.close()
-    timings["total"] = time.perf_counter() - t0
-    return _finish(s, workdir, images, timings,
-                   restored.extra.get("upload", {}),
-                   {"resumed_from_t": restored.next_t})
+  resumed = _resume(s, workdir, ckpt, timings, t0, ())
+  if resumed is not None:
+    return resumed
   K = config.partition.num_clients
   if K < jax.process_count():
     raise ValueError(f"partition.num_clients ({K}) must be >= the number of "
@@ -497,16 +510,10 @@ def run_server(config, message_dir, workdir) -> Dict:
   t0 = time.perf_counter()
   s = setup(config)
   ckpt = open_checkpointer(s, workdir)
-  restored = restore_server(s, ckpt)
-  if restored is not None:
-    images = resume_synthesis(s, restored, ckpt, timings)
-    ckpt.close()
-    timings["total"] = time.perf_counter() - t0
-    return _finish(s, workdir, images, timings,
-                   restored.extra.get("upload", {}),
-                   {"clients_used": restored.extra.get("clients_used"),
-                    "clients_rejected": restored.extra.get("clients_rejected"),
-                    "resumed_from_t": restored.next_t})
+  resumed = _resume(s, workdir, ckpt, timings, t0,
+                    ("clients_used", "clients_rejected"))
+  if resumed is not None:
+    return resumed
   spec = message_spec(s)
   msgs, upload, rejected = [], {}, {}
   for k in range(config.partition.num_clients):

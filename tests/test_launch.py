@@ -75,10 +75,19 @@ def test_server_tolerates_missing_and_rejects_invalid(tmp_path, caplog):
   # Client 1's file is truncated in transit; client 2 never sends.
   blob = protocol.encode_message(msgs[1])
   pipeline.message_path(d, 1).write_bytes(blob[:len(blob) // 2])
+  config.checkpoint.every = 1
   results = pipeline.run_server(config, d, tmp_path / "out")
   assert results["clients_used"] == [0]
   assert "truncated" in results["clients_rejected"]["1"]
   assert "no message from client 2" in caplog.text
+  # A relaunch finishes from the server checkpoint and keeps the record of
+  # which clients were used and rejected.
+  again = pipeline.run_server(config, d, tmp_path / "out")
+  assert again["resumed_from_t"] == config.num_iterations
+  assert again["clients_used"] == [0]
+  assert again["clients_rejected"] == results["clients_rejected"]
+  # Same images, same seeded evaluation: the same accuracies.
+  assert again["accuracies"] == results["accuracies"]
   # A message made under another root key is rejected with that reason.
   other = config.copy_and_resolve_references()
   other.seed = 1
