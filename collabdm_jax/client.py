@@ -6,16 +6,21 @@ psi_t, and keeps their mean (and mean square when a std target is wanted).
 This is the whole upload of CollabDM; the optional local distillation below
 only provides a better starting point for the server's synthetic set.
 
-Layout (FedJAX's idea of padded client blocks): clients of unequal size are
-padded to a common length inside a block of ``G`` clients and ``vmap``ped;
-the block's client axis is split over the devices of a ``clients`` mesh axis
-with ``shard_map``. Each client's result depends only on its own data, its id
+Layout (FedJAX's padded client blocks, refined): clients are packed into
+equally shaped blocks (``BlockLayout``, ``make_blocks``), split over the
+devices of a ``clients`` mesh axis with ``shard_map``. On each device, the
+samples of its clients lie one after another and the samples to embed
+("slots") form one flat list, scanned ``embed_batch`` at a time and summed
+per (client, class); so embedding batches are full whatever the clients'
+sizes, padding is at most the tail of a shard, and one program compiles for
+the whole pass. Each client's result depends only on its own data, its id
 and the root key, so it is the same alone in its own process, in a block, or
 on any number of devices (up to float summation order).
 
 Memory stays bounded: the iterations are processed ``t_chunk`` at a time
-(``lax.map``, one network alive at a time) and each client's samples are
-embedded ``embed_batch`` at a time.
+(``lax.map``, one network alive at a time), samples are embedded
+``embed_batch`` at a time, and the padded blocks hold about the clients'
+own data (no per-client padding).
 """
 
 import dataclasses
@@ -80,31 +85,56 @@ class ClientStats(NamedTuple):
 
 
 class ClientBlock(NamedTuple):
-  """``G = num_shards * cpd`` clients laid out for one call of the client pass.
+  """Clients laid out for one call of the client pass (``S`` shards).
 
-  Per client (``[G, ...]``, shard d holding clients ``d*cpd .. d*cpd+cpd-1``):
-  x ``[G, N, ...]`` samples sorted by class; y ``[G, N]`` labels, padding
-  labelled C so it sorts last; class_start ``[G, C]`` offset of each class in
-  the sorted order; client_ids ``[G]`` (-1 for padding clients).
+  Every block of a pass has the same shapes (one compilation), given by a
+  ``BlockLayout``: each shard (device) holds up to ``G`` clients, ``N``
+  samples and ``L`` slots.
 
-  Per slot (``[num_shards * L]``, shard d owning ``L`` consecutive slots):
-  every sample one shard embeds for one iteration, all its clients' slots in
-  one flat list so that embedding batches are full whatever the clients'
-  sizes. slot_client is the client's index within its shard (-1 marks
-  padding), slot_class and slot_rank say which class and which rank in that
-  class's random order the slot takes.
-
+  Per sample (``[S * N, ...]``): x, the shard's clients' samples stored one
+  client after another, each client's sorted by class; y their labels (C on
+  padding); sample_client the owning client's index within the shard (G on
+  padding, so padding sorts last).
+  Per client (``[S * G, ...]``): client_offset, where its samples start in
+  the shard; class_start, offset of each class within the client's samples;
+  client_ids, global ids (-1 for padding).
+  Per slot (``[S * L]``): every sample one shard embeds for one iteration,
+  all its clients' slots in one flat list so that embedding batches are
+  full whatever the clients' sizes: slot_client (the client's index within
+  its shard, -1 on padding), slot_class, and slot_rank (which rank in that
+  class's random order the slot takes).
   members: indices into the caller's client list, in block order (-1 for
   padding clients).
   """
   x: np.ndarray
   y: np.ndarray
+  sample_client: np.ndarray
+  client_offset: np.ndarray
   class_start: np.ndarray
   client_ids: np.ndarray
   slot_client: np.ndarray
   slot_class: np.ndarray
   slot_rank: np.ndarray
   members: Tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+  """Shapes shared by every block of a pass (hence a single compilation).
+
+  Attributes:
+    num_shards: S, devices of this process on the ``clients`` mesh axis.
+    clients_per_shard: G, most clients one shard embeds per call.
+    samples_per_shard: N, room for their samples.
+    slots_per_shard: L, slots (samples embedded) per shard and iteration, a
+      multiple of ``embed_batch``.
+    embed_batch: samples embedded at once.
+  """
+  num_shards: int
+  clients_per_shard: int
+  samples_per_shard: int
+  slots_per_shard: int
+  embed_batch: int
 
 
 def _round_up(n, multiple):
@@ -119,17 +149,6 @@ def _bucket(n):
   return p + p // 2 if n <= p + p // 2 else 2 * p
 
 
-def _bucket_fine(n):
-  """Rounds n >= 1 up to 3 significant bits (at most 12.5 % padding).
-
-  For the number of embedding batches per call: every padded batch is
-  wasted compute, so this trades fewer compilations against less waste more
-  finely than ``_bucket``.
-  """
-  step = 1 << max(0, int(n).bit_length() - 3)
-  return _round_up(n, step)
-
-
 def class_slots(class_counts, per_class):
   """Slot layout: ``per_class[c]`` consecutive slots for each class c.
 
@@ -142,14 +161,49 @@ def class_slots(class_counts, per_class):
   return slot_class.astype(np.int32), slot_rank.astype(np.int32)
 
 
-def default_embed_batch(spec, slots_per_client, clients_per_shard):
-  """Samples per embedding batch: ``spec.embed_batch``, less for tiny lists.
+# Most slots one shard embeds per call: a call then takes a few seconds on a
+# CPU core, and much longer lists would only delay the first progress report.
+MAX_SLOTS_PER_SHARD = 4096
 
-  Bounded by the longest slot list a shard can get (its largest clients),
-  so tiny problems are not padded up to a full embed batch.
+
+def plan_layout(spec: StatsSpec, sample_counts: Sequence[int],
+                slot_counts: Sequence[int], num_shards: int = 1,
+                clients_per_shard: Optional[int] = None) -> BlockLayout:
+  """Block shapes for clients of the given sizes (see ``BlockLayout``).
+
+  Plans how many shard-calls the clients need (enough for the clients per
+  shard, and for at most ``MAX_SLOTS_PER_SHARD`` slots each, a multiple of
+  ``num_shards``), then gives each shard room for its share of the slots
+  and samples plus 15 % slack for the packing (none when one shard takes
+  everything), and at least the largest client. Padding is thus a small
+  fraction of the data, whatever the spread of client sizes.
+
+  Args:
+    spec: what the clients compute (its ``embed_batch`` caps the batch).
+    sample_counts, slot_counts: per-client samples held and embedded.
+    num_shards: devices of this process.
+    clients_per_shard: most clients per shard and call (default 32).
   """
-  longest = sum(sorted(slots_per_client, reverse=True)[:clients_per_shard])
-  return min(spec.embed_batch, _bucket(max(longest, 1)))
+  if num_shards < 1:
+    raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+  if clients_per_shard is not None and clients_per_shard < 1:
+    raise ValueError(
+        f"clients_per_shard must be >= 1, got {clients_per_shard}")
+  sample_counts = np.asarray(sample_counts, np.int64).reshape(-1)
+  slot_counts = np.asarray(slot_counts, np.int64).reshape(-1)
+  G = int(clients_per_shard or 32)
+  total_slots = max(int(slot_counts.sum()), 1)
+  total_samples = max(int(sample_counts.sum()), 1)
+  shards = max(num_shards, -(-len(slot_counts) // G),
+               -(-total_slots // MAX_SLOTS_PER_SHARD))
+  shards = _round_up(shards, num_shards)
+  slack = 1.0 if shards == 1 else 1.15
+  L = max(int(slot_counts.max(initial=1)),
+          int(math.ceil(slack * total_slots / shards)))
+  N = max(int(sample_counts.max(initial=1)),
+          int(math.ceil(slack * total_samples / shards)))
+  eb = min(spec.embed_batch, _bucket(L))
+  return BlockLayout(num_shards, G, _round_up(N, 8), _round_up(L, eb), eb)
 
 
 def _padded_slots(class_counts, per_class, embed_batch=64):
@@ -162,96 +216,99 @@ def _padded_slots(class_counts, per_class, embed_batch=64):
           np.concatenate([sr, np.zeros(pad, np.int32)]))
 
 
-def _shard_assignment(loads, num_shards, cpd):
-  """Client positions ``[num_shards * cpd]`` (-1 empty) balancing total load.
-
-  Greedy longest-first: each client goes to the least loaded shard that
-  still has room, so the shards' slot lists (padded to the longest) waste
-  little.
-  """
-  slots = [[] for _ in range(num_shards)]
-  total = [0] * num_shards
-  for i in sorted(range(len(loads)), key=lambda i: (-loads[i], i)):
-    d = min((d for d in range(num_shards) if len(slots[d]) < cpd),
-            key=lambda d: (total[d], d))
-    slots[d].append(i)
-    total[d] += loads[i]
-  out = np.full((num_shards, cpd), -1, np.int64)
-  for d, members in enumerate(slots):
-    out[d, :len(members)] = sorted(members)
-  return out.reshape(-1)
+def _pack_shards(sample_counts, slot_counts, layout: BlockLayout):
+  """First-fit decreasing: lists of client indices, one list per shard."""
+  shards, room = [], []
+  order = sorted(range(len(slot_counts)),
+                 key=lambda i: (-slot_counts[i], -sample_counts[i], i))
+  for i in order:
+    need = (1, sample_counts[i], slot_counts[i])
+    for d, r in enumerate(room):
+      if all(n <= left for n, left in zip(need, r)):
+        shards[d].append(i)
+        room[d] = tuple(left - n for n, left in zip(need, r))
+        break
+    else:
+      shards.append([i])
+      room.append((layout.clients_per_shard - 1,
+                   layout.samples_per_shard - sample_counts[i],
+                   layout.slots_per_shard - slot_counts[i]))
+  return [sorted(members) for members in shards]
 
 
 def make_blocks(client_x: Sequence[np.ndarray], client_y: Sequence[np.ndarray],
                 client_ids: Sequence[int], spec: StatsSpec,
-                clients_per_shard: int, num_shards: int = 1,
-                embed_batch: Optional[int] = None) -> List[ClientBlock]:
-  """Packs clients into blocks of ``num_shards * clients_per_shard``.
+                layout: BlockLayout,
+                num_blocks: Optional[int] = None) -> List[ClientBlock]:
+  """Packs clients into equally shaped blocks of ``layout.num_shards`` shards.
 
-  Clients are sorted by how many samples they embed, so a block holds
-  clients of similar size; inside a block they are spread over the shards
-  (devices) to balance the shards' slot lists. Padded lengths are bucketed
-  to limit recompilation (sample axis coarsely, it only costs memory; slot
-  axis finely, padding slots cost compute). Slot lists are a whole number
-  of ``embed_batch`` (default: ``default_embed_batch``).
+  Clients are packed into shards first-fit decreasing (by slots), within the
+  layout's room for clients, samples and slots; consecutive groups of
+  ``num_shards`` shards form a block. ``num_blocks`` pads with empty blocks
+  (a multi-process pass makes the same number of calls everywhere).
   """
   if not (len(client_x) == len(client_y) == len(client_ids)):
     raise ValueError("client_x, client_y and client_ids must have equal length")
-  if clients_per_shard < 1:
-    raise ValueError(
-        f"clients_per_shard must be >= 1, got {clients_per_shard}")
-  if num_shards < 1:
-    raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-  C = spec.num_classes
+  C, S = spec.num_classes, layout.num_shards
+  G, N, L = (layout.clients_per_shard, layout.samples_per_shard,
+             layout.slots_per_shard)
   prepared = []
   for x, y in zip(client_x, client_y):
     y = np.asarray(y, np.int32)
     if y.size and (y.min() < 0 or y.max() >= C):
       raise ValueError(f"labels must lie in [0, {C}), got [{y.min()}, {y.max()}]")
-    order = np.argsort(y, kind="stable")
     counts = np.bincount(y, minlength=C)
     sc, sr = class_slots(counts, spec.slots_per_class(counts))
-    prepared.append((np.asarray(x, np.float32)[order], y[order], counts, sc, sr))
-  sizes = [p[3].size for p in prepared]
-  order = sorted(range(len(prepared)), key=lambda i: (sizes[i], i))
-  G = num_shards * clients_per_shard
-  eb = embed_batch or default_embed_batch(spec, sizes, clients_per_shard)
+    prepared.append((x, y, counts, sc, sr))
+  samples = [p[1].size for p in prepared]
+  slots = [p[3].size for p in prepared]
+  for i in range(len(prepared)):
+    if samples[i] > N or slots[i] > L:
+      raise ValueError(
+          f"client {client_ids[i]} has {samples[i]} samples and {slots[i]} "
+          f"slots, more than the layout's {N} and {L} per shard")
+  shards = _pack_shards(samples, slots, layout)
+  shards += [[]] * (-len(shards) % S)
+  if num_blocks is not None:
+    if num_blocks * S < len(shards):
+      raise ValueError(f"num_blocks={num_blocks} is fewer than the "
+                       f"{len(shards) // S} blocks these clients need")
+    shards += [[]] * (num_blocks * S - len(shards))
   blocks = []
-  for b in range(0, len(order), G):
-    chosen = order[b:b + G]
-    position = _shard_assignment([sizes[i] for i in chosen], num_shards,
-                                 clients_per_shard)
-    members = tuple(chosen[p] if p >= 0 else -1 for p in position)
-    n_max = _bucket(max(max(prepared[i][0].shape[0] for i in chosen), 1))
-    shard_slots = [sum(sizes[i] for i in members[d * clients_per_shard:
-                                                 (d + 1) * clients_per_shard]
-                       if i >= 0) for d in range(num_shards)]
-    L = eb * _bucket_fine(-(-max(max(shard_slots), 1) // eb))
-    x = np.zeros((G, n_max) + tuple(spec.input_shape), np.float32)
-    y = np.full((G, n_max), C, np.int32)
-    cs = np.zeros((G, C), np.int32)
-    ids = np.full((G,), -1, np.int32)
-    slot_client = np.full((num_shards, L), -1, np.int32)
-    slot_class = np.full((num_shards, L), -1, np.int32)
-    slot_rank = np.zeros((num_shards, L), np.int32)
-    fill = [0] * num_shards
-    for g, i in enumerate(members):
-      if i < 0:
-        continue
-      xi, yi, counts, sc, sr = prepared[i]
-      x[g, :len(yi)] = xi
-      y[g, :len(yi)] = yi
-      cs[g] = np.concatenate([[0], np.cumsum(counts)[:-1]])
-      ids[g] = client_ids[i]
-      d, local = divmod(g, clients_per_shard)
-      at = slice(fill[d], fill[d] + sc.size)
-      slot_client[d, at] = local
-      slot_class[d, at] = sc
-      slot_rank[d, at] = sr
-      fill[d] += sc.size
-    blocks.append(ClientBlock(x, y, cs, ids, slot_client.reshape(-1),
-                              slot_class.reshape(-1), slot_rank.reshape(-1),
-                              members))
+  for b in range(0, len(shards), S):
+    x = np.zeros((S, N) + tuple(spec.input_shape), np.float32)
+    y = np.full((S, N), C, np.int32)
+    sample_client = np.full((S, N), G, np.int32)
+    offset = np.zeros((S, G), np.int32)
+    cs = np.zeros((S, G, C), np.int32)
+    ids = np.full((S, G), -1, np.int32)
+    slot_client = np.full((S, L), -1, np.int32)
+    slot_class = np.full((S, L), -1, np.int32)
+    slot_rank = np.zeros((S, L), np.int32)
+    members = np.full((S, G), -1, np.int64)
+    for d, shard in enumerate(shards[b:b + S]):
+      at_sample = at_slot = 0
+      for g, i in enumerate(shard):
+        xi, yi, counts, sc, sr = prepared[i]
+        order = np.argsort(yi, kind="stable")
+        n = yi.size
+        x[d, at_sample:at_sample + n] = np.asarray(xi, np.float32)[order]
+        y[d, at_sample:at_sample + n] = yi[order]
+        sample_client[d, at_sample:at_sample + n] = g
+        offset[d, g] = at_sample
+        cs[d, g] = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        ids[d, g] = client_ids[i]
+        members[d, g] = i
+        slot_client[d, at_slot:at_slot + sc.size] = g
+        slot_class[d, at_slot:at_slot + sc.size] = sc
+        slot_rank[d, at_slot:at_slot + sc.size] = sr
+        at_sample += n
+        at_slot += sc.size
+    flat = lambda a: a.reshape((S * a.shape[1],) + a.shape[2:])
+    blocks.append(ClientBlock(
+        flat(x), flat(y), flat(sample_client), flat(offset), flat(cs),
+        flat(ids), flat(slot_client), flat(slot_class), flat(slot_rank),
+        tuple(int(m) for m in members.reshape(-1))))
   return blocks
 
 
@@ -352,25 +409,29 @@ def _block_stats_fn(spec: StatsSpec, mesh, t_chunk: int, embed_batch: int):
   """Jitted ``(root, t0, block arrays) -> per-client stats of t0..t0+t_chunk``."""
   embed = models.embed_fn(spec.model)
 
-  def local(root, t0, x, y, class_start, client_ids, slot_client, slot_class,
-            slot_rank):
-    cpd = x.shape[0]
+  def local(root, t0, x, y, sample_client, client_offset, class_start,
+            client_ids, slot_client, slot_class, slot_rank):
+    G = client_ids.shape[0]
+    owner = jnp.minimum(sample_client, G - 1)
+    local_index = jnp.arange(y.shape[0]) - client_offset[owner]
 
     def per_t(t):
       params = dm.network_params(spec.model, root, t, spec.input_shape)
       class_keys = dm.class_aug_keys(root, t, spec.num_classes)
-      # Each client's own draw (as ``sample_class_slots``), looked up for
-      # the shard's flat slot list.
+      # Each client's own draw, exactly as ``sample_class_slots`` makes it
+      # on the client's samples alone: a priority per sample from the
+      # client's key and the sample's index within the client, then order
+      # by (client, class, priority).
       sample_keys = jax.vmap(lambda cid: jax.random.fold_in(
           keys_lib.client_key(root, cid), t))(client_ids)
-      prio = jax.vmap(_sample_priorities, in_axes=(0, None))(
-          sample_keys, y.shape[1])
-      order = jax.vmap(lambda u, yy: jnp.lexsort((u, yy)))(prio, y)
+      prio = jax.vmap(lambda k, i: jax.random.uniform(
+          jax.random.fold_in(k, i)))(sample_keys[owner], local_index)
+      order = jnp.lexsort((prio, y, sample_client))
       g = jnp.maximum(slot_client, 0)
       c = jnp.maximum(slot_class, 0)
-      idx = order[g, class_start[g, c] + slot_rank]
-      return slot_moments(spec, embed, params, class_keys, x[g, idx],
-                          slot_client, slot_class, cpd, embed_batch)
+      idx = order[client_offset[g] + class_start[g, c] + slot_rank]
+      return slot_moments(spec, embed, params, class_keys, x[idx],
+                          slot_client, slot_class, G, embed_batch)
 
     s, q, n = jax.lax.map(per_t, t0 + jnp.arange(t_chunk))
     # [T, G, ...] -> [G, T, ...]; means are what the protocol carries.
@@ -381,56 +442,11 @@ def _block_stats_fn(spec: StatsSpec, mesh, t_chunk: int, embed_batch: int):
 
   clients = P(parallel.CLIENT_AXIS)
   sharded = jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), P()) + (clients,) * 7,
+      local, mesh=mesh, in_specs=(P(), P()) + (clients,) * 9,
       out_specs=(clients, clients if spec.second_moments else P(), clients),
       # Clients never communicate; skip tracking which values vary per device.
       check_vma=False)
   return jax.jit(sharded)
-
-
-def _pad_block(blk: ClientBlock, spec, n, L, num_shards) -> ClientBlock:
-  """``blk`` with its sample axis padded to ``n`` and slot lists to ``L``."""
-  G, C = blk.x.shape[0], spec.num_classes
-  x = np.zeros((G, n) + blk.x.shape[2:], np.float32)
-  x[:, :blk.x.shape[1]] = blk.x
-  y = np.full((G, n), C, np.int32)
-  y[:, :blk.y.shape[1]] = blk.y
-
-  def slots(a, fill):
-    a = a.reshape(num_shards, -1)
-    out = np.full((num_shards, L), fill, np.int32)
-    out[:, :a.shape[1]] = a
-    return out.reshape(-1)
-
-  return blk._replace(x=x, y=y, slot_client=slots(blk.slot_client, -1),
-                      slot_class=slots(blk.slot_class, -1),
-                      slot_rank=slots(blk.slot_rank, 0))
-
-
-def _common_layout(blocks, spec, clients_per_shard, num_shards):
-  """Pads every process's blocks to one agreed count and shapes.
-
-  A block is one collective call over all processes' devices, so each
-  process must make the same number of calls with equally shaped local
-  parts; a process with fewer blocks adds empty ones (padding clients only).
-  Single-process: returns ``blocks`` unchanged.
-  """
-  if jax.process_count() == 1:
-    return blocks
-  (num_blocks,) = parallel.max_over_processes([len(blocks)])
-  shape_of = lambda b: [b.x.shape[1], b.slot_class.size // num_shards]
-  agreed = parallel.max_over_processes(
-      [v for b in blocks for v in shape_of(b)]
-      + [0, 0] * (num_blocks - len(blocks)))
-  G, C = num_shards * clients_per_shard, spec.num_classes
-  while len(blocks) < num_blocks:
-    blocks.append(ClientBlock(
-        np.zeros((G, 1) + tuple(spec.input_shape), np.float32),
-        np.full((G, 1), C, np.int32), np.zeros((G, C), np.int32),
-        np.full((G,), -1, np.int32), *(np.full((0,), -1, np.int32),) * 3,
-        (-1,) * G))
-  return [_pad_block(b, spec, int(agreed[2 * i]), int(agreed[2 * i + 1]),
-                     num_shards) for i, b in enumerate(blocks)]
 
 
 def _local_rows(array):
@@ -460,10 +476,8 @@ def iter_client_stats(root, client_x, client_y, client_ids, spec: StatsSpec,
     num_iterations: T, the number of server iterations / random networks.
     t_chunk: iterations computed per device call; memory is independent of T.
     mesh: a mesh with a ``clients`` axis (default: all devices).
-    clients_per_device: clients whose slots each device embeds per call;
-      default spreads this process's clients evenly over its devices (at
-      most 16 per device), so there are few blocks and hence few
-      compilations.
+    clients_per_device: most clients one device embeds per call (default
+      32); ``plan_layout`` sizes the calls.
 
   Yields:
     ``(t0, ClientStats)`` for iterations ``t0 .. t0 + len - 1``, clients in
@@ -473,21 +487,26 @@ def iter_client_stats(root, client_x, client_y, client_ids, spec: StatsSpec,
     raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
   mesh = mesh if mesh is not None else parallel.client_mesh()
   local_devices = parallel.local_device_count(mesh)
-  if clients_per_device is None:
-    clients_per_device = min(16, max(1, -(-len(client_x) // local_devices)))
+  samples = [int(np.asarray(y).size) for y in client_y]
   slots = [int(spec.slots_per_class(np.bincount(np.asarray(y, np.int64),
                                                 minlength=spec.num_classes)
                                     ).sum()) for y in client_y]
-  # Every process must lay out blocks alike (same clients per device, embed
-  # batch, number of blocks and padded shapes): agree on the largest.
-  clients_per_device, eb = parallel.max_over_processes(
-      [clients_per_device,
-       default_embed_batch(spec, slots, clients_per_device)])
-  blocks = make_blocks(client_x, client_y, client_ids, spec,
-                       clients_per_device, local_devices, embed_batch=eb)
-  blocks = _common_layout(blocks, spec, clients_per_device, local_devices)
+  layout = plan_layout(spec, samples, slots, local_devices,
+                       clients_per_device)
+  # Every process must lay out blocks alike (same shapes and number of
+  # blocks): agree on the largest.
+  agreed = parallel.max_over_processes(
+      [layout.clients_per_shard, layout.samples_per_shard,
+       layout.slots_per_shard, layout.embed_batch])
+  eb = int(agreed[3])
+  layout = BlockLayout(local_devices, int(agreed[0]), int(agreed[1]),
+                       _round_up(int(agreed[2]), eb), eb)
+  (num_blocks,) = parallel.max_over_processes(
+      [-(-len(_pack_shards(samples, slots, layout)) // local_devices)])
+  blocks = make_blocks(client_x, client_y, client_ids, spec, layout,
+                       num_blocks=int(num_blocks))
   t_chunk = max(1, min(t_chunk, num_iterations))
-  fn = _block_stats_fn(spec, mesh, t_chunk, int(eb))
+  fn = _block_stats_fn(spec, mesh, t_chunk, layout.embed_batch)
   K, C = len(client_x), spec.num_classes
   class_counts = np.zeros((K, C), np.int32)
   for k, y in enumerate(client_y):
@@ -496,7 +515,7 @@ def iter_client_stats(root, client_x, client_y, client_ids, spec: StatsSpec,
     tn = min(t_chunk, num_iterations - t0)
     means = counts = sq = None
     for blk in blocks:
-      arrays = parallel.to_global(mesh, blk[:7])
+      arrays = parallel.to_global(mesh, blk[:9])
       out = fn(root, jnp.int32(t0), *arrays)
       m, n = _local_rows(out[0]), _local_rows(out[2])
       q = _local_rows(out[1]) if spec.second_moments else None

@@ -57,7 +57,6 @@ import argparse
 import contextlib
 import fnmatch
 import json
-import math
 import os
 import pathlib
 import platform
@@ -387,37 +386,40 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
       for y in labels])
   images_per_iteration = int(real_slots.sum())
 
-  # Block layout: iter_client_stats' default clients per device, lowered
-  # when one call would embed more than max_chunk_images padded samples (so
-  # that a chunk takes seconds, not minutes, on a small CPU).
-  default_cpd = min(16, -(-num_clients // n_dev))
-  x0, _ = client_data(np.random.default_rng(0), n, shape)
-  probe = client_lib.make_blocks([x0], [labels[0]], [0], spec, 1)[0]
-  padded_slots = probe.slot_class.shape[0]
-  cpd = max(1, min(default_cpd,
-                   sizes["max_chunk_images"] // (n_dev * padded_slots)))
-  block_size = n_dev * cpd
-  eb = int(client_lib.default_embed_batch(spec, real_slots, cpd))
-  n_full, rem = divmod(num_clients, block_size)
-  kinds = []  # (clients in block, how many such blocks)
-  if n_full:
-    kinds.append((block_size, n_full))
-  if rem:
-    kinds.append((rem, 1))
+  # Block layout: exactly what iter_client_stats plans for these clients.
+  # Every block has the same shapes (one compilation); blocks differ only in
+  # how many real clients (and slots) they hold.
+  samples = [n] * num_clients
+  layout = client_lib.plan_layout(spec, samples, real_slots, n_dev)
+  eb = layout.embed_batch
+  shards = client_lib._pack_shards(samples, real_slots, layout)
+  shards += [[]] * (-len(shards) % n_dev)
+  per_block = [sum(shards[b:b + n_dev], [])
+               for b in range(0, len(shards), n_dev)]
+  kinds = []  # (clients in block, how many such blocks, an example block)
+  for members in per_block:
+    for k, kind in enumerate(kinds):
+      if kind[0] == len(members):
+        kinds[k] = (kind[0], kind[1] + 1, kind[2])
+        break
+    else:
+      kinds.append((len(members), 1, members))
 
   def build_block(members):
     xs = [client_data(np.random.default_rng([7, m]), n, shape)[0]
           for m in members]
-    return client_lib.make_blocks(xs, [labels[m] for m in members],
-                                  list(members), spec, cpd, n_dev,
-                                  embed_batch=eb)[0]
+    built = client_lib.make_blocks(xs, [labels[m] for m in members],
+                                   list(members), spec, layout)
+    assert len(built) == 1, len(built)
+    return built[0]
 
-  blocks = []
-  start = 0
-  for count, _ in kinds:
-    # Equal-sized clients: a block of any `count` clients is representative.
-    blocks.append(build_block(range(start, start + count)))
-    start += count
+  # Images only for one example block of each kind.
+  blocks = [build_block(members) for _, _, members in kinds]
+  kinds = [(c, m) for c, m, _ in kinds]
+  padded_slots = layout.slots_per_shard
+  cpd = layout.clients_per_shard
+  default_cpd = cpd
+  block_size = n_dev * cpd
   # Host arrays, as iter_client_stats passes them (the copy is timed too).
   blk_arrays = [tuple(b[:-1]) for b in blocks]
 
@@ -434,8 +436,8 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
   timed = sizes["timed_chunks"]
   chunks = []
   with jax_events() as events:
-    # Each block shape (a full block and a partial last one) compiles once,
-    # as in iter_client_stats; all of them are warmed up before timing.
+    # Every block has the same shapes, so only the first call compiles; the
+    # other kinds are called once before timing all the same.
     warm_s = call(0, 0)
     for i in range(1, len(kinds)):
       call(i, 0)
@@ -460,9 +462,9 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
         f"{new_traces} and compiled {new_compiles} more times after warm-up "
         f"({events.traces[after_warm[0]:]})")
   cache_size = fn._cache_size() if hasattr(fn, "_cache_size") else None
-  if cache_size is not None and cache_size > len(kinds):
-    raise RuntimeError(f"block function compiled {cache_size} times for "
-                       f"{len(kinds)} block shapes")
+  if cache_size is not None and cache_size != 1:
+    raise RuntimeError(f"block function compiled {cache_size} times; every "
+                       "block should share one shape")
 
   main_times = [c["seconds"] for c in chunks[:timed]]
   per_main = float(np.mean(main_times))

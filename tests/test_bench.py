@@ -76,9 +76,8 @@ def test_client_cases_are_positive_finite_and_consistent(quick):
     m = c["measurement"]
     assert m["single_trace"] and m["traces_after_warmup"] == 0
     assert m["compiles_after_warmup"] == 0 and m["traces_during_warmup"] >= 1
-    # One compilation per block shape (full blocks, a partial last block).
-    assert m["jit_cache_size"] is None or (
-        1 <= m["jit_cache_size"] <= len(w["blocks"]))
+    # Every block of a pass has the same shapes: one compilation.
+    assert m["jit_cache_size"] in (None, 1)
     assert len(m["chunks"]) >= bench.QUICK["timed_chunks"]
     assert all(_positive(ch["seconds"]) for ch in m["chunks"])
     assert _positive(m["linearity"]["median_s"])

@@ -289,3 +289,60 @@ def test_four_devices_match_one():
   proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_blocks_share_one_shape_and_hold_every_sample_once():
+  # 60 clients of very different sizes (Dirichlet-like): one block shape,
+  # every sample stored exactly once, little padding.
+  rng = np.random.default_rng(3)
+  sizes = np.concatenate([rng.integers(1, 20, 50), rng.integers(100, 400, 10)])
+  ys = [rng.integers(0, C, n).astype(np.int32) for n in sizes]
+  xs = [np.full((n, 1, 1, 1), k, np.float32) for k, n in enumerate(sizes)]
+  spec = client.StatsSpec(model=None, input_shape=(1, 1, 1), num_classes=C,
+                          batch_real=8, embed_batch=16)
+  slots = [int(spec.slots_per_class(np.bincount(y, minlength=C)).sum())
+           for y in ys]
+  layout = client.plan_layout(spec, sizes, slots, num_shards=2,
+                              clients_per_shard=8)
+  blocks = client.make_blocks(xs, ys, list(range(60)), spec, layout)
+  assert len({tuple(a.shape for a in b[:9]) for b in blocks}) == 1
+  assert layout.slots_per_shard % layout.embed_batch == 0
+  members = [m for b in blocks for m in b.members if m >= 0]
+  assert sorted(members) == list(range(60))
+  stored = np.concatenate([b.x[b.sample_client < layout.clients_per_shard]
+                           for b in blocks]).ravel()
+  np.testing.assert_array_equal(np.bincount(stored.astype(int)), sizes)
+  # Padding stays a fraction of the data (no per-client padding).
+  padded = sum(b.x.shape[0] for b in blocks)
+  assert padded < 2 * sizes.sum(), (padded, sizes.sum())
+  for b in blocks:
+    for d in range(2):
+      shard = slice(d * layout.slots_per_shard, (d + 1) * layout.slots_per_shard)
+      assert (b.slot_class[shard] >= 0).sum() <= layout.slots_per_shard
+  with pytest.raises(ValueError, match="num_blocks"):
+    client.make_blocks(xs, ys, list(range(60)), spec, layout, num_blocks=1)
+
+
+def test_many_clients_compile_the_block_function_once(tiny):
+  model, xs, ys = tiny
+  spec = full_spec(model)
+  # 12 clients in several blocks (2 per call): one shape, one compilation.
+  many_x, many_y = xs * 4, ys * 4
+  before = client._block_stats_fn
+  made = []
+
+  def spy(*args):
+    made.append(before(*args))
+    return made[-1]
+
+  client._block_stats_fn = spy
+  try:
+    stats = client.client_stats(ROOT, many_x, many_y, list(range(12)), spec, 2,
+                                clients_per_device=2)
+  finally:
+    client._block_stats_fn = before
+  assert len(made) == 1 and made[0]._cache_size() == 1
+  # Copies of the same data under different ids draw different subsets
+  # only through their ids; with full-class statistics they agree.
+  np.testing.assert_allclose(stats.means[0], stats.means[3], rtol=1e-5,
+                             atol=1e-6)

@@ -57,7 +57,7 @@ def get_config():
   # ConvNet-3 embeds ~1.5x faster per image in batches of 64 than of 256.
   c.stats.embed_batch = 64
   c.stats.t_chunk = 8
-  # Clients vmapped together per device; None spreads them evenly.
+  # Most clients one device embeds per call; None = 32 (client.plan_layout).
   c.stats.clients_per_device = config_dict.placeholder(int)
 
   c.local = ml_collections.ConfigDict()
