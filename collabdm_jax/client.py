@@ -174,9 +174,12 @@ def plan_layout(spec: StatsSpec, sample_counts: Sequence[int],
   Plans how many shard-calls the clients need (enough for the clients per
   shard, and for at most ``MAX_SLOTS_PER_SHARD`` slots each, a multiple of
   ``num_shards``), then gives each shard room for its share of the slots
-  and samples plus 15 % slack for the packing (none when one shard takes
-  everything), and at least the largest client. Padding is thus a small
-  fraction of the data, whatever the spread of client sizes.
+  and samples plus the least slack (from ``_SLACKS``) with which the
+  clients pack into that many shards, and at least the largest client; a
+  few larger shard counts are tried too and the layout embedding the
+  fewest padded slots wins.
+  Padding is thus a small fraction of the data, whatever the spread of
+  client sizes.
 
   Args:
     spec: what the clients compute (its ``embed_batch`` caps the batch).
@@ -196,14 +199,39 @@ def plan_layout(spec: StatsSpec, sample_counts: Sequence[int],
   total_samples = max(int(sample_counts.sum()), 1)
   shards = max(num_shards, -(-len(slot_counts) // G),
                -(-total_slots // MAX_SLOTS_PER_SHARD))
-  shards = _round_up(shards, num_shards)
-  slack = 1.0 if shards == 1 else 1.15
-  L = max(int(slot_counts.max(initial=1)),
-          int(math.ceil(slack * total_slots / shards)))
-  N = max(int(sample_counts.max(initial=1)),
-          int(math.ceil(slack * total_samples / shards)))
-  eb = min(spec.embed_batch, _bucket(L))
-  return BlockLayout(num_shards, G, _round_up(N, 8), _round_up(L, eb), eb)
+  base = _round_up(shards, num_shards)
+
+  def layout_for(shards, slack):
+    L = max(int(slot_counts.max(initial=1)),
+            int(math.ceil(slack * total_slots / shards)))
+    N = max(int(sample_counts.max(initial=1)),
+            int(math.ceil(slack * total_samples / shards)))
+    eb = min(spec.embed_batch, _bucket(L))
+    return BlockLayout(num_shards, G, _round_up(N, 8), _round_up(L, eb), eb)
+
+  # A few shard counts, each with the least slack that packs: keep the one
+  # that embeds the fewest padded slots (then holds the fewest samples).
+  # More shards can win when a few large clients would otherwise each need
+  # a shard's worth of room.
+  best = None
+  for shards in sorted({_round_up(int(base * f), num_shards)
+                        for f in (1.0, 1.25, 1.5, 2.0)}):
+    for slack in _SLACKS:
+      layout = layout_for(shards, slack)
+      used = len(_pack_shards(sample_counts, slot_counts, layout))
+      if used <= shards:
+        cost = (shards * layout.slots_per_shard,
+                shards * layout.samples_per_shard)
+        if best is None or cost < best[0]:
+          best = (cost, layout)
+        break
+  return best[1] if best is not None else layout
+
+
+# Room per shard over an even share of the slots and samples, tried in turn
+# until the clients pack into the planned number of shards: every extra
+# percent is padding that is embedded and thrown away.
+_SLACKS = (1.0, 1.03, 1.06, 1.1, 1.15, 1.25, 1.5, 2.0)
 
 
 def _padded_slots(class_counts, per_class, embed_batch=64):
