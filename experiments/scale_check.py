@@ -58,13 +58,14 @@ per-id formula is checked by actually encoding the message under the
 smallest and largest id. ``total_upload_bytes_{f32,bf16}`` is that exact
 sum, ``upload_k_times_message_bytes_{f32,bf16}`` K times the real message.
 
-The layout the pass used (padded client blocks, ``client.make_blocks``) is
+The layout the pass used (``client.plan_layout`` and ``make_blocks``) is
 rebuilt after the measurement with one-pixel images to report how many
 bytes the padded blocks hold (``padded_block_bytes`` against
 ``client_data_bytes``) and how many distinct block shapes, hence XLA
-compilations, the pass needs. Both explain the growth at a fixed total of
-data: every compiled shape stays resident for the whole stream (tens of
-MiB each on CPU), and more, smaller clients give more distinct shapes.
+compilations, the pass needs (one: every block shares a layout). Before
+that layout, blocks were padded per client and had one shape each, and
+1,000 clients used 1.7x the memory of 100 clients holding the same data
+(31 compiled programs of tens of MiB each, and blocks 3x the data).
 """
 
 import argparse
