@@ -5,17 +5,11 @@ run it; the checks are on structure and on numbers being positive and
 finite, never on timing thresholds (the machine is shared).
 """
 
-import json
 import math
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from experiments import bench
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _positive(x):
@@ -23,15 +17,8 @@ def _positive(x):
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-  out = tmp_path_factory.mktemp("bench") / "bench.json"
-  proc = subprocess.run(
-      [sys.executable, "experiments/bench.py", "--quick", f"--out={out}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
-  assert json.loads(out.read_text()) == doc
-  return doc
+def quick(quick_script_json):
+  return quick_script_json("experiments/bench.py", timeout=900)
 
 
 def test_quick_covers_every_case(quick):

@@ -6,11 +6,7 @@ structure and on relationships that hold whatever the machine (upload sizes,
 counts, shapes, peak >= baseline), never on memory or timing thresholds.
 """
 
-import json
 import math
-import pathlib
-import subprocess
-import sys
 
 import msgpack
 import numpy as np
@@ -19,19 +15,10 @@ import pytest
 from collabdm_jax import data
 from experiments import scale_check
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-  out = tmp_path_factory.mktemp("scale") / "scale_check.json"
-  proc = subprocess.run(
-      [sys.executable, "experiments/scale_check.py", "--quick", f"--out={out}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  doc = json.loads(proc.stdout)  # stdout is exactly one JSON document
-  assert json.loads(out.read_text()) == doc
-  return doc
+def quick(quick_script_json):
+  return quick_script_json("experiments/scale_check.py", timeout=300)
 
 
 def test_quick_runs_every_case_once(quick):
