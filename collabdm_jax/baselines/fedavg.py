@@ -38,6 +38,7 @@ import optax
 
 from collabdm_jax import augment
 from collabdm_jax import baselines
+from collabdm_jax import evaluate
 from collabdm_jax import models
 
 
@@ -110,9 +111,14 @@ def sgd(lr, momentum, weight_decay):
 # under a millisecond. Shapes are identical for every client and step, so
 # everything compiles once.
 @functools.lru_cache(maxsize=None)
-def _client_programs(model, input_shape, batch: int, dsa_strategy: str):
-  """Jitted ``(init, order, step)`` vmapped over seeds, cached per config."""
-  apply_fn = baselines.logits_of(model)
+def _client_programs(model, input_shape, batch: int, dsa_strategy: str,
+                     micro_batch=None):
+  """Jitted ``(init, order, step)`` vmapped over seeds, cached per config.
+
+  ``micro_batch`` splits each step's forward pass into pieces of that many
+  samples (see ``evaluate._HOST_MICRO_BATCH``).
+  """
+  apply_fn = evaluate._chunked(baselines.logits_of(model), micro_batch)
 
   @jax.jit
   def init(init_keys, lr, momentum, wd):
@@ -175,12 +181,28 @@ def train_clients(key, model, input_shape, client_x, client_y,
   xs, ys, ns = pad_clients(client_x, client_y)
   capacity = xs.shape[1]
   b = min(cfg.batch_size, capacity)
-  init, order, step = _client_programs(model, tuple(input_shape), b,
-                                       cfg.dsa_strategy)
+  # On CPU the seeds train one after another (a seed axis of 1) with split
+  # forward passes: XLA:CPU turns convolutions vmapped over weights into
+  # slow grouped convolutions, and large batches fall out of cache (see
+  # evaluate.py). Same keys and arithmetic, so the same models up to float
+  # summation order.
+  on_cpu = jax.default_backend() == "cpu"
+  init, order, step = _client_programs(
+      model, tuple(input_shape), b, cfg.dsa_strategy,
+      evaluate._HOST_MICRO_BATCH if on_cpu else None)
   hyper = (np.float32(cfg.lr), np.float32(cfg.momentum),
            np.float32(cfg.weight_decay))
   xs, ys = jnp.asarray(xs), jnp.asarray(ys)
-  seed_keys = [jax.random.fold_in(key, i) for i in range(num_seeds)]
+  all_seeds = [jax.random.fold_in(key, i) for i in range(num_seeds)]
+  groups = [[k] for k in all_seeds] if on_cpu else [all_seeds]
+  per_group = [_train_seeds(seed_keys, xs, ys, ns, capacity, b, cfg, hyper,
+                            init, order, step) for seed_keys in groups]
+  return jax.tree.map(lambda *a: jnp.concatenate(a, 0), *per_group)
+
+
+def _train_seeds(seed_keys, xs, ys, ns, capacity, b, cfg, hyper, init, order,
+                 step):
+  """``train_clients`` for the given seed keys, side by side (vmapped)."""
   init_keys = jnp.stack([jax.random.fold_in(k, 0) for k in seed_keys])
   out = []
   for k in range(len(ns)):
