@@ -50,7 +50,7 @@ def tabular_model(width=128, depth=2):
 
 
 def apply_tabular_defaults(c, options):
-  """Model, augmentation and evaluation settings shared by the IDS configs.
+  """Model, augmentation, partition and budgets shared by the IDS configs.
 
   Args:
     c: a config from ``default.get_config()`` whose dataset is tabular.
@@ -77,18 +77,6 @@ def apply_tabular_defaults(c, options):
   c.dsa_strategy = "tabular" if "tabular_aug" in options else "none"
   # Tables are never augmented while training the detector.
   c.eval.dsa = False
-  return c
-
-
-def get_config(arg=""):
-  """The 5G-IDS run; ``arg`` as in the module docstring."""
-  options = parse_options(arg)
-  c = default.get_config()
-  c.dataset = "5g_ids"
-  # Keywords of tabular.load_5g_ids (the image subset options do not apply).
-  c.data_kwargs = ml_collections.ConfigDict(dict(
-      drop_gtp="drop_gtp" in options))
-  apply_tabular_defaults(c, options)
 
   # Five sites, strongly non-IID: most sites see mostly one class.
   c.partition.method = "dirichlet"
@@ -113,3 +101,14 @@ def get_config(arg=""):
   c.eval.epochs = 300
   c.eval.batch_size = 256
   return c
+
+
+def get_config(arg=""):
+  """The 5G-IDS run; ``arg`` as in the module docstring."""
+  options = parse_options(arg)
+  c = default.get_config()
+  c.dataset = "5g_ids"
+  # Keywords of tabular.load_5g_ids (the image subset options do not apply).
+  c.data_kwargs = ml_collections.ConfigDict(dict(
+      drop_gtp="drop_gtp" in options))
+  return apply_tabular_defaults(c, options)

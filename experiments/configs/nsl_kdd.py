@@ -40,27 +40,4 @@ def get_config(arg=""):
   # Keywords of tabular.load_nsl_kdd.
   c.data_kwargs = ml_collections.ConfigDict(dict(
       grouping="binary" if "binary" in chosen else "5class"))
-  ids_5g.apply_tabular_defaults(c, chosen)
-
-  c.partition.method = "dirichlet"
-  c.partition.num_clients = 5
-  c.partition.alpha = 0.1
-  c.partition.min_size = 50
-
-  c.num_iterations = 200
-  c.stats.batch_real = 128
-  c.stats.t_chunk = 50
-
-  c.local.iterations = 100
-  c.local.batch_real = 128
-
-  c.server.ipc = 10
-  # The reference's image lr for ipc < 100 (10 is for ipc >= 100).
-  c.server.lr = 1.0
-  # Runs take about a minute; nothing worth resuming.
-  c.checkpoint.every = 0
-
-  c.eval.num_nets = 5
-  c.eval.epochs = 300
-  c.eval.batch_size = 256
-  return c
+  return ids_5g.apply_tabular_defaults(c, chosen)
