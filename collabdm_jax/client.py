@@ -529,10 +529,11 @@ def iter_client_stats(root, client_x, client_y, client_ids, spec: StatsSpec,
   eb = int(agreed[3])
   layout = BlockLayout(local_devices, int(agreed[0]), int(agreed[1]),
                        _round_up(int(agreed[2]), eb), eb)
-  (num_blocks,) = parallel.max_over_processes(
-      [-(-len(_pack_shards(samples, slots, layout)) // local_devices)])
-  blocks = make_blocks(client_x, client_y, client_ids, spec, layout,
-                       num_blocks=int(num_blocks))
+  blocks = make_blocks(client_x, client_y, client_ids, spec, layout)
+  (num_blocks,) = parallel.max_over_processes([len(blocks)])
+  # Empty blocks, so that every process makes the same collective calls.
+  blocks += make_blocks([], [], [], spec, layout,
+                        num_blocks=int(num_blocks) - len(blocks))
   t_chunk = max(1, min(t_chunk, num_iterations))
   fn = _block_stats_fn(spec, mesh, t_chunk, layout.embed_batch)
   K, C = len(client_x), spec.num_classes

@@ -321,6 +321,12 @@ def test_blocks_share_one_shape_and_hold_every_sample_once():
       assert (b.slot_class[shard] >= 0).sum() <= layout.slots_per_shard
   with pytest.raises(ValueError, match="num_blocks"):
     client.make_blocks(xs, ys, list(range(60)), spec, layout, num_blocks=1)
+  # A process with fewer clients pads with empty blocks of the same shapes.
+  empty = client.make_blocks([], [], [], spec, layout, num_blocks=2)
+  assert len(empty) == 2 and all(m == -1 for m in empty[0].members)
+  assert tuple(a.shape for a in empty[0][:9]) == tuple(
+      a.shape for a in blocks[0][:9])
+  assert (empty[1].slot_class == -1).all()
 
 
 def test_many_clients_compile_the_block_function_once(tiny):
