@@ -55,6 +55,8 @@ class StatsSpec:
     dsa_strategy: Siamese augmentation: DSA families, "tabular" or "".
     second_moments: also upload the mean of squared embeddings (std targets).
     embed_batch: samples embedded at once (bounds activation memory).
+    compute_dtype: "float32" or "bfloat16" (mixed precision, see
+      ``models.embed_fn``); statistics are float32 either way.
   """
   model: object
   input_shape: Tuple[int, ...]
@@ -63,6 +65,10 @@ class StatsSpec:
   dsa_strategy: str = augment.DEFAULT_STRATEGY
   second_moments: bool = False
   embed_batch: int = 64
+  compute_dtype: str = "float32"
+
+  def __post_init__(self):
+    models.check_compute_dtype(self.compute_dtype)
 
   def slots_per_class(self, class_counts):
     """How many samples client statistics use per class, ``[C]``."""
@@ -206,7 +212,7 @@ def plan_layout(spec: StatsSpec, sample_counts: Sequence[int],
             int(math.ceil(slack * total_slots / shards)))
     N = max(int(sample_counts.max(initial=1)),
             int(math.ceil(slack * total_samples / shards)))
-    eb = min(spec.embed_batch, _bucket(L))
+    eb = _even_batch(L, spec.embed_batch)
     return BlockLayout(num_shards, G, _round_up(N, 8), _round_up(L, eb), eb)
 
   # A few shard counts, each with the least slack that packs: keep the one
@@ -226,6 +232,17 @@ def plan_layout(spec: StatsSpec, sample_counts: Sequence[int],
           best = (cost, layout)
         break
   return best[1] if best is not None else layout
+
+
+def _even_batch(slots, cap):
+  """Embed batch for ``slots`` slots: equal batches of at most ``cap``.
+
+  The fewest batches that fit, each as long as needed rounded up to 8, so a
+  list is padded by at most 7 slots per batch (a batch of exactly ``cap``
+  could pad 3,200 slots to 4,096).
+  """
+  batches = -(-max(slots, 1) // cap)
+  return min(cap, _round_up(-(-max(slots, 1) // batches), 8))
 
 
 # Room per shard over an even share of the slots and samples, tried in turn
@@ -435,7 +452,7 @@ def class_moments(spec, embed, params, class_keys, sample_key, x, y,
 
 def _block_stats_fn(spec: StatsSpec, mesh, t_chunk: int, embed_batch: int):
   """Jitted ``(root, t0, block arrays) -> per-client stats of t0..t0+t_chunk``."""
-  embed = models.embed_fn(spec.model)
+  embed = models.embed_fn(spec.model, spec.compute_dtype)
 
   def local(root, t0, x, y, sample_client, client_offset, class_start,
             client_ids, slot_client, slot_class, slot_rank):
@@ -594,11 +611,15 @@ class LocalDMConfig:
   pae: bool = False
   std_weight: float = 0.0
   init: str = "real"  # "real" (mosaic of 4 real images when pae) or "noise"
+  compute_dtype: str = "float32"  # or "bfloat16" (models.embed_fn)
+
+  def __post_init__(self):
+    models.check_compute_dtype(self.compute_dtype)
 
 
 @functools.lru_cache(maxsize=16)
 def _local_dm_fns(model, input_shape, num_classes, cfg: LocalDMConfig):
-  embed = models.embed_fn(model)
+  embed = models.embed_fn(model, cfg.compute_dtype)
   optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
   need_std = cfg.std_weight > 0
   spec = StatsSpec(model=model, input_shape=input_shape,

@@ -158,10 +158,14 @@ class InstanceNorm(nn.Module):
     channels = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (channels,))
     bias = self.param("bias", nn.initializers.zeros, (channels,))
-    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
-    centred = x - mean
+    # Statistics in float32 whatever the compute dtype (a no-op in float32):
+    # bfloat16's 8-bit mantissa would swamp small variances.
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=(1, 2), keepdims=True)
+    centred = xf - mean
     var = jnp.mean(jnp.square(centred), axis=(1, 2), keepdims=True)
-    return centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    out = centred * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return out.astype(x.dtype)
 
 
 class ConvNet(nn.Module):
@@ -519,18 +523,50 @@ def init_params(model: nn.Module, key: jax.Array, input_shape) -> Params:
   return _init_jit(model, key, _check_input_shape(model, input_shape))
 
 
-def embed_fn(model: nn.Module) -> Callable[[Params, jax.Array], jax.Array]:
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def check_compute_dtype(name: str) -> str:
+  """Returns ``name`` if it is one of :data:`COMPUTE_DTYPES`, else raises."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got "
+                     f"{name!r}")
+  return name
+
+
+def embed_fn(model: nn.Module, compute_dtype: str = "float32"
+             ) -> Callable[[Params, jax.Array], jax.Array]:
   """Returns ``f(params, x) -> features`` with x [N, ...] -> [N, feat].
 
   ``f`` is pure: jit it, and vmap it over stacked ``params`` to embed one batch
   under many random networks.
+
+  ``compute_dtype="bfloat16"`` runs the network in mixed precision: the
+  float32 parameters and inputs are cast to bfloat16 inside ``f`` (so the
+  random networks themselves are unchanged), convolutions and matmuls run in
+  bfloat16 with the backend's float32 accumulation, instance-norm statistics
+  stay float32, and features come back as float32, so the sums and means
+  built on them are float32 either way. Gradients with respect to ``x`` flow
+  through the casts.
   """
   method = type(model).embed
+  check_compute_dtype(compute_dtype)
 
   def f(params, x):
     return model.apply({"params": params}, x, method=method)
 
-  return f
+  if compute_dtype == "float32":
+    return f
+  dtype = jnp.dtype(compute_dtype)
+
+  def cast(a):
+    return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+  def mixed(params, x):
+    return f(jax.tree_util.tree_map(cast, params),
+             cast(x)).astype(jnp.float32)
+
+  return mixed
 
 
 def embed_many_fn(

@@ -125,7 +125,8 @@ def setup(config, dataset: Optional[data_lib.Dataset] = None) -> Setup:
       model=model, input_shape=input_shape, num_classes=dataset.num_classes,
       batch_real=_opt(config.stats.batch_real), dsa_strategy=strategy,
       second_moments=bool(config.stats.second_moments),
-      embed_batch=config.stats.embed_batch)
+      embed_batch=config.stats.embed_batch,
+      compute_dtype=config.compute_dtype)
   return Setup(config, dataset, part, model, input_shape, strategy, spec,
                jax.random.key(config.seed), train_x, test_x)
 
@@ -143,7 +144,8 @@ def local_config(config, strategy) -> client_lib.LocalDMConfig:
   return client_lib.LocalDMConfig(
       ipc=local_ipc(config), iterations=c.iterations, lr=c.lr,
       momentum=c.momentum, batch_real=c.batch_real, dsa_strategy=strategy,
-      pae=bool(config.server.pae), std_weight=c.std_weight, init=c.init)
+      pae=bool(config.server.pae), std_weight=c.std_weight, init=c.init,
+      compute_dtype=config.compute_dtype)
 
 
 def message_spec(s: Setup) -> protocol.MessageSpec:
@@ -208,7 +210,8 @@ def server_config(s: Setup) -> server_lib.ServerConfig:
   return server_lib.ServerConfig(
       ipc=cfg.server.ipc, lr=cfg.server.lr, momentum=cfg.server.momentum,
       dsa_strategy=s.dsa_strategy, pae=bool(cfg.server.pae),
-      std_weight=cfg.server.std_weight, weighting=cfg.server.weighting)
+      std_weight=cfg.server.std_weight, weighting=cfg.server.weighting,
+      compute_dtype=cfg.compute_dtype)
 
 
 def open_checkpointer(s: Setup, workdir):

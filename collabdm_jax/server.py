@@ -33,6 +33,8 @@ class ServerConfig:
     pae: partition-and-expansion of synthetic images in the loss.
     std_weight: weight of the std-matching term (needs second moments).
     weighting: "count" (exact pooled mean) or "uniform" (authors' choice).
+    compute_dtype: "float32" or "bfloat16" for the embedding networks
+      (``models.embed_fn``); images, targets and the optimiser stay float32.
   """
   ipc: int
   lr: float = 10.0
@@ -41,6 +43,10 @@ class ServerConfig:
   pae: bool = False
   std_weight: float = 0.0
   weighting: str = "count"
+  compute_dtype: str = "float32"
+
+  def __post_init__(self):
+    models.check_compute_dtype(self.compute_dtype)
 
 
 def make_step(model, input_shape, num_classes, cfg: ServerConfig):
@@ -51,7 +57,7 @@ def make_step(model, input_shape, num_classes, cfg: ServerConfig):
   the per-class DM steps (jitted, state donated: updated in place) and
   returns ``(state, losses [C])``.
   """
-  embed = models.embed_fn(model)
+  embed = models.embed_fn(model, cfg.compute_dtype)
   optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
   class_step = dm.make_class_step(optimizer, embed,
                                   dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,

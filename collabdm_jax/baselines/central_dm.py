@@ -40,7 +40,8 @@ def local_dm_config(s) -> client_lib.LocalDMConfig:
           "baseline.central_batch_real", integer=True),
       dsa_strategy=s.dsa_strategy, pae=bool(cfg.server.pae),
       std_weight=float(cfg.server.std_weight),
-      init=baselines.option(cfg, "central_init", "real"))
+      init=baselines.option(cfg, "central_init", "real"),
+      compute_dtype=cfg.compute_dtype)
 
 
 def run(s, timings: dict) -> dict:

@@ -24,6 +24,12 @@ def get_config():
   c.data_kwargs.max_train_per_class = config_dict.placeholder(int)
   c.data_kwargs.max_test_per_class = config_dict.placeholder(int)
   c.tabular_as_image = False
+  # Precision of the embedding networks in the client pass, local DM and the
+  # server: "float32", or "bfloat16" (mixed precision: bf16 convolutions and
+  # matmuls, float32 norms, statistics, images and optimiser; for GPUs and
+  # TPUs: experiments/results/BENCH.md gives its speed and accuracy effect).
+  # Evaluation always trains in float32.
+  c.compute_dtype = "float32"
   # Siamese DSA families; "auto" picks DM's set for the dataset (no flip on
   # digits, none on tables).
   c.dsa_strategy = "auto"
