@@ -16,9 +16,21 @@ peak RSS and the JAX backend and devices.
 
 Case names: ``{fmnist,cifar10}_k{K}_t{T}_d{1,4}`` (client pass on K clients
 for T iterations on 1 or 4 CPU devices; 4 devices run in a subprocess with
-``--xla_force_host_platform_device_count=4``), ``{fmnist,cifar10}_k{K}_t{T}_gpu``
-(skipped, and recorded as such, without a GPU), ``server_{fmnist,cifar10}``
+``--xla_force_host_platform_device_count=4``), ``server_{fmnist,cifar10}``
 and ``e2e_default``. ``--cases`` takes comma-separated shell patterns.
+
+On a GPU (skipped, and recorded as such, without one):
+``{fmnist,cifar10}_k{K}_t{T}_gpu{,_fp32,_bf16}`` is the client pass in
+float32 at XLA's default precision (which lets the GPU's matrix units use
+TF32), in strict float32 (``precision="highest"``) and with
+``compute_dtype="bfloat16"``; each is compared with a matmul of the same
+precision timed on the same GPU. ``server_{ds}_gpu{,_bf16}`` times the server
+step and ``e2e_default_gpu{,_bf16}`` runs the *full* default config
+(evaluation included) on the GPU, so that the two give bfloat16's effect on
+accuracy. GPU cases use ``ACCEL`` sizes: larger embedding batches and
+``t_chunk`` iterations per call, as a GPU wants.
+
+  python experiments/bench.py --cases='*_gpu*' --out=bench_gpu.json
 
 How the client pass is measured. Client data is random (throughput does not
 depend on pixel values) with the datasets' shapes and training-set sizes,
@@ -54,6 +66,7 @@ the padded convolution.
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import fnmatch
 import json
@@ -127,6 +140,21 @@ QUICK = dict(
                    ("eval.num_nets", 1), ("eval.epochs", 1),
                    ("checkpoint.every", 0)))
 
+# Accelerator cases: same workloads, sized for a GPU. A GPU needs thousands
+# of samples per convolution to fill, so batches are 16x the CPU's and each
+# call embeds t_chunk iterations (as iter_client_stats does).
+ACCEL = dict(embed_batch=1024, t_chunk=8, timed_chunks=5, matmul_n=8192,
+             clients=(10, 1000, 100), server_steps=10,
+             # The full default config (not reduced): its accuracy is the
+             # measure of bfloat16's effect.
+             e2e_overrides=(("stats.embed_batch", 1024),))
+ACCEL_QUICK = dict(embed_batch=32, t_chunk=2, timed_chunks=2, matmul_n=512,
+                   clients=(3,), server_steps=2,
+                   e2e_overrides=QUICK["e2e_overrides"])
+# GPU variants: name suffix -> (compute_dtype, jax matmul precision).
+VARIANTS = {"": ("float32", None), "_fp32": ("float32", "highest"),
+            "_bf16": ("bfloat16", None)}
+
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -141,21 +169,29 @@ def log(msg):
 # ---------------------------------------------------------------------------
 
 
-def client_case_name(dataset, clients, iterations, where):
-  """``fmnist_k10_t100_d1`` / ``..._gpu``; ``where`` is 1, 4 or "gpu"."""
-  suffix = "gpu" if where == "gpu" else f"d{where}"
+def client_case_name(dataset, clients, iterations, where, variant=""):
+  """``fmnist_k10_t100_d1`` / ``..._gpu`` / ``..._gpu_bf16``.
+
+  ``where`` is 1, 4 or "gpu"; ``variant`` a key of ``VARIANTS`` (GPU only).
+  """
+  suffix = "gpu" + variant if where == "gpu" else f"d{where}"
   return f"{dataset}_k{clients}_t{iterations}_{suffix}"
 
 
-def all_case_names(sizes):
+def all_case_names(sizes, accel_sizes=None):
   names = []
   for ds in DATASETS:
-    for where in (1, MULTI_DEVICES, "gpu"):
+    for where in (1, MULTI_DEVICES):
       for k in sizes["clients"]:
         for t in sizes["iterations"]:
           names.append(client_case_name(ds, k, t, where))
+    for variant in VARIANTS:
+      for k in (accel_sizes or sizes)["clients"]:
+        for t in sizes["iterations"]:
+          names.append(client_case_name(ds, k, t, "gpu", variant))
   names += [f"server_{ds}" for ds in DATASETS]
-  names.append("e2e_default")
+  names += [f"server_{ds}_gpu{v}" for ds in DATASETS for v in ("", "_bf16")]
+  names += ["e2e_default", "e2e_default_gpu", "e2e_default_gpu_bf16"]
   return names
 
 
@@ -180,7 +216,7 @@ def flops_of(compiled):
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
-  return float(cost["flops"])
+  return float((cost or {}).get("flops", 0.0))
 
 
 class JaxEvents:
@@ -259,13 +295,22 @@ def environment():
   }
 
 
-def matmul_peak(device, n, reps):
-  """Best-of-``reps`` GFLOP/s of a jitted float32 ``n x n`` matmul."""
+def matmul_peak(device, n, reps, dtype="float32", precision=None):
+  """Best-of-``reps`` GFLOP/s of a jitted ``n x n`` matmul.
+
+  ``precision`` is jnp.matmul's (None: XLA's default, which lets GPU matrix
+  units use TF32 for float32; "highest": strict float32). Inputs are random
+  (zeros would run faster than real data on some GPUs).
+  """
   rng = np.random.default_rng(0)
-  a = jax.device_put(rng.standard_normal((n, n), np.float32), device)
-  b = jax.device_put(rng.standard_normal((n, n), np.float32), device)
-  f = jax.jit(jnp.matmul)
-  flops = flops_of(f.lower(a, b).compile())
+  a = jax.device_put(jnp.asarray(rng.standard_normal((n, n), np.float32),
+                                 dtype), device)
+  b = jax.device_put(jnp.asarray(rng.standard_normal((n, n), np.float32),
+                                 dtype), device)
+  f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
+  expected = 2.0 * n ** 3
+  # XLA:CPU counts exactly 2 n^3; a library call may not be counted at all.
+  flops = flops_of(f.lower(a, b).compile()) or expected
   f(a, b).block_until_ready()
   times = []
   for _ in range(reps):
@@ -273,8 +318,9 @@ def matmul_peak(device, n, reps):
     f(a, b).block_until_ready()
     times.append(time.perf_counter() - t)
   best = min(times)
-  return {"n": n, "dtype": "float32", "device": str(device),
-          "flops_per_call": flops, "flops_expected": 2.0 * n ** 3,
+  return {"n": n, "dtype": str(dtype), "precision": precision or "default",
+          "device": str(device),
+          "flops_per_call": flops, "flops_expected": expected,
           "times_s": times, "best_s": best, "gflops": flops / best / 1e9}
 
 
@@ -283,7 +329,7 @@ def matmul_peak(device, n, reps):
 # ---------------------------------------------------------------------------
 
 
-def make_spec(dataset, sizes):
+def make_spec(dataset, sizes, compute_dtype="float32"):
   shape, _, dsa_name = DATASETS[dataset]
   model = models.make_model(num_classes=NUM_CLASSES, **sizes["model"])
   return client_lib.StatsSpec(
@@ -291,7 +337,7 @@ def make_spec(dataset, sizes):
       batch_real=sizes["batch_real"],
       dsa_strategy=(sizes["dsa_strategy"] or
                     augment.dsa_strategy_for(dsa_name)),
-      embed_batch=sizes["embed_batch"])
+      embed_batch=sizes["embed_batch"], compute_dtype=compute_dtype)
 
 
 _FLOPS_CACHE = {}
@@ -302,7 +348,12 @@ def _flops_key(spec):
 
 
 def flops_per_image(spec):
-  """XLA FLOPs per embedded sample: (class_moments, embed only)."""
+  """XLA FLOPs per embedded sample: (class_moments, embed only).
+
+  Always XLA:CPU's count of the float32 program, whatever the spec's compute
+  dtype and wherever the pass runs: one count for every case, and a GPU's
+  convolutions are library calls its cost analysis may not count.
+  """
   cache_key = _flops_key(spec)
   if cache_key in _FLOPS_CACHE:
     return _FLOPS_CACHE[cache_key]
@@ -323,11 +374,13 @@ def flops_per_image(spec):
                                     y, class_start, slot_class, slot_rank)
 
   # One embed batch: every loop in class_moments runs once, so XLA's count
-  # (which counts a loop body once) is exact.
-  total = flops_of(jax.jit(moments).lower(
-      params, class_keys, jax.random.key(1), x, y, class_start, slot_class,
-      slot_rank).compile())
-  embed_only = flops_of(jax.jit(embed).lower(params, x).compile())
+  # (which counts a loop body once) is exact. Committed to the CPU, so that
+  # XLA:CPU compiles (and counts) it.
+  cpu = jax.devices("cpu")[0]
+  args = jax.device_put((params, class_keys, jax.random.key(1), x, y,
+                         class_start, slot_class, slot_rank), cpu)
+  total = flops_of(jax.jit(moments).lower(*args).compile())
+  embed_only = flops_of(jax.jit(embed).lower(args[0], args[3]).compile())
   _FLOPS_CACHE[cache_key] = (total / eb, embed_only / eb)
   return _FLOPS_CACHE[cache_key]
 
@@ -364,13 +417,16 @@ def client_data(rng, n, shape, with_images=True):
 
 
 def measure_client_config(dataset, num_clients, iterations, where, sizes,
-                          devices, matmul_gflops):
+                          devices, matmul_gflops, variant=""):
   """Measures one (dataset, K, device setting); returns one entry per T.
 
   The T cases share one measurement: the cost of a pass is T times the cost
-  of one iteration over every block.
+  of one iteration over every block. ``sizes["t_chunk"]`` iterations are
+  computed per call (1 on CPU, as committed results were measured).
   """
-  spec = make_spec(dataset, sizes)
+  compute_dtype, precision = VARIANTS[variant]
+  spec = make_spec(dataset, sizes, compute_dtype)
+  t_chunk = sizes.get("t_chunk", 1)
   shape, train_size, _ = DATASETS[dataset]
   train_size = sizes["train_size"] or train_size
   n_dev = len(devices)
@@ -423,13 +479,18 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
   # Host arrays, as iter_client_stats passes them (the copy is timed too).
   blk_arrays = [tuple(b[:-1]) for b in blocks]
 
-  fn = client_lib._block_stats_fn(spec, mesh, 1, eb)
+  fn = client_lib._block_stats_fn(spec, mesh, t_chunk, eb)
   root = jax.random.key(0)
+  if devices[0].platform != "cpu":
+    # Held on the device measured, as iter_client_stats' to_global does; the
+    # host-to-device copy is not part of the embedding pass.
+    blk_arrays = [parallel.to_global(mesh, b) for b in blk_arrays]
 
   def call(kind, t):
     t0 = time.perf_counter()
-    out = fn(root, jnp.int32(t), *blk_arrays[kind])
-    jax.device_get(out)
+    with jax.default_matmul_precision(precision):
+      out = fn(root, jnp.int32(t * t_chunk), *blk_arrays[kind])
+      jax.device_get(out)
     return time.perf_counter() - t0
 
   total_units = sum(m for _, m in kinds)  # block-iterations per iteration
@@ -445,14 +506,14 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
     main = max(range(len(kinds)), key=lambda i: kinds[i][1])
     for j in range(timed):
       s = call(main, 1 + j)
-      chunks.append({"block_clients": kinds[main][0], "t": 1 + j,
-                     "iterations": 1, "seconds": s})
+      chunks.append({"block_clients": kinds[main][0], "t": (1 + j) * t_chunk,
+                     "iterations": t_chunk, "seconds": s})
     other = {}
     for i in range(len(kinds)):
       if i != main:
         other[i] = call(i, 1)
-        chunks.append({"block_clients": kinds[i][0], "t": 1, "iterations": 1,
-                       "seconds": other[i]})
+        chunks.append({"block_clients": kinds[i][0], "t": t_chunk,
+                       "iterations": t_chunk, "seconds": other[i]})
     after_all = events.snapshot()
   new_traces = after_all[0] - after_warm[0]
   new_compiles = after_all[1] - after_warm[1]
@@ -467,14 +528,15 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
                        "block should share one shape")
 
   main_times = [c["seconds"] for c in chunks[:timed]]
-  per_main = float(np.mean(main_times))
+  per_main = float(np.mean(main_times)) / t_chunk
   seconds_per_iteration = kinds[main][1] * per_main + sum(
-      kinds[i][1] * s for i, s in other.items())
+      kinds[i][1] * s / t_chunk for i, s in other.items())
   fpi, embed_fpi = flops_per_image(spec)
   full_block = blocks[main]
   measurement = {
-      "chunk": "one call of client._block_stats_fn(t_chunk=1) on one block "
-               "for one iteration, plus the device-to-host copy",
+      "chunk": f"one call of client._block_stats_fn(t_chunk={t_chunk}) on "
+               f"one block for {t_chunk} iteration(s), plus the "
+               "device-to-host copy",
       "warmup_s_including_compile": warm_s,
       "chunks": chunks,
       "linearity": linearity(main_times),
@@ -490,7 +552,9 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
       "samples_per_client": n, "labels": "uniform random, seeded",
       "model": dict(sizes["model"]),
       "feature_dim": models.feature_dim(spec.model, spec.input_shape),
-      "batch_real": spec.batch_real, "embed_batch": eb,
+      "batch_real": spec.batch_real, "embed_batch": eb, "t_chunk": t_chunk,
+      "compute_dtype": compute_dtype,
+      "matmul_precision": precision or "default",
       "dsa_strategy": spec.dsa_strategy,
       "real_slots_per_client_min": int(real_slots.min()),
       "real_slots_per_client_max": int(real_slots.max()),
@@ -508,13 +572,14 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
   gflops = images_per_s * fpi / 1e9
   entries = []
   for T in iterations:
-    measured_units = timed + len(other)
+    measured_units = (timed + len(other)) * t_chunk
     entries.append({
-        "name": client_case_name(dataset, num_clients, T, where),
+        "name": client_case_name(dataset, num_clients, T, where, variant),
         "dataset": dataset, "num_clients": num_clients, "num_iterations": T,
         "devices": n_dev, "backend": devices[0].platform,
         "method": "extrapolated",
-        "measured_fraction_of_pass": measured_units / (total_units * T),
+        "measured_fraction_of_pass": min(1.0,
+                                         measured_units / (total_units * T)),
         "client_pass_s": seconds_per_iteration * T,
         "seconds_per_iteration": seconds_per_iteration,
         "images_networks_per_s": images_per_s,
@@ -530,24 +595,27 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
   return entries
 
 
-def run_client_cases(sizes, patterns, where, devices, matmul_gflops):
+def run_client_cases(sizes, patterns, where, devices, matmul_gflops,
+                     variant="", on_case=None):
   out = []
   for ds in DATASETS:
     for k in sizes["clients"]:
       ts = [t for t in sizes["iterations"]
-            if selected(client_case_name(ds, k, t, where), patterns)]
+            if selected(client_case_name(ds, k, t, where, variant), patterns)]
       if not ts:
         continue
       log(f"client pass {ds} K={k} on {len(devices)} {devices[0].platform} "
-          f"device(s), T={ts}")
+          f"device(s){variant}, T={ts}")
       entries = measure_client_config(ds, k, ts, where, sizes, devices,
-                                      matmul_gflops)
+                                      matmul_gflops, variant)
       e = entries[0]
       log(f"  {e['images_networks_per_s']:.1f} images x networks/s, "
           f"{e['gflops']:.1f} GFLOP/s = "
           f"{100 * e['fraction_of_matmul_peak']:.1f}% of matmul peak; chunks "
-          f"{[round(c['seconds'], 2) for c in e['measurement']['chunks']]} s")
+          f"{[round(c['seconds'], 3) for c in e['measurement']['chunks']]} s")
       out += entries
+      if on_case is not None:
+        on_case(entries)
   return out
 
 
@@ -584,11 +652,13 @@ def run_multi_device_child(sizes_name, sizes, patterns, matmul_gflops):
 # ---------------------------------------------------------------------------
 
 
-def server_case(dataset, sizes, iterations):
+def server_case(dataset, sizes, iterations, name=None,
+                compute_dtype="float32", device=None):
   spec = make_spec(dataset, sizes)
   shape = spec.input_shape
   cfg = server_lib.ServerConfig(ipc=sizes["server_ipc"],
-                                dsa_strategy=spec.dsa_strategy)
+                                dsa_strategy=spec.dsa_strategy,
+                                compute_dtype=compute_dtype)
   optimizer, step = server_lib.make_step(spec.model, shape, NUM_CLASSES, cfg)
   rng = np.random.default_rng(1)
   images = rng.standard_normal((NUM_CLASSES, cfg.ipc) + shape, np.float32)
@@ -598,6 +668,8 @@ def server_case(dataset, sizes, iterations):
       mean=jnp.asarray(rng.standard_normal((NUM_CLASSES, D), np.float32)),
       std=jnp.zeros((NUM_CLASSES, D)), valid=jnp.ones((NUM_CLASSES,), bool))
   root = jax.random.key(0)
+  if device is not None:
+    state, targets = jax.device_put((state, targets), device)
   with jax_events() as events:
     t0 = time.perf_counter()
     state, class_losses = step(state, root, jnp.int32(0), targets)
@@ -615,7 +687,10 @@ def server_case(dataset, sizes, iterations):
     raise RuntimeError(f"server step retraced/recompiled: {events.traces}")
   mean = float(np.mean(times))
   return {
-      "name": f"server_{dataset}", "dataset": dataset, "ipc": cfg.ipc,
+      "name": name or f"server_{dataset}", "dataset": dataset, "ipc": cfg.ipc,
+      "compute_dtype": compute_dtype,
+      "backend": (device.platform if device is not None
+                  else jax.default_backend()),
       "num_classes": NUM_CLASSES, "dsa_strategy": cfg.dsa_strategy,
       "warmup_s_including_compile": warm, "step_times_s": times,
       "step_s_median": statistics.median(times), "step_s_mean": mean,
@@ -625,35 +700,189 @@ def server_case(dataset, sizes, iterations):
   }
 
 
-def e2e_case(sizes):
-  """Runs launch.distill on the default (or smoke) config in a subprocess."""
+def e2e_case(sizes, name="e2e_default", overrides=None, reduced=True,
+             env=None):
+  """Runs launch.distill on the default (or smoke) config in a subprocess.
+
+  ``overrides`` (pairs) default to the sizes' reduced budget; ``env`` adds
+  to the child's environment.
+  """
   config = REPO / "experiments" / "configs" / f"{sizes['e2e_config']}.py"
-  overrides = [f"--config.{k}={v}" for k, v in sizes["e2e_overrides"]]
+  pairs = tuple(sizes["e2e_overrides"] if overrides is None else overrides)
+  overrides = [f"--config.{k}={v}" for k, v in pairs]
+  child_env = dict(os.environ, **(env or {}))
   with tempfile.TemporaryDirectory(prefix="collabdm_bench_") as workdir:
     cmd = [sys.executable, "-m", "launch.distill", f"--config={config}",
            f"--workdir={workdir}", *overrides]
     log(f"end-to-end: {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env=child_env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
       raise RuntimeError(f"end-to-end run failed ({proc.returncode}): "
                          f"{proc.stderr[-3000:]}")
     results = json.loads((pathlib.Path(workdir) / "results.json").read_text())
   return {
-      "name": "e2e_default",
+      "name": name,
       "config": f"experiments/configs/{sizes['e2e_config']}.py",
-      "reduced_budget": True,
-      "overrides": {k: v for k, v in sizes["e2e_overrides"]},
+      "reduced_budget": reduced,
+      "overrides": {k: v for k, v in pairs},
       "phases_s": results["wall_s"],
       "subprocess_wall_s": wall,
       "accuracy_mean": results.get("accuracy_mean"),
+      "accuracy_std": results.get("accuracy_std"),
+      "accuracies": results.get("accuracies"),
       "num_clients": results.get("num_clients"),
       "environment": results.get("environment"),
       # Children are waited for one at a time and this runs first, so the
       # children's maximum is this run's peak.
       "peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
   }
+
+
+# ---------------------------------------------------------------------------
+# GPU cases.
+# ---------------------------------------------------------------------------
+
+# Dense (no sparsity) tensor-core and FP32 rates of the SXM cards, from
+# NVIDIA's H100/H200 datasheet, in GFLOP/s: a reference beside the measured
+# matmul peaks, which are what the ratios use.
+DATASHEET_GFLOPS = {
+    "H100": {"fp32": 67e3, "tf32": 494.5e3, "bf16": 989e3},
+    "H200": {"fp32": 67e3, "tf32": 494.5e3, "bf16": 989e3},
+}
+# Which matmul peak (and datasheet rate) each variant is compared with.
+_VARIANT_PEAK = {"": "tf32", "_fp32": "fp32", "_bf16": "bf16"}
+
+
+def datasheet_for(device):
+  kind = getattr(device, "device_kind", "")
+  for name, rates in DATASHEET_GFLOPS.items():
+    if name in kind:
+      return {"card": kind, "source": "NVIDIA H100/H200 SXM datasheet, dense",
+              "gflops": rates}
+  return None
+
+
+def accuracy_effect(f32, bf16):
+  """bfloat16's effect on accuracy: both runs evaluate the same nets."""
+  a, b = f32.get("accuracies"), bf16.get("accuracies")
+  out = {"float32_mean": f32.get("accuracy_mean"),
+         "float32_std": f32.get("accuracy_std"),
+         "bfloat16_mean": bf16.get("accuracy_mean"),
+         "bfloat16_std": bf16.get("accuracy_std")}
+  if a and b and len(a) == len(b):
+    d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
+    # Evaluation nets are seeded alike in both runs, so differences pair.
+    out.update(paired_differences=d.tolist(), mean_difference=float(d.mean()),
+               std_difference=float(d.std(ddof=1)) if d.size > 1 else None)
+  return out
+
+
+def run_gpu_cases(sizes, accel, patterns, device, result, flush):
+  """Every selected GPU case, most informative first; ``flush`` saves."""
+  gpu = {"status": "measured", "device": str(device),
+         "device_kind": getattr(device, "device_kind", ""),
+         "platform": device.platform, "sizes": {
+             k: v for k, v in accel.items() if k != "e2e_overrides"},
+         "datasheet": datasheet_for(device)}
+  result["gpu"] = gpu
+  n, reps = accel["matmul_n"], sizes["matmul_reps"]
+  peaks = {"tf32": matmul_peak(device, n, reps),
+           "fp32": matmul_peak(device, n, reps, precision="highest"),
+           "bf16": matmul_peak(device, n, reps, dtype="bfloat16")}
+  result["matmul_peak"]["gpu"] = peaks
+  for k, v in peaks.items():
+    log(f"GPU matmul {k}: {v['gflops']:.0f} GFLOP/s")
+  flush()
+
+  def add(entries):
+    for e in entries:
+      key = _VARIANT_PEAK[e["name"].split("_gpu", 1)[1]]
+      e["matmul_peak_kind"] = key
+      e["fraction_of_fp32_matmul_peak"] = (
+          e["gflops"] / peaks["fp32"]["gflops"])
+      if gpu["datasheet"]:
+        e["fraction_of_datasheet_peak"] = (
+            e["gflops"] / gpu["datasheet"]["gflops"][key])
+    result["client_pass"].extend(entries)
+    flush()
+
+  def client(clients):
+    for variant in VARIANTS:
+      run_client_cases(dict(accel, clients=clients), patterns, "gpu",
+                       [device], peaks[_VARIANT_PEAK[variant]]["gflops"],
+                       variant, on_case=add)
+
+  # The headline shape first, then bfloat16's accuracy effect, then scale.
+  client(accel["clients"][:1])
+  runs = {dtype: f"e2e_default_gpu{suffix}"
+          for suffix, dtype in (("", "float32"), ("_bf16", "bfloat16"))
+          if selected(f"e2e_default_gpu{suffix}", patterns)}
+  e2e = {}
+  if runs:
+    # The two runs share the GPU at the same time: mostly compilation (one
+    # CPU core each) and small steps, so together they take about as long
+    # as one. Their wall times are therefore upper bounds, not benchmarks;
+    # their accuracies are what they are for.
+    log(f"{', '.join(runs.values())}: full default config on "
+        f"{device.platform}, concurrently")
+    with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+      futures = {dtype: pool.submit(
+          e2e_case, sizes, name, tuple(accel["e2e_overrides"]) +
+          (("compute_dtype", dtype),), False) for dtype, name in runs.items()}
+      for dtype, future in futures.items():
+        e2e[dtype] = future.result()
+        e2e[dtype]["ran_concurrently_with"] = sorted(
+            set(runs.values()) - {runs[dtype]})
+        result.setdefault("end_to_end_gpu", []).append(e2e[dtype])
+        log(f"  {runs[dtype]}: accuracy {e2e[dtype]['accuracy_mean']}, "
+            f"phases {e2e[dtype]['phases_s']}")
+    flush()
+  if len(e2e) == 2:
+    gpu["bf16_accuracy_effect"] = accuracy_effect(e2e["float32"],
+                                                  e2e["bfloat16"])
+  client(accel["clients"][1:])
+  for ds in DATASETS:
+    for suffix, dtype in (("", "float32"), ("_bf16", "bfloat16")):
+      name = f"server_{ds}_gpu{suffix}"
+      if selected(name, patterns):
+        result["server_step"].append(server_case(
+            ds, dict(sizes, server_steps=accel["server_steps"]),
+            sizes["iterations"], name, dtype, device))
+        flush()
+
+
+def summarize_gpu(result):
+  cases = [c for c in result["client_pass"] if "_gpu" in c["name"]]
+  if not cases:
+    return None
+  head = min(cases, key=lambda c: (c["num_clients"], c["num_iterations"]))
+  out = {"fraction_of_matmul_peak_by_case": {
+             c["name"]: c["fraction_of_matmul_peak"] for c in cases},
+         "images_networks_per_s_by_case": {
+             c["name"]: c["images_networks_per_s"] for c in cases}}
+  for c in cases:
+    if (c["dataset"], c["num_clients"], c["num_iterations"]) == (
+        head["dataset"], head["num_clients"], head["num_iterations"]):
+      suffix = c["name"].split("_gpu", 1)[1] or "_default"
+      out[f"headline{suffix}"] = {
+          "case": c["name"], "images_networks_per_s": c[
+              "images_networks_per_s"], "gflops": c["gflops"],
+          "fraction_of_matmul_peak": c["fraction_of_matmul_peak"],
+          "matmul_peak_kind": c.get("matmul_peak_kind"),
+          "fraction_of_fp32_matmul_peak": c.get(
+              "fraction_of_fp32_matmul_peak"),
+          "fraction_of_datasheet_peak": c.get("fraction_of_datasheet_peak")}
+  if "headline_bf16" in out and "headline_default" in out:
+    out["bf16_speedup_over_default"] = (
+        out["headline_bf16"]["images_networks_per_s"] /
+        out["headline_default"]["images_networks_per_s"])
+  effect = result["gpu"].get("bf16_accuracy_effect")
+  if effect:
+    out["bf16_accuracy_effect"] = effect
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -664,7 +893,7 @@ def e2e_case(sizes):
 def summarize(result):
   cases = [c for c in result["client_pass"]
            if c["dataset"] == "fmnist" and c["backend"] == "cpu"
-           and c["devices"] == 1]
+           and c["devices"] == 1 and "_gpu" not in c["name"]]
   summary = {"target_fraction_of_matmul_peak": TARGET_FRACTION}
   if cases:
     # Headline: the default config's shape (fewest clients, shortest run).
@@ -687,6 +916,9 @@ def summarize(result):
   summary["all_client_cases_extrapolated"] = all(
       c["method"] == "extrapolated" for c in result["client_pass"])
   summary["gpu"] = result["gpu"].get("status")
+  gpu = summarize_gpu(result)
+  if gpu is not None:
+    summary["gpu_cases"] = gpu
   return summary
 
 
@@ -700,7 +932,12 @@ def main(argv=None):
                       help="samples embedded at once in the client pass "
                            "(default: the default config's, 64; quick: 16)")
   parser.add_argument("--out", default=None,
-                      help="also write the JSON document to this path")
+                      help="also write the JSON document to this path (GPU "
+                           "runs also save it after every case)")
+  parser.add_argument("--accel-embed-batch", type=int, default=None,
+                      help="embed batch of the GPU cases (default 1024)")
+  parser.add_argument("--accelerator", default="gpu",
+                      help=argparse.SUPPRESS)  # tests: "cpu" dry-runs them
   parser.add_argument("--devices", type=int, default=None,
                       help=argparse.SUPPRESS)  # internal: 4-device child
   parser.add_argument("--matmul-gflops", type=float, default=None,
@@ -708,14 +945,27 @@ def main(argv=None):
   parser.add_argument("--flops-per-image", default=None,
                       help=argparse.SUPPRESS)  # internal: parent's counts
   args = parser.parse_args(argv)
+  # Every process on the GPU (this one and the end-to-end children) takes
+  # memory as it needs it, rather than 75% of the card each.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   sizes = dict(QUICK if args.quick else FULL)
   sizes_name = "quick" if args.quick else "full"
   if args.embed_batch is not None:
     if args.embed_batch < 1:
       raise ValueError(f"--embed-batch must be >= 1, got {args.embed_batch}")
     sizes["embed_batch"] = args.embed_batch
+  accel = dict(ACCEL_QUICK if args.quick else ACCEL)
+  if args.accel_embed_batch is not None:
+    if args.accel_embed_batch < 1:
+      raise ValueError("--accel-embed-batch must be >= 1, got "
+                       f"{args.accel_embed_batch}")
+    accel["embed_batch"] = args.accel_embed_batch
+    accel["e2e_overrides"] = tuple(
+        (k, args.accel_embed_batch if k == "stats.embed_batch" else v)
+        for k, v in accel["e2e_overrides"])
+  accel = dict(sizes, **accel)
   patterns = parse_patterns(args.cases)
-  names = all_case_names(sizes)
+  names = all_case_names(sizes, accel)
   if not any(selected(n, patterns) for n in names):
     raise ValueError(f"--cases={args.cases!r} selects none of {names}")
 
@@ -737,7 +987,15 @@ def main(argv=None):
   wall0 = time.perf_counter()
   result = {"schema_version": SCHEMA_VERSION, "sizes": sizes_name,
             "embed_batch": sizes["embed_batch"],
-            "cases_pattern": args.cases, "environment": environment()}
+            "cases_pattern": args.cases, "environment": environment(),
+            "complete": False}
+
+  def flush():
+    """Saves what is measured so far (a run cut short keeps its cases)."""
+    if args.out:
+      pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+      pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
   cpu = jax.devices("cpu")[0]
   log(f"matmul peak on {cpu}")
   result["matmul_peak"] = {"cpu": matmul_peak(cpu, sizes["matmul_n"],
@@ -761,8 +1019,9 @@ def main(argv=None):
     result["multi_device"].update(peak_rss_mb=child["peak_rss_mb"],
                                   devices_seen=child["environment"]["devices"])
 
-  gpu_names = [n for n in names if n.endswith("_gpu") and selected(n, patterns)]
-  gpus = [d for d in jax.devices() if d.platform == "gpu"]
+  gpu_names = [n for n in names if "_gpu" in n and selected(n, patterns)]
+  gpus = [d for d in jax.devices() if d.platform == args.accelerator]
+  result["server_step"] = []
   if not gpu_names:
     result["gpu"] = {"status": "not selected"}
   elif not gpus:
@@ -770,11 +1029,7 @@ def main(argv=None):
                      f"(backend {jax.default_backend()})",
                      "skipped_cases": gpu_names}
   else:
-    peak = matmul_peak(gpus[0], sizes["gpu_matmul_n"], sizes["matmul_reps"])
-    result["matmul_peak"]["gpu"] = peak
-    result["gpu"] = {"status": "measured", "device": str(gpus[0])}
-    result["client_pass"] += run_client_cases(sizes, patterns, "gpu",
-                                              gpus[:1], peak["gflops"])
+    run_gpu_cases(sizes, accel, patterns, gpus[0], result, flush)
 
   # The practical peak is the best matmul of the run: measured again at the
   # end, so a busy moment at the start does not flatter the ratios.
@@ -783,14 +1038,14 @@ def main(argv=None):
   cpu_peak = max(cpu_peak, end_peak["gflops"])
   result["matmul_peak"]["cpu_practical_peak_gflops"] = cpu_peak
   for c in result["client_pass"]:
-    if c["backend"] == "cpu":
+    if c["backend"] == "cpu" and "_gpu" not in c["name"]:
       c["matmul_peak_gflops"] = cpu_peak
       c["fraction_of_matmul_peak"] = c["gflops"] / cpu_peak
 
   result["embed_reference"] = []
   for ds in DATASETS:
     if any(c["dataset"] == ds and c["backend"] == "cpu"
-           for c in result["client_pass"]):
+           and "_gpu" not in c["name"] for c in result["client_pass"]):
       for batch in sizes["embed_probe_batches"]:
         r = embed_reference(make_spec(ds, sizes), batch, cpu,
                             sizes["matmul_reps"])
@@ -800,9 +1055,9 @@ def main(argv=None):
             f"images/s = {100 * r['fraction_of_matmul_peak']:.1f}% of peak")
 
   iterations = sizes["iterations"]
-  result["server_step"] = [server_case(ds, sizes, iterations)
-                           for ds in DATASETS
-                           if selected(f"server_{ds}", patterns)]
+  result["server_step"] += [server_case(ds, sizes, iterations)
+                            for ds in DATASETS
+                            if selected(f"server_{ds}", patterns)]
   result["peak_rss_mb"] = {"bench_process": peak_rss_mb()}
   if result["end_to_end"] is not None:
     result["peak_rss_mb"]["end_to_end_run"] = result["end_to_end"][
@@ -812,6 +1067,7 @@ def main(argv=None):
         "peak_rss_mb"]
   result["environment"]["load_average_end"] = list(os.getloadavg())
   result["bench_wall_s"] = time.perf_counter() - wall0
+  result["complete"] = True
   result["summary"] = summarize(result)
   s = result["summary"]
   if "client_pass_fraction_of_matmul_peak" in s:
