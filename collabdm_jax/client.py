@@ -251,11 +251,16 @@ def _even_batch(slots, cap):
 _SLACKS = (1.0, 1.03, 1.06, 1.1, 1.15, 1.25, 1.5, 2.0)
 
 
-def _padded_slots(class_counts, per_class, embed_batch=64):
-  """``class_slots`` padded (class -1) to a whole number of embed batches."""
+def _padded_slots(class_counts, per_class, embed_batch=64, min_slots=0):
+  """``class_slots`` padded (class -1) to a whole number of embed batches.
+
+  ``min_slots`` pads further, as if there were that many slots, so that
+  parties with different class counts share one shape.
+  """
   sc, sr = class_slots(class_counts, per_class)
-  eb = min(embed_batch, _bucket(max(sc.size, 1)))
-  n = _round_up(max(sc.size, 1), eb)
+  size = max(sc.size, min_slots, 1)
+  eb = min(embed_batch, _bucket(size))
+  n = _round_up(size, eb)
   pad = n - sc.size
   return (np.concatenate([sc, np.full(pad, -1, np.int32)]),
           np.concatenate([sr, np.zeros(pad, np.int32)]))
@@ -401,10 +406,13 @@ def slot_moments(spec, embed, params, class_keys, images, slot_group,
   ``embed_batch``), ``slot_group`` ``[S]`` which group (client) each belongs
   to and ``slot_class`` ``[S]`` its class, -1 for padding. Slots are
   augmented with their class's key and embedded ``embed_batch`` at a time in
-  a ``scan``: one flat list keeps every embedding batch full, and small
+  a loop: one flat list keeps every embedding batch full, and small
   batches (32-64 samples) stay in cache where XLA:CPU convolutions run
-  fastest. Returns ``[G, C, D], [G, C, D] (or a scalar 0 without
-  spec.second_moments), [G, C]``.
+  fastest. The loop stops after the last batch holding a real slot, so
+  padding at the end of the list (a shard's tail, or a party padded to
+  share a compiled shape with larger ones) costs nothing. Returns
+  ``[G, C, D], [G, C, D] (or a scalar 0 without spec.second_moments),
+  [G, C]``.
   """
   C = spec.num_classes
   S = slot_class.shape[0]
@@ -412,7 +420,7 @@ def slot_moments(spec, embed, params, class_keys, images, slot_group,
   segment = jnp.where((slot_class >= 0) & (slot_group >= 0),
                       slot_group * C + slot_class, -1)
 
-  def chunk(carry, i):
+  def chunk(i, carry):
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * eb, eb)
     xs = augment_per_slot(class_keys, sl(images), sl(slot_class),
                           spec.dsa_strategy)
@@ -422,13 +430,15 @@ def slot_moments(spec, embed, params, class_keys, images, slot_group,
     s, q, n = carry
     s = s + onehot.T @ emb
     q = q + onehot.T @ jnp.square(emb) if spec.second_moments else q
-    return (s, q, n + onehot.sum(0)), None
+    return s, q, n + onehot.sum(0)
 
   D = models.feature_dim(spec.model, spec.input_shape)
   init = (jnp.zeros((num_groups * C, D)),
           jnp.zeros((num_groups * C, D) if spec.second_moments else ()),
           jnp.zeros((num_groups * C,)))
-  (s, q, n), _ = jax.lax.scan(chunk, init, jnp.arange(S // eb))
+  # Batches up to the last real slot (a dynamic trip count: a while loop).
+  used = jnp.max(jnp.where(segment >= 0, jnp.arange(S) + 1, 0))
+  s, q, n = jax.lax.fori_loop(0, (used + eb - 1) // eb, chunk, init)
   s = s.reshape(num_groups, C, D)
   q = q.reshape(num_groups, C, D) if spec.second_moments else q
   return s, q, n.reshape(num_groups, C)
@@ -682,14 +692,35 @@ def initial_images(key, x, y, num_classes, ipc, init, pae):
   return out
 
 
+def local_padding(client_y, num_classes, cfg: LocalDMConfig):
+  """``pad_to`` for ``local_distill`` that gives all these parties one shape.
+
+  Local DM compiles one step per shape of a party's (padded) data, and a
+  compilation costs more than a whole local run on a GPU: with ten clients
+  of different sizes, the default run's local phase was almost all
+  compilation. Padding every party to the largest costs no FLOPs (only the
+  ``batch_real`` drawn samples per class are embedded).
+  """
+  samples = max((len(y) for y in client_y), default=0)
+  slots = max((int(np.minimum(np.bincount(np.asarray(y, np.int64),
+                                          minlength=num_classes),
+                              cfg.batch_real).sum()) for y in client_y),
+              default=0)
+  return samples, slots
+
+
 def local_distill(key, x, y, num_classes, model, input_shape,
-                  cfg: LocalDMConfig, progress=None):
+                  cfg: LocalDMConfig, progress=None, pad_to=(0, 0)):
   """Distils ``cfg.ipc`` images per class from one party's data with DM.
 
   Each iteration draws a fresh random network and fresh augmentations from
   ``key`` (private to the party), embeds a random ``batch_real`` subset of
   every class and takes one SGD step per class. Used for CollabDM's local
   initialisation, the merged-local-DM baseline and central DM.
+
+  ``pad_to`` (samples, slots), from ``local_padding``, pads the party's data
+  so that several parties share one compiled step; the result does not
+  depend on it (up to float summation order).
 
   Returns:
     ``(images [M, ...], labels [M])`` for the classes present in ``y``.
@@ -702,14 +733,14 @@ def local_distill(key, x, y, num_classes, model, input_shape,
                           num_classes, cfg.ipc, cfg.init, cfg.pae)
   # Pad to a bucketed length (labels C sort last) so parties of similar
   # size share one compiled step.
-  n = _bucket(len(y))
+  n = _bucket(max(len(y), pad_to[0]))
   xs = np.zeros((n,) + x.shape[1:], np.float32)
   xs[:len(y)] = x[order]
   ys = np.full((n,), num_classes, np.int32)
   ys[:len(y)] = y[order]
   class_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
-  slot_class, slot_rank = _padded_slots(counts,
-                                        np.minimum(counts, cfg.batch_real))
+  slot_class, slot_rank = _padded_slots(
+      counts, np.minimum(counts, cfg.batch_real), min_slots=pad_to[1])
   valid = counts > 0
   optimizer, targets, class_step = _local_dm_fns(model, tuple(input_shape),
                                                   num_classes, cfg)

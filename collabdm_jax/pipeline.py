@@ -169,12 +169,14 @@ def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
   t0 = time.perf_counter()
   if cfg.local.enabled:
     lcfg = local_config(cfg, s.dsa_strategy)
+    pad_to = client_lib.local_padding(ys, s.dataset.num_classes, lcfg)
     for i, k in enumerate(client_ids):
       prog = Progress(f"local DM client {k}", lcfg.iterations)
       local[i] = client_lib.local_distill(
           keys_lib.local_distill_key(s.root, k), xs[i], ys[i],
           s.dataset.num_classes, s.model, s.input_shape, lcfg,
-          progress=lambda it, loss, prog=prog: prog.update(it + 1))
+          progress=lambda it, loss, prog=prog: prog.update(it + 1),
+          pad_to=pad_to)
   t1 = time.perf_counter()
   T = cfg.num_iterations
   prog = Progress("client statistics", T)

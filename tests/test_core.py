@@ -352,3 +352,22 @@ def test_many_clients_compile_the_block_function_once(tiny):
   # only through their ids; with full-class statistics they agree.
   np.testing.assert_allclose(stats.means[0], stats.means[3], rtol=1e-5,
                              atol=1e-6)
+
+
+def test_local_padding_shares_one_compiled_step_and_keeps_result(tiny):
+  model, xs, ys = tiny  # 35, 32 and 27 samples: two size buckets
+  dm_cfg = lambda lr: client.LocalDMConfig(ipc=2, iterations=2, lr=lr,
+                                           batch_real=4, dsa_strategy="")
+  padded_cfg, plain_cfg = dm_cfg(1.0), dm_cfg(1.0 + 1e-9)  # separate caches
+  pad_to = client.local_padding(ys, C, padded_cfg)
+  assert pad_to == (35, 11)  # largest party; client 1 draws 3 + 4 + 4
+  run = lambda k, cfg, **kw: client.local_distill(
+      jax.random.key(k), xs[k], ys[k], C, model, SHAPE, cfg, **kw)
+  padded = [run(k, padded_cfg, pad_to=pad_to) for k in range(3)]
+  plain = [run(k, plain_cfg) for k in range(3)]
+  for (pi, pl), (qi, ql) in zip(padded, plain):
+    np.testing.assert_array_equal(pl, ql)
+    np.testing.assert_allclose(pi, qi, rtol=1e-4, atol=1e-5)
+  targets = lambda cfg: client._local_dm_fns(model, SHAPE, C, cfg)[1]
+  assert targets(padded_cfg)._cache_size() == 1
+  assert targets(plain_cfg)._cache_size() == 2

@@ -70,12 +70,15 @@ def run(s, timings: dict) -> dict:
   t0 = time.perf_counter()
   lcfg = pipeline.local_config(cfg, s.dsa_strategy)
   pool_x, pool_y = [], []
+  pad_to = client_lib.local_padding(
+      [s.dataset.train_y[i] for i in s.partition.client_indices],
+      s.dataset.num_classes, lcfg)
   for k in range(cfg.partition.num_clients):
     idx = s.partition.client_indices[k]
     x, y = client_lib.local_distill(
         keys_lib.local_distill_key(s.root, k), s.train_x[idx],
         s.dataset.train_y[idx], s.dataset.num_classes, s.model,
-        s.input_shape, lcfg)
+        s.input_shape, lcfg, pad_to=pad_to)
     pool_x.append(x)
     pool_y.append(y)
   images, labels = select_per_class(
