@@ -25,9 +25,10 @@ float32 at XLA's default precision (which lets the GPU's matrix units use
 TF32), in strict float32 (``precision="highest"``) and with
 ``compute_dtype="bfloat16"``; each is compared with a matmul of the same
 precision timed on the same GPU. ``server_{ds}_gpu{,_bf16}`` times the server
-step and ``e2e_default_gpu{,_bf16}`` runs the *full* default config
-(evaluation included) on the GPU, so that the two give bfloat16's effect on
-accuracy. GPU cases use ``ACCEL`` sizes: larger embedding batches and
+step and ``e2e_default_gpu{,_fp32,_bf16}`` runs the *full* default config
+(evaluation included) on the GPU in the three precisions, so that they give
+bfloat16's (and TF32's) effect on accuracy. The GPU's copy bandwidth and
+the bare embedding are measured too: on a GPU the pass is memory-bound. GPU cases use ``ACCEL`` sizes: larger embedding batches and
 ``t_chunk`` iterations per call, as a GPU wants.
 
   python experiments/bench.py --cases='*_gpu*' --out=bench_gpu.json
@@ -145,11 +146,13 @@ QUICK = dict(
 # call embeds t_chunk iterations (as iter_client_stats does).
 ACCEL = dict(embed_batch=1024, t_chunk=8, timed_chunks=5, matmul_n=8192,
              clients=(10, 1000, 100), server_steps=10,
+             copy_values=1 << 29, embed_probe_batches=(800, 3200),
              # The full default config (not reduced): its accuracy is the
              # measure of bfloat16's effect.
              e2e_overrides=(("stats.embed_batch", 1024),))
 ACCEL_QUICK = dict(embed_batch=32, t_chunk=2, timed_chunks=2, matmul_n=512,
-                   clients=(3,), server_steps=2,
+                   clients=(3,), server_steps=2, copy_values=1 << 20,
+                   embed_probe_batches=(16,),
                    e2e_overrides=QUICK["e2e_overrides"])
 # GPU variants: name suffix -> (compute_dtype, jax matmul precision).
 VARIANTS = {"": ("float32", None), "_fp32": ("float32", "highest"),
@@ -191,7 +194,7 @@ def all_case_names(sizes, accel_sizes=None):
           names.append(client_case_name(ds, k, t, "gpu", variant))
   names += [f"server_{ds}" for ds in DATASETS]
   names += [f"server_{ds}_gpu{v}" for ds in DATASETS for v in ("", "_bf16")]
-  names += ["e2e_default", "e2e_default_gpu", "e2e_default_gpu_bf16"]
+  names += ["e2e_default"] + [f"e2e_default_gpu{v}" for v in VARIANTS]
   return names
 
 
@@ -309,8 +312,9 @@ def matmul_peak(device, n, reps, dtype="float32", precision=None):
                                  dtype), device)
   f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
   expected = 2.0 * n ** 3
-  # XLA:CPU counts exactly 2 n^3; a library call may not be counted at all.
-  flops = flops_of(f.lower(a, b).compile()) or expected
+  # XLA:CPU counts exactly 2 n^3; XLA:GPU reports -1 for its cuBLAS call.
+  flops = flops_of(f.lower(a, b).compile())
+  flops = flops if flops > 0 else expected
   f(a, b).block_until_ready()
   times = []
   for _ in range(reps):
@@ -385,19 +389,40 @@ def flops_per_image(spec):
   return _FLOPS_CACHE[cache_key]
 
 
+def copy_bandwidth(device, n, reps):
+  """Best-of-``reps`` GB/s of a jitted ``x + 1`` on ``n`` float32 values.
+
+  Bytes read plus bytes written: the practical ceiling of memory-bound
+  work (instance norm, ReLU and pooling of the ConvNet's activations).
+  """
+  x = jax.device_put(jnp.asarray(np.random.default_rng(3).standard_normal(
+      n, np.float32)), device)
+  f = jax.jit(lambda v: v + 1.0)
+  f(x).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    times.append(time.perf_counter() - t)
+  best = min(times)
+  return {"values": n, "bytes_per_call": 8.0 * n, "times_s": times,
+          "best_s": best, "gbytes_per_s": 8.0 * n / best / 1e9}
+
+
 def embed_reference(spec, batch, device, reps):
   """The bare embedding: one jitted ConvNet forward of ``batch`` images.
 
   What the client pass would reach if it were nothing but the embedding
-  (no sampling, augmentation, padding or per-class sums).
+  (no sampling, augmentation, padding or per-class sums), in the spec's
+  compute dtype; FLOPs are the float32 program's XLA:CPU count.
   """
   root = jax.random.key(0)
   params = jax.device_put(
       dm.network_params(spec.model, root, 0, spec.input_shape), device)
   x = jax.device_put(np.random.default_rng(2).standard_normal(
       (batch,) + tuple(spec.input_shape), np.float32), device)
-  f = jax.jit(models.embed_fn(spec.model))
-  flops = flops_of(f.lower(params, x).compile())
+  f = jax.jit(models.embed_fn(spec.model, spec.compute_dtype))
+  flops = batch * flops_per_image(spec)[1]
   f(params, x).block_until_ready()
   times = []
   for _ in range(reps):
@@ -405,7 +430,8 @@ def embed_reference(spec, batch, device, reps):
     f(params, x).block_until_ready()
     times.append(time.perf_counter() - t)
   best = min(times)
-  return {"batch": batch, "times_s": times, "best_s": best,
+  return {"batch": batch, "compute_dtype": spec.compute_dtype,
+          "device": str(device), "times_s": times, "best_s": best,
           "images_per_s": batch / best, "gflops": flops / best / 1e9}
 
 
@@ -765,13 +791,13 @@ def datasheet_for(device):
   return None
 
 
-def accuracy_effect(f32, bf16):
-  """bfloat16's effect on accuracy: both runs evaluate the same nets."""
-  a, b = f32.get("accuracies"), bf16.get("accuracies")
-  out = {"float32_mean": f32.get("accuracy_mean"),
-         "float32_std": f32.get("accuracy_std"),
-         "bfloat16_mean": bf16.get("accuracy_mean"),
-         "bfloat16_std": bf16.get("accuracy_std")}
+def accuracy_effect(ref, other):
+  """``other`` run's accuracy minus ``ref``'s; both evaluate the same nets."""
+  a, b = ref.get("accuracies"), other.get("accuracies")
+  out = {"reference": ref["name"], "reference_mean": ref.get("accuracy_mean"),
+         "reference_std": ref.get("accuracy_std"), "other": other["name"],
+         "other_mean": other.get("accuracy_mean"),
+         "other_std": other.get("accuracy_std")}
   if a and b and len(a) == len(b):
     d = np.asarray(b, np.float64) - np.asarray(a, np.float64)
     # Evaluation nets are seeded alike in both runs, so differences pair.
@@ -795,6 +821,18 @@ def run_gpu_cases(sizes, accel, patterns, device, result, flush):
   result["matmul_peak"]["gpu"] = peaks
   for k, v in peaks.items():
     log(f"GPU matmul {k}: {v['gflops']:.0f} GFLOP/s")
+  gpu["copy_bandwidth"] = copy_bandwidth(device, accel["copy_values"], reps)
+  log(f"GPU copy: {gpu['copy_bandwidth']['gbytes_per_s']:.0f} GB/s")
+  gpu["embed_reference"] = []
+  for ds in DATASETS:
+    for dtype, kind in (("float32", "tf32"), ("bfloat16", "bf16")):
+      for batch in accel["embed_probe_batches"]:
+        r = embed_reference(make_spec(ds, accel, dtype), batch, device, reps)
+        r.update(dataset=ds, matmul_peak_kind=kind,
+                 fraction_of_matmul_peak=r["gflops"] / peaks[kind]["gflops"])
+        gpu["embed_reference"].append(r)
+        log(f"GPU bare embedding {ds} {dtype} batch {batch}: "
+            f"{r['images_per_s']:.0f} images/s, {r['gflops']:.0f} GFLOP/s")
   flush()
 
   def add(entries):
@@ -817,8 +855,10 @@ def run_gpu_cases(sizes, accel, patterns, device, result, flush):
 
   # The headline shape first, then bfloat16's accuracy effect, then scale.
   client(accel["clients"][:1])
-  runs = {dtype: f"e2e_default_gpu{suffix}"
-          for suffix, dtype in (("", "float32"), ("_bf16", "bfloat16"))
+  # Variant suffix -> (compute_dtype, JAX_DEFAULT_MATMUL_PRECISION).
+  e2e_variants = {"": ("float32", None), "_fp32": ("float32", "highest"),
+                  "_bf16": ("bfloat16", None)}
+  runs = {suffix: f"e2e_default_gpu{suffix}" for suffix in e2e_variants
           if selected(f"e2e_default_gpu{suffix}", patterns)}
   e2e = {}
   if runs:
@@ -828,21 +868,33 @@ def run_gpu_cases(sizes, accel, patterns, device, result, flush):
     # their accuracies are what they are for.
     log(f"{', '.join(runs.values())}: full default config on "
         f"{device.platform}, concurrently")
+    def launch(suffix):
+      dtype, precision = e2e_variants[suffix]
+      env = ({"JAX_DEFAULT_MATMUL_PRECISION": precision} if precision
+             else None)
+      out = e2e_case(sizes, runs[suffix], tuple(accel["e2e_overrides"]) +
+                     (("compute_dtype", dtype),), False, env)
+      out["matmul_precision"] = precision or "default"
+      return out
+
     with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
-      futures = {dtype: pool.submit(
-          e2e_case, sizes, name, tuple(accel["e2e_overrides"]) +
-          (("compute_dtype", dtype),), False) for dtype, name in runs.items()}
-      for dtype, future in futures.items():
-        e2e[dtype] = future.result()
-        e2e[dtype]["ran_concurrently_with"] = sorted(
-            set(runs.values()) - {runs[dtype]})
-        result.setdefault("end_to_end_gpu", []).append(e2e[dtype])
-        log(f"  {runs[dtype]}: accuracy {e2e[dtype]['accuracy_mean']}, "
-            f"phases {e2e[dtype]['phases_s']}")
+      futures = {suffix: pool.submit(launch, suffix) for suffix in runs}
+      for suffix, future in futures.items():
+        e2e[suffix] = future.result()
+        e2e[suffix]["ran_concurrently_with"] = sorted(
+            set(runs.values()) - {runs[suffix]})
+        result.setdefault("end_to_end_gpu", []).append(e2e[suffix])
+        log(f"  {runs[suffix]}: accuracy {e2e[suffix]['accuracy_mean']}, "
+            f"phases {e2e[suffix]['phases_s']}")
     flush()
-  if len(e2e) == 2:
-    gpu["bf16_accuracy_effect"] = accuracy_effect(e2e["float32"],
-                                                  e2e["bfloat16"])
+  # Against XLA's default float32 (TF32 on the GPU) and strict float32.
+  effect = {f"bf16_vs{ref or '_default'}": accuracy_effect(e2e[ref],
+                                                           e2e["_bf16"])
+            for ref in ("", "_fp32") if ref in e2e and "_bf16" in e2e}
+  if "" in e2e and "_fp32" in e2e:
+    effect["default_vs_fp32"] = accuracy_effect(e2e["_fp32"], e2e[""])
+  if effect:
+    gpu["accuracy_effects"] = effect
   client(accel["clients"][1:])
   for ds in DATASETS:
     for suffix, dtype in (("", "float32"), ("_bf16", "bfloat16")):
@@ -879,9 +931,16 @@ def summarize_gpu(result):
     out["bf16_speedup_over_default"] = (
         out["headline_bf16"]["images_networks_per_s"] /
         out["headline_default"]["images_networks_per_s"])
-  effect = result["gpu"].get("bf16_accuracy_effect")
+  effect = result["gpu"].get("accuracy_effects")
   if effect:
-    out["bf16_accuracy_effect"] = effect
+    out["accuracy_effects"] = {
+        k: {"mean_difference": v.get("mean_difference"),
+            "std_difference": v.get("std_difference"),
+            "reference_mean": v["reference_mean"],
+            "other_mean": v["other_mean"]} for k, v in effect.items()}
+  bw = result["gpu"].get("copy_bandwidth")
+  if bw:
+    out["copy_gbytes_per_s"] = bw["gbytes_per_s"]
   return out
 
 
