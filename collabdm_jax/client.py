@@ -567,11 +567,18 @@ def iter_client_stats(root, client_x, client_y, client_ids, spec: StatsSpec,
   class_counts = np.zeros((K, C), np.int32)
   for k, y in enumerate(client_y):
     class_counts[k] = np.bincount(np.asarray(y, np.int64), minlength=C)
+  # A pass of one block keeps it on the devices between calls: copying it
+  # in again for every chunk of iterations cost a CPU 0.35 s per call for
+  # CIFAR-10 in 10 clients, and the copy made for a call is as large as the
+  # block kept. With several blocks only the block in use is copied in, so
+  # memory stays at one block whatever the number of clients.
+  resident = (parallel.to_global(mesh, blocks[0][:9]) if len(blocks) == 1
+              else None)
   for t0 in range(0, num_iterations, t_chunk):
     tn = min(t_chunk, num_iterations - t0)
     means = counts = sq = None
     for blk in blocks:
-      arrays = parallel.to_global(mesh, blk[:9])
+      arrays = resident or parallel.to_global(mesh, blk[:9])
       out = fn(root, jnp.int32(t0), *arrays)
       m, n = _local_rows(out[0]), _local_rows(out[2])
       q = _local_rows(out[1]) if spec.second_moments else None

@@ -72,14 +72,14 @@ def max_over_processes(values: Sequence[int]) -> np.ndarray:
 def to_global(mesh: Mesh, arrays):
   """Arrays split along ``clients`` from each process's local parts.
 
-  Single-process: the arrays themselves (``jit`` places them). Otherwise
+  Single-process: the arrays placed on the mesh's devices. Otherwise
   ``jax.make_array_from_process_local_data``: each process passes the rows
   for its own devices and the global array is their concatenation in
   process order, without any process holding the others' data.
   """
-  if jax.process_count() == 1:
-    return tuple(arrays)
   sharding = NamedSharding(mesh, P(CLIENT_AXIS))
+  if jax.process_count() == 1:
+    return tuple(jax.device_put(a, sharding) for a in arrays)
   return tuple(jax.make_array_from_process_local_data(sharding, a)
                for a in arrays)
 
