@@ -38,8 +38,12 @@ depend on pixel values) with the datasets' shapes and training-set sizes,
 split evenly over K clients with uniform labels; the statistics are those of
 the default config (ConvNet-3, batch_real 32, embed_batch 64, DM's DSA).
 One *chunk* is one call of ``client._block_stats_fn`` (the jitted function
-``iter_client_stats`` calls) on one block of clients for one iteration,
-followed by the device-to-host copy ``iter_client_stats`` does. Blocks use
+``iter_client_stats`` calls) on one block of clients already on the devices,
+for one iteration (``t_chunk`` on a GPU), followed by the device-to-host
+copy ``iter_client_stats`` does. The host-to-device copy of a block is timed
+on its own and charged as ``iter_client_stats`` makes it: once per pass when
+the pass has one block, else once per block and call of the default
+config's ``stats.t_chunk`` (8) iterations. Blocks use
 ``iter_client_stats``' default clients per device unless a call would then
 embed more than ``max_chunk_images`` padded samples (the layout used is
 recorded per case). After a
@@ -71,6 +75,7 @@ import concurrent.futures
 import contextlib
 import fnmatch
 import json
+import math
 import os
 import pathlib
 import platform
@@ -119,6 +124,7 @@ FULL = dict(
     model=dict(arch="convnet"), train_size=None, batch_real=32,
     embed_batch=64, dsa_strategy=None, timed_chunks=3,
     max_chunk_images=2048, embed_probe_batches=(32, 64, 256),
+    pipeline_t_chunk=8,  # the default config's stats.t_chunk
     matmul_n=2048, matmul_reps=10, gpu_matmul_n=8192, server_ipc=10,
     server_steps=5, e2e_config="default",
     # The default config takes ~20 min on 2 busy cores; these keep its
@@ -135,6 +141,7 @@ QUICK = dict(
     model=dict(arch="convnet", width=8, depth=2), train_size=96,
     batch_real=8, embed_batch=16, dsa_strategy="flip", timed_chunks=2,
     max_chunk_images=64, embed_probe_batches=(16,), matmul_n=512, matmul_reps=3, gpu_matmul_n=1024,
+    pipeline_t_chunk=2,
     server_ipc=2, server_steps=2, e2e_config="smoke",
     e2e_overrides=(("num_iterations", 2), ("local.iterations", 1),
                    ("dsa_strategy", "flip"), ("eval.dsa", False),
@@ -502,15 +509,21 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
   cpd = layout.clients_per_shard
   default_cpd = cpd
   block_size = n_dev * cpd
-  # Host arrays, as iter_client_stats passes them (the copy is timed too).
   blk_arrays = [tuple(b[:-1]) for b in blocks]
 
   fn = client_lib._block_stats_fn(spec, mesh, t_chunk, eb)
   root = jax.random.key(0)
-  if devices[0].platform != "cpu":
-    # Held on the device measured, as iter_client_stats' to_global does; the
-    # host-to-device copy is not part of the embedding pass.
-    blk_arrays = [parallel.to_global(mesh, b) for b in blk_arrays]
+  # iter_client_stats copies a block onto the devices (to_global) once per
+  # call of pipeline_t_chunk iterations, or once per pass when the pass has
+  # a single block: timed here on its own and charged to the pass that way,
+  # while the timed calls run on blocks already placed.
+  copies = []
+  for _ in range(2):
+    t0 = time.perf_counter()
+    jax.block_until_ready(parallel.to_global(mesh, blk_arrays[0]))
+    copies.append(time.perf_counter() - t0)
+  copy_s = min(copies)
+  blk_arrays = [parallel.to_global(mesh, b) for b in blk_arrays]
 
   def call(kind, t):
     t0 = time.perf_counter()
@@ -594,10 +607,15 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
       "real_samples_per_full_block_call": int(
           (full_block.slot_class >= 0).sum()),
   }
-  images_per_s = images_per_iteration / seconds_per_iteration
-  gflops = images_per_s * fpi / 1e9
+  workload["host_to_device_s_per_block"] = copy_s
+  pipeline_t_chunk = sizes["pipeline_t_chunk"]
   entries = []
   for T in iterations:
+    copies = 1 if total_units == 1 else total_units * math.ceil(
+        T / pipeline_t_chunk)
+    pass_s = seconds_per_iteration * T + copies * copy_s
+    images_per_s = images_per_iteration * T / pass_s
+    gflops = images_per_s * fpi / 1e9
     measured_units = (timed + len(other)) * t_chunk
     entries.append({
         "name": client_case_name(dataset, num_clients, T, where, variant),
@@ -606,8 +624,11 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
         "method": "extrapolated",
         "measured_fraction_of_pass": min(1.0,
                                          measured_units / (total_units * T)),
-        "client_pass_s": seconds_per_iteration * T,
-        "seconds_per_iteration": seconds_per_iteration,
+        "client_pass_s": pass_s,
+        "seconds_per_iteration": pass_s / T,
+        "compute_seconds_per_iteration": seconds_per_iteration,
+        "host_to_device_copies": copies,
+        "pipeline_t_chunk": pipeline_t_chunk,
         "images_networks_per_s": images_per_s,
         "flops_per_image": fpi, "embed_only_flops_per_image": embed_fpi,
         "flops_source": "XLA cost_analysis of compiled client.class_moments "

@@ -28,13 +28,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 def quick_script_json(tmp_path_factory):
   """Runs ``python SCRIPT --quick --out=FILE`` from the repository root.
 
-  Returns a function ``(script, timeout) -> document``: the one JSON
+  Returns a function ``(script, timeout, *args) -> document``: the one JSON
   document the script prints, checked to be what it wrote to FILE.
   """
-  def run(script, timeout):
+  def run(script, timeout, *args):
     out = tmp_path_factory.mktemp("quick") / "out.json"
     proc = subprocess.run(
-        [sys.executable, script, "--quick", f"--out={out}"],
+        [sys.executable, script, "--quick", f"--out={out}", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads(proc.stdout)  # stdout is exactly one JSON document

@@ -127,3 +127,61 @@ def test_case_selection():
     bench.parse_patterns(" , ")
   with pytest.raises(ValueError, match="selects none"):
     bench.main(["--quick", "--cases=nothing_matches"])
+
+
+def test_pass_time_charges_the_host_to_device_copies(quick):
+  for c in quick["client_pass"]:
+    T, copies = c["num_iterations"], c["host_to_device_copies"]
+    blocks = sum(b["count"] for b in c["workload"]["blocks"])
+    # One copy per pass for a single block, else one per block and call.
+    expect = 1 if blocks == 1 else blocks * math.ceil(T / c["pipeline_t_chunk"])
+    assert copies == expect, (c["name"], copies, expect)
+    assert math.isclose(
+        c["client_pass_s"],
+        c["compute_seconds_per_iteration"] * T
+        + copies * c["workload"]["host_to_device_s_per_block"], rel_tol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def accel_dry_run(quick_script_json):
+  """The GPU cases' code path, run on the CPU (``--accelerator=cpu``)."""
+  return quick_script_json("experiments/bench.py", 900, "--accelerator=cpu",
+                           "--cases=fmnist_*_gpu*,server_fmnist_gpu_bf16")
+
+
+def test_gpu_cases_compare_each_precision_with_its_own_matmul(accel_dry_run):
+  doc = accel_dry_run
+  assert doc["gpu"]["status"] == "measured"
+  peaks = doc["matmul_peak"]["gpu"]
+  assert {k: v["precision"] for k, v in peaks.items()} == {
+      "tf32": "default", "fp32": "highest", "bf16": "default"}
+  assert peaks["bf16"]["dtype"] == "bfloat16"
+  names = {c["name"] for c in doc["client_pass"]}
+  assert names == {bench.client_case_name("fmnist", k, t, "gpu", v)
+                   for k in bench.ACCEL_QUICK["clients"]
+                   for t in bench.QUICK["iterations"] for v in bench.VARIANTS}
+  for c in doc["client_pass"]:
+    variant = c["name"].split("_gpu", 1)[1]
+    kind = {"": "tf32", "_fp32": "fp32", "_bf16": "bf16"}[variant]
+    assert c["matmul_peak_kind"] == kind
+    assert c["matmul_peak_gflops"] == peaks[kind]["gflops"]
+    assert c["workload"]["compute_dtype"] == bench.VARIANTS[variant][0]
+    assert c["workload"]["t_chunk"] == bench.ACCEL_QUICK["t_chunk"]
+    assert c["measurement"]["single_trace"]
+  assert [s["name"] for s in doc["server_step"]] == ["server_fmnist_gpu_bf16"]
+  assert doc["server_step"][0]["compute_dtype"] == "bfloat16"
+  assert _positive(doc["gpu"]["copy_bandwidth"]["gbytes_per_s"])
+  head = doc["summary"]["gpu_cases"]
+  assert _positive(head["bf16_speedup_over_default"])
+
+
+def test_accuracy_effect_pairs_the_evaluation_nets():
+  ref = {"name": "a", "accuracies": [0.70, 0.72, 0.71], "accuracy_mean": 0.71,
+         "accuracy_std": 0.01}
+  other = {"name": "b", "accuracies": [0.71, 0.72, 0.73],
+           "accuracy_mean": 0.72, "accuracy_std": 0.01}
+  e = bench.accuracy_effect(ref, other)
+  assert e["paired_differences"] == pytest.approx([0.01, 0.0, 0.02])
+  assert e["mean_difference"] == pytest.approx(0.01)
+  assert e["std_difference"] == pytest.approx(0.01)
+  assert (e["reference"], e["other"]) == ("a", "b")
