@@ -1,0 +1,131 @@
+"""Where a one-block client pass spends the time it does not spend embedding.
+
+With 10 clients every sample sits in one block, and each iteration draws a
+priority for every sample, sorts all of them by (client, class, priority)
+and gathers the slots it embeds. This times each of those steps alone, and
+the whole block function, on the block ``bench.py`` builds, ``t_chunk``
+iterations per call. Prints one JSON document.
+
+  python experiments/sampling_probe.py --out=experiments/results/sampling_probe_gpu.json
+  python experiments/sampling_probe.py --quick     # tiny sizes (CPU check)
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from collabdm_jax import client as client_lib  # noqa: E402
+from collabdm_jax import keys as keys_lib  # noqa: E402
+from collabdm_jax import parallel  # noqa: E402
+from experiments import bench  # noqa: E402
+
+
+def best_time(f, args, reps):
+  jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t)
+  return min(times)
+
+
+def probe(dataset, num_clients, sizes, t_chunk, reps):
+  spec = bench.make_spec(dataset, sizes)
+  shape, train, _ = bench.DATASETS[dataset]
+  train = sizes["train_size"] or train
+  n = train // num_clients
+  rng = np.random.default_rng(0)
+  ys = [rng.integers(0, bench.NUM_CLASSES, n).astype(np.int32)
+        for _ in range(num_clients)]
+  xs = [rng.standard_normal((n,) + shape, np.float32) for _ in ys]
+  slots = [int(spec.slots_per_class(np.bincount(y, minlength=10)).sum())
+           for y in ys]
+  layout = client_lib.plan_layout(spec, [n] * num_clients, slots, 1)
+  blocks = client_lib.make_blocks(xs, ys, list(range(num_clients)), spec,
+                                  layout)
+  assert len(blocks) == 1, "the probe is for one-block passes"
+  mesh = parallel.client_mesh(devices=jax.devices()[:1])
+  arrays = parallel.to_global(mesh, blocks[0][:9])
+  root = jax.random.key(0)
+  (x, y, sample_client, client_offset, class_start, client_ids, slot_client,
+   slot_class, slot_rank) = arrays
+  G = client_ids.shape[0]
+
+  # The block function's own steps (client._block_stats_fn), one at a time.
+  def priorities(t):
+    owner = jnp.minimum(sample_client, G - 1)
+    local_index = jnp.arange(y.shape[0]) - client_offset[owner]
+    keys = jax.vmap(lambda cid: jax.random.fold_in(
+        keys_lib.client_key(root, cid), t))(client_ids)
+    return jax.vmap(lambda k, i: jax.random.uniform(jax.random.fold_in(
+        k, i)))(keys[owner], local_index)
+
+  def order_of(prio):
+    return jnp.lexsort((prio, y, sample_client))
+
+  def slot_index(order):
+    g, c = jnp.maximum(slot_client, 0), jnp.maximum(slot_class, 0)
+    return order[client_offset[g] + class_start[g, c] + slot_rank]
+
+  ts = jnp.arange(t_chunk)
+  prio0 = priorities(0)
+  idx0 = slot_index(order_of(prio0))
+  steps = {
+      "priorities": (jax.jit(lambda: jax.lax.map(priorities, ts)), ()),
+      "sort": (jax.jit(lambda p: jax.lax.map(
+          lambda t: order_of(p + t), ts)), (prio0,)),
+      "gather": (jax.jit(lambda i: jax.lax.map(
+          lambda t: x[(i + t) % x.shape[0]], ts)), (idx0,)),
+      "draw_and_gather": (jax.jit(lambda: jax.lax.map(
+          lambda t: x[slot_index(order_of(priorities(t)))], ts)), ()),
+  }
+  out = {"dataset": dataset, "num_clients": num_clients, "t_chunk": t_chunk,
+         "samples_in_block": int(y.shape[0]),
+         "slots_per_iteration": int(slot_class.shape[0]),
+         "block_bytes": int(x.size * x.dtype.itemsize),
+         "seconds_per_call": {}}
+  for name, (f, args) in steps.items():
+    out["seconds_per_call"][name] = best_time(f, args, reps)
+  fn = client_lib._block_stats_fn(spec, mesh, t_chunk, layout.embed_batch)
+  out["seconds_per_call"]["block_function"] = best_time(
+      lambda: fn(root, jnp.int32(0), *arrays), (), reps)
+  share = out["seconds_per_call"]["draw_and_gather"] / out[
+      "seconds_per_call"]["block_function"]
+  out["draw_and_gather_share_of_block_function"] = share
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  if args.quick:
+    sizes, cases, t_chunk, reps = dict(bench.QUICK), [("fmnist", 3)], 2, 2
+  else:
+    sizes = dict(bench.FULL, embed_batch=bench.ACCEL["embed_batch"])
+    cases = [("fmnist", 10), ("cifar10", 10)]
+    t_chunk, reps = bench.ACCEL["t_chunk"], 10
+  doc = {"environment": bench.environment(),
+         "cases": [probe(ds, k, sizes, t_chunk, reps) for ds, k in cases]}
+  text = json.dumps(doc, indent=2)
+  if args.out:
+    pathlib.Path(args.out).write_text(text + "\n")
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
