@@ -305,6 +305,20 @@ def environment():
   }
 
 
+def call_times(f, args, reps):
+  """Seconds of each of ``reps`` calls ``f(*args)``, after one warm-up call.
+
+  Every call waits for its result, so device work is inside the time.
+  """
+  jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t)
+  return times
+
+
 def matmul_peak(device, n, reps, dtype="float32", precision=None):
   """Best-of-``reps`` GFLOP/s of a jitted ``n x n`` matmul.
 
@@ -322,12 +336,7 @@ def matmul_peak(device, n, reps, dtype="float32", precision=None):
   # XLA:CPU counts exactly 2 n^3; XLA:GPU reports -1 for its cuBLAS call.
   flops = flops_of(f.lower(a, b).compile())
   flops = flops if flops > 0 else expected
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t)
+  times = call_times(f, (a, b), reps)
   best = min(times)
   return {"n": n, "dtype": str(dtype), "precision": precision or "default",
           "device": str(device),
@@ -405,12 +414,7 @@ def copy_bandwidth(device, n, reps):
   x = jax.device_put(jnp.asarray(np.random.default_rng(3).standard_normal(
       n, np.float32)), device)
   f = jax.jit(lambda v: v + 1.0)
-  f(x).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(x).block_until_ready()
-    times.append(time.perf_counter() - t)
+  times = call_times(f, (x,), reps)
   best = min(times)
   return {"values": n, "bytes_per_call": 8.0 * n, "times_s": times,
           "best_s": best, "gbytes_per_s": 8.0 * n / best / 1e9}
@@ -430,12 +434,7 @@ def embed_reference(spec, batch, device, reps):
       (batch,) + tuple(spec.input_shape), np.float32), device)
   f = jax.jit(models.embed_fn(spec.model, spec.compute_dtype))
   flops = batch * flops_per_image(spec)[1]
-  f(params, x).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(params, x).block_until_ready()
-    times.append(time.perf_counter() - t)
+  times = call_times(f, (params, x), reps)
   best = min(times)
   return {"batch": batch, "compute_dtype": spec.compute_dtype,
           "device": str(device), "times_s": times, "best_s": best,

@@ -14,7 +14,6 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 
 import numpy as np
 
@@ -32,13 +31,7 @@ from experiments import bench  # noqa: E402
 
 
 def best_time(f, args, reps):
-  jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - t)
-  return min(times)
+  return min(bench.call_times(f, args, reps))
 
 
 def probe(dataset, num_clients, sizes, t_chunk, reps):
