@@ -77,6 +77,12 @@ class StatsSpec:
       return class_counts
     return np.minimum(class_counts, self.batch_real)
 
+  def slots_of(self, labels) -> int:
+    """Samples a client with these labels embeds per iteration."""
+    counts = np.bincount(np.asarray(labels, np.int64).reshape(-1),
+                         minlength=self.num_classes)
+    return int(self.slots_per_class(counts).sum())
+
 
 class ClientStats(NamedTuple):
   """Statistics of several clients over a range of iterations.
@@ -543,9 +549,7 @@ def iter_client_stats(root, client_x, client_y, client_ids, spec: StatsSpec,
   mesh = mesh if mesh is not None else parallel.client_mesh()
   local_devices = parallel.local_device_count(mesh)
   samples = [int(np.asarray(y).size) for y in client_y]
-  slots = [int(spec.slots_per_class(np.bincount(np.asarray(y, np.int64),
-                                                minlength=spec.num_classes)
-                                    ).sum()) for y in client_y]
+  slots = [spec.slots_of(y) for y in client_y]
   layout = plan_layout(spec, samples, slots, local_devices,
                        clients_per_device)
   # Every process must lay out blocks alike (same shapes and number of

@@ -469,9 +469,7 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
   # embedded per iteration; images are made only for the blocks timed.
   labels = [client_data(rng, n, shape, with_images=False)[1]
             for _ in range(num_clients)]
-  real_slots = np.array([
-      int(spec.slots_per_class(np.bincount(y, minlength=NUM_CLASSES)).sum())
-      for y in labels])
+  real_slots = np.array([spec.slots_of(y) for y in labels])
   images_per_iteration = int(real_slots.sum())
 
   # Block layout: exactly what iter_client_stats plans for these clients.

@@ -43,8 +43,7 @@ def probe(dataset, num_clients, sizes, t_chunk, reps):
   ys = [rng.integers(0, bench.NUM_CLASSES, n).astype(np.int32)
         for _ in range(num_clients)]
   xs = [rng.standard_normal((n,) + shape, np.float32) for _ in ys]
-  slots = [int(spec.slots_per_class(np.bincount(y, minlength=10)).sum())
-           for y in ys]
+  slots = [spec.slots_of(y) for y in ys]
   layout = client_lib.plan_layout(spec, [n] * num_clients, slots, 1)
   blocks = client_lib.make_blocks(xs, ys, list(range(num_clients)), spec,
                                   layout)

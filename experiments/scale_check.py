@@ -193,8 +193,7 @@ def _layout(spec, client_y, client_ids, num_shards, input_shape):
   from collabdm_jax import client  # pylint: disable=import-outside-toplevel
   tiny = dataclasses.replace(spec, input_shape=(1, 1, 1))
   samples = [len(y) for y in client_y]
-  slots = [int(spec.slots_per_class(np.bincount(y, minlength=spec.num_classes)
-                                    ).sum()) for y in client_y]
+  slots = [spec.slots_of(y) for y in client_y]
   layout = client.plan_layout(spec, samples, slots, num_shards)
   xs = [np.zeros((len(y), 1, 1, 1), np.float32) for y in client_y]
   blocks = client.make_blocks(xs, client_y, client_ids, tiny, layout)

@@ -371,3 +371,11 @@ def test_local_padding_shares_one_compiled_step_and_keeps_result(tiny):
   targets = lambda cfg: client._local_dm_fns(model, SHAPE, C, cfg)[1]
   assert targets(padded_cfg)._cache_size() == 1
   assert targets(plain_cfg)._cache_size() == 2
+
+
+def test_slots_of_counts_the_samples_drawn_per_iteration(tiny):
+  model, _, ys = tiny
+  for batch_real, expect in ((None, [35, 32, 27]), (4, [8, 11, 9])):
+    spec = client.StatsSpec(model=model, input_shape=SHAPE, num_classes=C,
+                            batch_real=batch_real)
+    assert [spec.slots_of(y) for y in ys] == expect
