@@ -466,33 +466,48 @@ def class_moments(spec, embed, params, class_keys, sample_key, x, y,
   return s[0], (q[0] if spec.second_moments else q), n[0]
 
 
+def _block_priorities(root, t, sample_client, client_offset, client_ids):
+  """Every sample's priority at iteration ``t`` in one shard of a block.
+
+  Each client's own draw, exactly as ``sample_class_slots`` makes it on the
+  client's samples alone: a priority per sample from the client's key for
+  ``t`` and the sample's index within the client.
+  """
+  G = client_ids.shape[0]
+  owner = jnp.minimum(sample_client, G - 1)
+  local_index = jnp.arange(sample_client.shape[0]) - client_offset[owner]
+  sample_keys = jax.vmap(lambda cid: jax.random.fold_in(
+      keys_lib.client_key(root, cid), t))(client_ids)
+  return jax.vmap(lambda k, i: jax.random.uniform(jax.random.fold_in(k, i)))(
+      sample_keys[owner], local_index)
+
+
+def _block_slot_indices(prio, y, sample_client, client_offset, class_start,
+                        slot_client, slot_class, slot_rank):
+  """Which sample fills each slot: order by (client, class, priority)."""
+  order = jnp.lexsort((prio, y, sample_client))
+  g = jnp.maximum(slot_client, 0)
+  c = jnp.maximum(slot_class, 0)
+  return order[client_offset[g] + class_start[g, c] + slot_rank]
+
+
 def _block_stats_fn(spec: StatsSpec, mesh, t_chunk: int, embed_batch: int):
   """Jitted ``(root, t0, block arrays) -> per-client stats of t0..t0+t_chunk``."""
   embed = models.embed_fn(spec.model, spec.compute_dtype)
 
   def local(root, t0, x, y, sample_client, client_offset, class_start,
             client_ids, slot_client, slot_class, slot_rank):
-    G = client_ids.shape[0]
-    owner = jnp.minimum(sample_client, G - 1)
-    local_index = jnp.arange(y.shape[0]) - client_offset[owner]
-
     def per_t(t):
       params = dm.network_params(spec.model, root, t, spec.input_shape)
       class_keys = dm.class_aug_keys(root, t, spec.num_classes)
-      # Each client's own draw, exactly as ``sample_class_slots`` makes it
-      # on the client's samples alone: a priority per sample from the
-      # client's key and the sample's index within the client, then order
-      # by (client, class, priority).
-      sample_keys = jax.vmap(lambda cid: jax.random.fold_in(
-          keys_lib.client_key(root, cid), t))(client_ids)
-      prio = jax.vmap(lambda k, i: jax.random.uniform(
-          jax.random.fold_in(k, i)))(sample_keys[owner], local_index)
-      order = jnp.lexsort((prio, y, sample_client))
-      g = jnp.maximum(slot_client, 0)
-      c = jnp.maximum(slot_class, 0)
-      idx = order[client_offset[g] + class_start[g, c] + slot_rank]
+      prio = _block_priorities(root, t, sample_client, client_offset,
+                               client_ids)
+      idx = _block_slot_indices(prio, y, sample_client, client_offset,
+                                class_start, slot_client, slot_class,
+                                slot_rank)
       return slot_moments(spec, embed, params, class_keys, x[idx],
-                          slot_client, slot_class, G, embed_batch)
+                          slot_client, slot_class, client_ids.shape[0],
+                          embed_batch)
 
     s, q, n = jax.lax.map(per_t, t0 + jnp.arange(t_chunk))
     # [T, G, ...] -> [G, T, ...]; means are what the protocol carries.

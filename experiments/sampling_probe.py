@@ -2,9 +2,10 @@
 
 With 10 clients every sample sits in one block, and each iteration draws a
 priority for every sample, sorts all of them by (client, class, priority)
-and gathers the slots it embeds. This times each of those steps alone, and
-the whole block function, on the block ``bench.py`` builds, ``t_chunk``
-iterations per call. Prints one JSON document.
+and gathers the slots it embeds. This times each of those steps alone
+(the client module's own functions; "sort" includes looking up each slot's
+sample), and the whole block function, on the block ``bench.py`` builds,
+``t_chunk`` iterations per call. Prints one JSON document.
 
   python experiments/sampling_probe.py --out=experiments/results/sampling_probe_gpu.json
   python experiments/sampling_probe.py --quick     # tiny sizes (CPU check)
@@ -25,7 +26,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from collabdm_jax import client as client_lib  # noqa: E402
-from collabdm_jax import keys as keys_lib  # noqa: E402
 from collabdm_jax import parallel  # noqa: E402
 from experiments import bench  # noqa: E402
 
@@ -53,35 +53,28 @@ def probe(dataset, num_clients, sizes, t_chunk, reps):
   root = jax.random.key(0)
   (x, y, sample_client, client_offset, class_start, client_ids, slot_client,
    slot_class, slot_rank) = arrays
-  G = client_ids.shape[0]
 
   # The block function's own steps (client._block_stats_fn), one at a time.
   def priorities(t):
-    owner = jnp.minimum(sample_client, G - 1)
-    local_index = jnp.arange(y.shape[0]) - client_offset[owner]
-    keys = jax.vmap(lambda cid: jax.random.fold_in(
-        keys_lib.client_key(root, cid), t))(client_ids)
-    return jax.vmap(lambda k, i: jax.random.uniform(jax.random.fold_in(
-        k, i)))(keys[owner], local_index)
+    return client_lib._block_priorities(root, t, sample_client,
+                                        client_offset, client_ids)
 
-  def order_of(prio):
-    return jnp.lexsort((prio, y, sample_client))
-
-  def slot_index(order):
-    g, c = jnp.maximum(slot_client, 0), jnp.maximum(slot_class, 0)
-    return order[client_offset[g] + class_start[g, c] + slot_rank]
+  def slot_index(prio):  # the 3-key sort, then each slot's sample
+    return client_lib._block_slot_indices(prio, y, sample_client,
+                                          client_offset, class_start,
+                                          slot_client, slot_class, slot_rank)
 
   ts = jnp.arange(t_chunk)
   prio0 = priorities(0)
-  idx0 = slot_index(order_of(prio0))
+  idx0 = slot_index(prio0)
   steps = {
       "priorities": (jax.jit(lambda: jax.lax.map(priorities, ts)), ()),
       "sort": (jax.jit(lambda p: jax.lax.map(
-          lambda t: order_of(p + t), ts)), (prio0,)),
+          lambda t: slot_index(p + t), ts)), (prio0,)),
       "gather": (jax.jit(lambda i: jax.lax.map(
           lambda t: x[(i + t) % x.shape[0]], ts)), (idx0,)),
       "draw_and_gather": (jax.jit(lambda: jax.lax.map(
-          lambda t: x[slot_index(order_of(priorities(t)))], ts)), ()),
+          lambda t: x[slot_index(priorities(t))], ts)), ()),
   }
   out = {"dataset": dataset, "num_clients": num_clients, "t_chunk": t_chunk,
          "samples_in_block": int(y.shape[0]),
