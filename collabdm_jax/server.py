@@ -113,11 +113,7 @@ def aggregate_messages(messages, weighting="count", with_std=False
   sums = losses.class_moment_sums(means, counts, class_counts,
                                   sq if with_std else None, weighting)
   if jax.process_count() > 1:
-    sums = losses.MomentSums(
-        parallel.sum_over_processes(sums.mean_sum),
-        None if sums.sq_sum is None else parallel.sum_over_processes(
-            sums.sq_sum),
-        parallel.sum_over_processes(sums.weight))
+    sums = jax.tree.map(parallel.sum_over_processes, sums)  # None stays None
   return losses.moments_from_sums(sums)
 
 
