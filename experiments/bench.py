@@ -873,21 +873,21 @@ def run_gpu_cases(sizes, accel, patterns, device, result, flush):
 
   # The headline shape first, then bfloat16's accuracy effect, then scale.
   client(accel["clients"][:1])
-  # Variant suffix -> (compute_dtype, JAX_DEFAULT_MATMUL_PRECISION).
-  e2e_variants = {"": ("float32", None), "_fp32": ("float32", "highest"),
-                  "_bf16": ("bfloat16", None)}
-  runs = {suffix: f"e2e_default_gpu{suffix}" for suffix in e2e_variants
+  # One default run per client-pass variant; a variant's matmul precision
+  # reaches the child as JAX_DEFAULT_MATMUL_PRECISION.
+  runs = {suffix: f"e2e_default_gpu{suffix}" for suffix in VARIANTS
           if selected(f"e2e_default_gpu{suffix}", patterns)}
   e2e = {}
   if runs:
-    # The two runs share the GPU at the same time: mostly compilation (one
+    # The runs share the GPU at the same time: mostly compilation (one
     # CPU core each) and small steps, so together they take about as long
     # as one. Their wall times are therefore upper bounds, not benchmarks;
     # their accuracies are what they are for.
     log(f"{', '.join(runs.values())}: full default config on "
         f"{device.platform}, concurrently")
+
     def launch(suffix):
-      dtype, precision = e2e_variants[suffix]
+      dtype, precision = VARIANTS[suffix]
       env = ({"JAX_DEFAULT_MATMUL_PRECISION": precision} if precision
              else None)
       out = e2e_case(sizes, runs[suffix], tuple(accel["e2e_overrides"]) +
