@@ -654,7 +654,12 @@ class LocalDMConfig:
 
 
 @functools.lru_cache(maxsize=16)
-def _local_dm_fns(model, input_shape, num_classes, cfg: LocalDMConfig):
+def _local_dm_step(model, input_shape, num_classes, cfg: LocalDMConfig):
+  """Jitted ``(state, it, key, party data, valid) -> (state, losses)``.
+
+  One program per iteration: the party's private network and augmentation
+  keys, its real-data targets and the per-class DM steps.
+  """
   embed = models.embed_fn(model, cfg.compute_dtype)
   optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
   need_std = cfg.std_weight > 0
@@ -662,7 +667,7 @@ def _local_dm_fns(model, input_shape, num_classes, cfg: LocalDMConfig):
                    num_classes=num_classes, batch_real=cfg.batch_real,
                    dsa_strategy=cfg.dsa_strategy, second_moments=need_std)
 
-  def targets(it, key, x, y, class_start, slot_class, slot_rank):
+  def step(state, it, key, x, y, class_start, slot_class, slot_rank, valid):
     # Everything here is private to the party: its own random network and
     # augmentations, unrelated to the shared psi_t.
     k_it = jax.random.fold_in(key, it)
@@ -676,12 +681,97 @@ def _local_dm_fns(model, input_shape, num_classes, cfg: LocalDMConfig):
     mean = s / n
     std = (jnp.sqrt(jnp.maximum(q / n - jnp.square(mean), 0.0)) if need_std
            else jnp.zeros_like(mean))
-    return params, aug_keys, mean, std
+    return dm.iteration_step(optimizer, embed, state, params, aug_keys, mean,
+                             std, valid, dsa_strategy=cfg.dsa_strategy,
+                             pae=cfg.pae, std_weight=cfg.std_weight)
 
-  class_step = dm.make_class_step(optimizer, embed,
-                                  dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,
-                                  std_weight=cfg.std_weight)
-  return optimizer, jax.jit(targets), class_step
+  return optimizer, jax.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_local_step(model, input_shape, num_classes, cfg: LocalDMConfig):
+  """Jitted ``(states, root, t, means, stds, valid) -> (states, losses)``.
+
+  The per-class DM steps of several parties at iteration t, vmapped over
+  the parties: they share psi_t and the Siamese keys, so each class step is
+  one batch of every party's synthetic images under one network.
+  """
+  embed = models.embed_fn(model, cfg.compute_dtype)
+  optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
+
+  def step(states, root, t, means, stds, valid):
+    params = dm.network_params(model, root, t, input_shape)
+    aug_keys = dm.class_aug_keys(root, t, num_classes)
+    one = lambda st, m, s, v: dm.iteration_step(
+        optimizer, embed, st, params, aug_keys, m, s, v,
+        dsa_strategy=cfg.dsa_strategy, pae=cfg.pae, std_weight=cfg.std_weight)
+    return jax.vmap(one)(states, means, stds, valid)
+
+  return optimizer, jax.jit(step, donate_argnums=0)
+
+
+def shared_local_distill(root, client_x, client_y, client_ids, stats,
+                         num_classes, model, input_shape, cfg: LocalDMConfig,
+                         progress=None):
+  """Local DM of several parties under the shared networks (one real pass).
+
+  Iteration t of party k's local DM uses psi_t and the Siamese keys of
+  (t, c), the very network and augmentation of its uploaded statistics, and
+  its target for class c is its own uploaded mean ``stats.means[k, t, c]``
+  (and the std from its second moments when ``cfg.std_weight > 0``). The
+  real images are therefore augmented and embedded once, in the client
+  pass, and local DM only pays for its synthetic images. Its real batch is
+  the statistics' ``batch_real``; ``cfg.batch_real`` is not used.
+
+  Args:
+    root: the shared root key.
+    client_x, client_y: the parties' data (initial images only).
+    client_ids: their global ids (each party's private key).
+    stats: ``ClientStats`` of these parties over T iterations. With
+      ``cfg.iterations > T`` local iteration i uses the statistics of
+      ``t = i mod T`` (the same networks again).
+    cfg: local DM settings.
+
+  Returns:
+    Per party ``(images [M, ...], labels [M])`` for the classes it holds,
+    as ``local_distill`` returns them.
+  """
+  num_its = stats.means.shape[1]
+  if cfg.std_weight > 0 and stats.second_moments is None:
+    raise ValueError("local.std_weight > 0 on the shared networks needs "
+                     "stats.second_moments=True (the std target comes from "
+                     "the uploaded second moments)")
+  inits = []
+  for k, x, y in zip(client_ids, client_x, client_y):
+    y = np.asarray(y, np.int32)
+    order = np.argsort(y, kind="stable")
+    key = jax.random.fold_in(keys_lib.local_distill_key(root, k), 0)
+    inits.append(initial_images(key, np.asarray(x, np.float32)[order],
+                                y[order], num_classes, cfg.ipc, cfg.init,
+                                cfg.pae))
+  optimizer, step = _shared_local_step(model, tuple(input_shape), num_classes,
+                                       cfg)
+  states = jax.vmap(lambda im: dm.init_state(im, optimizer))(
+      jnp.asarray(np.stack(inits)))
+  for it in range(cfg.iterations):
+    t = it % num_its
+    mean = stats.means[:, t]
+    if cfg.std_weight > 0:
+      std = np.sqrt(np.maximum(stats.second_moments[:, t] - mean ** 2, 0.0))
+    else:
+      std = np.zeros_like(mean)
+    states, loss = step(states, root, jnp.int32(t), jnp.asarray(mean),
+                        jnp.asarray(std), jnp.asarray(stats.counts[:, t] > 0))
+    if progress is not None:
+      progress(it, loss)
+  images = np.asarray(states.images)
+  out = []
+  for k, cc in enumerate(stats.class_counts):
+    valid = np.asarray(cc) > 0
+    imgs = images[k][valid]
+    out.append((imgs.reshape((-1,) + imgs.shape[2:]),
+                np.repeat(np.flatnonzero(valid), cfg.ipc).astype(np.int32)))
+  return out
 
 
 def initial_images(key, x, y, num_classes, ipc, init, pae):
@@ -768,17 +858,15 @@ def local_distill(key, x, y, num_classes, model, input_shape,
   slot_class, slot_rank = _padded_slots(
       counts, np.minimum(counts, cfg.batch_real), min_slots=pad_to[1])
   valid = counts > 0
-  optimizer, targets, class_step = _local_dm_fns(model, tuple(input_shape),
-                                                  num_classes, cfg)
+  optimizer, step = _local_dm_step(model, tuple(input_shape), num_classes,
+                                   cfg)
   state = dm.init_state(jnp.asarray(images), optimizer)
   train_key = jax.random.fold_in(key, 1)
   args = tuple(jnp.asarray(a) for a in (xs, ys, class_start, slot_class,
                                         slot_rank))
   valid_dev = jnp.asarray(valid)
   for it in range(cfg.iterations):
-    params, aug_keys, mean, std = targets(it, train_key, *args)
-    state, loss = dm.match_classes(state, class_step, params, aug_keys, mean,
-                                   std, valid_dev)
+    state, loss = step(state, jnp.int32(it), train_key, *args, valid_dev)
     if progress is not None:
       progress(it, loss)
   imgs = np.asarray(state.images)[valid]

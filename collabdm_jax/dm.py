@@ -11,7 +11,8 @@ Faithfulness note: the reference code keeps ONE SGD-momentum optimiser over
 the whole synthetic tensor and calls ``step()`` once per class, so each class
 step also moves every other class by its decayed momentum. Summing the class
 losses into one step is a different algorithm; ``match_classes`` steps the
-classes in order with the full-tensor optimiser state to reproduce it.
+classes in order with the full-tensor optimiser state to reproduce it
+(``iteration_step``).
 """
 
 from typing import NamedTuple
@@ -55,61 +56,67 @@ def synthetic_embeddings(embed, net_params, images, aug_key, dsa_strategy,
   return embed(net_params, images)
 
 
-def make_class_step(optimizer, embed, *, dsa_strategy, pae, std_weight):
-  """Jitted ``class_step(state, net_params, aug_key, mean, std, valid, c)``.
+def class_matching_loss(embed, net_params, class_images, aug_key, mean, std,
+                        *, dsa_strategy, pae, std_weight):
+  """DM's loss of one class: ``||mean - mean_i psi(A(s_i))||^2`` (+ std term).
 
-  One DM step for class ``c`` (a traced index, so one compilation serves
-  every class): the loss of the class's synthetic images against its target
-  and an update of the whole synthetic tensor with the shared optimiser.
-  A class without a target (``valid`` False) leaves everything untouched.
-  The state is donated. Returns ``(state, loss)``.
+  ``A`` is the Siamese augmentation drawn from ``aug_key`` and ``psi`` the
+  network ``net_params``; see ``losses.matching_loss``.
+  """
+  emb = synthetic_embeddings(embed, net_params, class_images, aug_key,
+                             dsa_strategy, pae)
+  return losses.matching_loss(mean, emb, target_std=std,
+                              std_weight=std_weight)
 
-  Classes are stepped from Python rather than with ``lax.scan``: XLA:CPU
-  compiles convolution gradients inside a while loop to slow generic code
-  (measured 3x slower here), and unrolling multiplies compile time.
+
+def iteration_step(optimizer, embed, state, net_params, aug_keys,
+                   target_mean, target_std, valid, *, dsa_strategy, pae,
+                   std_weight):
+  """One DM iteration: a loss and an optimiser step per class, in class order.
+
+  The reference semantics, as one traced program: one optimiser over the
+  whole synthetic tensor ``S`` [C, ipc, ...], stepped once per class. Step
+  ``c`` takes the gradient of class c's loss at the current ``S[c]`` (zero
+  for every other class) and updates all of ``S`` with the shared momentum
+  buffer ``b``:
+
+    g = d loss_c / dS (zero outside class c);  b <- momentum * b + g;
+    S <- S - lr * b,
+
+  so every class step also moves the other classes by their decayed
+  momentum. A class with no target (``valid`` False) is skipped: no loss,
+  no step, no momentum decay. The classes are a ``lax.scan`` (their
+  convolution gradients are matrix products, ``models.conv_matmul_grads``,
+  which XLA:CPU runs well inside loops).
+
+  Args:
+    optimizer: the image optimiser (``make_optimizer``).
+    embed: ``embed(params, images) -> [N, D]``.
+    state: ``SynthesisState`` with images ``[C, ipc, H, W, Ch]``.
+    net_params: parameters of this iteration's random network.
+    aug_keys: ``[C]`` Siamese augmentation keys, one per class.
+    target_mean, target_std: ``[C, D]`` real-data targets.
+    valid: ``[C]`` bool.
+
+  Returns:
+    ``(new_state, losses [C])`` (loss 0 for skipped classes).
   """
 
-  def class_loss(images, c, net_params, aug_key, mean, std):
-    emb = synthetic_embeddings(embed, net_params, images[c], aug_key,
-                               dsa_strategy, pae)
-    return losses.matching_loss(mean, emb, target_std=std,
-                                std_weight=std_weight)
-
-  def class_step(state, net_params, aug_key, mean, std, valid, c):
-    loss, grads = jax.value_and_grad(class_loss)(state.images, c, net_params,
-                                                 aug_key, mean, std)
+  def class_step(state, c):
+    loss, g = jax.value_and_grad(class_matching_loss, argnums=2)(
+        embed, net_params, state.images[c], aug_keys[c], target_mean[c],
+        target_std[c], dsa_strategy=dsa_strategy, pae=pae,
+        std_weight=std_weight)
+    grads = jnp.zeros_like(state.images).at[c].set(g)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.images)
     stepped = SynthesisState(optax.apply_updates(state.images, updates),
                              opt_state)
     # A class no client holds has no target: leave everything untouched
     # rather than pull its images towards a zero vector.
-    new = jax.tree.map(lambda a, b: jnp.where(valid, a, b), stepped, state)
-    return new, jnp.where(valid, loss, 0.0)
+    new = jax.tree.map(lambda a, b: jnp.where(valid[c], a, b), stepped, state)
+    return new, jnp.where(valid[c], loss, 0.0)
 
-  return jax.jit(class_step, donate_argnums=0)
-
-
-def match_classes(state, class_step, net_params, aug_keys, target_mean,
-                  target_std, valid):
-  """One DM iteration: a loss and an optimiser step per class, in class order.
-
-  Args:
-    state: ``SynthesisState`` with images ``[C, ipc, H, W, Ch]``.
-    class_step: from ``make_class_step``.
-    net_params: parameters of this iteration's random network.
-    aug_keys: ``[C]`` Siamese augmentation keys, one per class.
-    target_mean, target_std: ``[C, D]`` real-data targets.
-    valid: ``[C]`` bool; classes without a target are skipped (no step).
-
-  Returns:
-    ``(new_state, losses [C])``.
-  """
-  class_losses = []
-  for c in range(state.images.shape[0]):
-    state, loss = class_step(state, net_params, aug_keys[c], target_mean[c],
-                             target_std[c], valid[c], jnp.int32(c))
-    class_losses.append(loss)
-  return state, jnp.stack(class_losses)
+  return jax.lax.scan(class_step, state, jnp.arange(state.images.shape[0]))
 
 
 def class_aug_keys(root, t, num_classes):

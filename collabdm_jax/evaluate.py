@@ -8,14 +8,15 @@ training batch is augmented with DSA (per-image parameters, one family per
 batch), and the accuracy of each network at the final epoch on the full test
 split is reported with its mean and population standard deviation.
 
-On accelerators the whole training runs as one XLA program per input
-shape: the networks are ``vmap``-ed, epochs are a ``fori_loop`` and the steps
-of an epoch a ``scan``. On CPU the same training is driven step by step from
-Python (``EvalConfig.loop``), because XLA:CPU turns convolution gradients
-inside loops, and convolutions vmapped over weights, into slow generic code.
-Epochs, learning rate, momentum and weight decay are traced arguments, so
-sweeping them does not recompile; shapes, architecture, batch size and DSA
-strategy are static.
+The whole training of a network is one XLA program (a ``scan`` over epochs
+around a ``scan`` over steps, with no host work between steps). On
+accelerators all networks train side by side in one program (``vmap`` over
+their keys); on CPU they train one after another, each in its own program
+(``EvalConfig.loop``), and every step computes its gradient in small
+pieces that stay in cache (``weighted_loss_and_grad``). Learning rate,
+momentum and weight decay are traced arguments, so sweeping them does not
+recompile; shapes, epochs, architecture, batch size and DSA strategy are
+static.
 
 The same function trains on a large real dataset for the full-data upper
 bound. The training set is moved to the device once and batches are gathered
@@ -67,12 +68,11 @@ class EvalConfig:
     model_kwargs: extra ``make_model`` keyword arguments as hashable
       ``(name, value)`` pairs, e.g. ``(("width", 16), ("depth", 2))``.
     test_batch_size: test images per inference chunk (bounds memory).
-    loop: "fused" trains all nets in one XLA program (vmap over nets,
-      ``fori_loop`` over epochs, ``scan`` over steps); "host" runs the same
-      training (same keys, same arithmetic) with a Python loop over nets,
-      epochs and steps around one jitted SGD step; "auto" (default) picks
-      "fused" on GPU/TPU and "host" on CPU, where XLA compiles convolution
-      gradients inside loops and vmapped convolutions to slow generic code.
+    loop: "fused" trains all nets in one XLA program (vmapped over their
+      keys); "per_net" trains them one after another, one program each
+      (same keys, same arithmetic); "auto" (default) picks "per_net" on
+      CPU, where XLA turns convolutions vmapped over weights into slow
+      grouped convolutions, and "fused" elsewhere.
   """
 
   arch: str = "convnet"
@@ -89,12 +89,12 @@ class EvalConfig:
   loop: str = "auto"
 
 
-_LOOPS = ("auto", "fused", "host")
+_LOOPS = ("auto", "fused", "per_net")
 
 
 def _resolve_loop(loop: str) -> str:
   if loop == "auto":
-    return "host" if jax.default_backend() == "cpu" else "fused"
+    return "per_net" if jax.default_backend() == "cpu" else "fused"
   return loop
 
 
@@ -110,6 +110,7 @@ class EvalResult:
     train_loss: ``[num_nets]`` mean training cross-entropy of the final
       epoch (on augmented batches, before each step's update; NaN when
       ``epochs == 0``).
+    train_loss_per_epoch: ``[num_nets, epochs]`` the same for every epoch.
     per_class_recall: ``[num_nets, C]`` test recall per class (NaN for a
       class absent from the test split).
     predictions: ``[num_nets, N_test]`` int32 predicted classes, for extra
@@ -122,6 +123,7 @@ class EvalResult:
   train_loss: np.ndarray
   per_class_recall: np.ndarray
   predictions: Optional[np.ndarray]
+  train_loss_per_epoch: Optional[np.ndarray] = None
 
   def as_dict(self) -> dict:
     """JSON-ready summary (plain Python types); predictions are left out."""
@@ -191,74 +193,92 @@ def _make_optimizer(momentum, weight_decay):
                      optax.sgd(learning_rate=1.0, momentum=momentum))
 
 
+# On CPU, each SGD step computes its gradient MICRO_BATCH_CPU samples at a
+# time in a ``lax.scan`` (summing per-piece gradients): XLA:CPU's
+# convolutions slow down sharply once a batch no longer fits in cache.
+# Measured on this project's 2-core CPU, ConvNet-3 on 100 Fashion-MNIST
+# images: 0.68 s for the whole batch, 0.23-0.26 s in pieces of 5-10 (with
+# the matmul gradients of ``models.conv_matmul_grads``, which also make the
+# loop itself cheap). Samples are independent (instance norm), so only the
+# summation order of the weight gradients changes.
+MICRO_BATCH_CPU = 10
+
+
+def default_micro_batch() -> Optional[int]:
+  """Samples per gradient piece on this backend (None: the whole batch)."""
+  return MICRO_BATCH_CPU if jax.default_backend() == "cpu" else None
+
+
+def weighted_loss_and_grad(loss_sum, params, x, y, w,
+                           micro_batch: Optional[int] = None):
+  """``(L, dL/dparams)`` for ``L = sum_i w_i l(params; x_i, y_i)``, in pieces.
+
+  ``loss_sum(params, x, y, w)`` returns ``sum_i w_i l_i`` of a batch. With
+  ``micro_batch`` the batch is cut into pieces of that many samples (padded
+  with ``w = 0``), and ``L`` and its gradient are the sums over the pieces,
+  accumulated in a ``lax.scan`` so only one piece's activations are alive.
+  Exact for per-sample networks (no batch norm) up to summation order.
+
+  Args:
+    loss_sum: the weighted loss of a batch.
+    params: pytree to differentiate.
+    x, y, w: ``[B, ...]`` inputs, ``[B]`` labels and ``[B]`` weights.
+    micro_batch: samples per piece, or None for the whole batch at once.
+  """
+  grad_fn = jax.value_and_grad(loss_sum)
+  b = x.shape[0]
+  if micro_batch is None or b <= micro_batch:
+    return grad_fn(params, x, y, w)
+  pieces = -(-b // micro_batch)
+  pad = pieces * micro_batch - b
+
+  def split(a):
+    a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)])
+    return a.reshape((pieces, micro_batch) + a.shape[1:])
+
+  def body(carry, piece):
+    total, grads = carry
+    value, g = grad_fn(params, *piece)
+    return (total + value, jax.tree.map(jnp.add, grads, g)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (total, grads), _ = jax.lax.scan(body, zeros, (split(x), split(y), split(w)))
+  return total, grads
+
+
 class _Programs(NamedTuple):
   """Jitted pieces of one static configuration (see ``_compiled``)."""
-  train_fused: Callable  # (net_keys, x, y, epochs, lr, momentum, wd)
-  init_net: Callable     # (net_key, x) -> (params, opt_state)
-  epoch_plan: Callable   # (net_key, epoch, y) -> (indices, mask, aug_key)
-  sgd_step: Callable     # one step of one net, see _host_train
-  predict: Callable      # (stacked params, test_x) -> [nets, M] int32
-
-
-# Host-loop SGD steps run the forward (hence backward) pass in pieces of at
-# most this many samples, unrolled inside the one jitted step: XLA:CPU's
-# convolutions slow down sharply once a batch no longer fits in cache (a
-# ConvNet-3 gradient on 100 images took 0.61 s whole, 0.35 s as 4 pieces).
-# Samples are independent (instance norm), so only the summation order of
-# the weight gradients changes.
-_HOST_MICRO_BATCH = 32
-
-
-def _chunked(apply, micro_batch):
-  """``apply(params, x)`` computed ``micro_batch`` samples at a time."""
-  if micro_batch is None:
-    return apply
-
-  def f(params, x):
-    if x.shape[0] <= micro_batch:
-      return apply(params, x)
-    # A Python loop, not lax.map: conv gradients inside XLA:CPU loops are
-    # slow (see _host_train).
-    return jnp.concatenate([apply(params, x[i:i + micro_batch])
-                            for i in range(0, x.shape[0], micro_batch)])
-
-  return f
+  train_nets: Callable  # (net_keys, x, y, lr, momentum, wd) -> all nets at once
+  train_net: Callable   # (net_key, x, y, lr, momentum, wd) -> one net
+  predict: Callable     # (stacked params, test_x) -> [nets, M] int32
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(arch: str, num_classes: int, model_kwargs: tuple,
-              dsa_strategy: str, batch_size: int,
+              dsa_strategy: str, batch_size: int, epochs: int,
               test_batch_size: int,
               micro_batch: Optional[int] = None) -> _Programs:
   """Jitted programs for one static configuration.
 
   Cached so repeated calls reuse the same jitted callables, whose own caches
-  then skip recompilation for equal shapes. The fused trainer and the host
-  loop are built from the same single-network functions below, so they
-  draw the same keys and do the same arithmetic (``micro_batch`` splits
-  the host loop's training forward pass; see ``_HOST_MICRO_BATCH``).
+  then skip recompilation for equal shapes. ``train_nets`` (all networks
+  vmapped into one program) and ``train_net`` (one network) are the same
+  single-network function, so a network trains identically in either.
+  The whole training of a network is one XLA program: a ``scan`` over
+  epochs around a ``scan`` over the steps of an epoch.
   """
   model = models.make_model(arch, num_classes, **dict(model_kwargs))
   apply = models.logits_fn(model)
-  train_apply = _chunked(apply, micro_batch)
   augmenting = bool(dsa_strategy)
 
-  def init_net(net_key, train_x):
-    params = models.init_params(model, jax.random.fold_in(net_key, 0),
-                                train_x.shape[1:])
-    # The optimiser state (momentum buffer) starts at zero whatever the
-    # hyper-parameters, so any values give the right initial state.
-    return params, _make_optimizer(0.0, 0.0).init(params)
+  def loss_sum(params, xb, yb, w):
+    ce = optax.softmax_cross_entropy_with_integer_labels(apply(params, xb), yb)
+    return jnp.sum(ce * w)
 
-  def epoch_plan(net_key, epoch, train_y):
-    ekey = jax.random.fold_in(jax.random.fold_in(net_key, 1), epoch)
-    idx, mask = epoch_batches(jax.random.fold_in(ekey, 0), train_y.shape[0],
-                              batch_size)
-    return idx, mask, jax.random.fold_in(ekey, 1)
-
-  def sgd_step(params, opt_state, loss_sum, train_x, train_y, idx, mask,
-               aug_key, s, lr_now, momentum, wd):
-    """Step ``s`` of an epoch for one net; returns the loss sum so far."""
+  def sgd_step(carry, s, train_x, train_y, idx, mask, aug_key, lr_now,
+               momentum, wd):
+    """Step ``s`` of an epoch for one net; adds to the epoch's loss sum."""
+    params, opt_state, loss_sum_so_far = carry
     bidx, bmask = idx[s], mask[s]
     xb = train_x[bidx]
     yb = train_y[bidx]
@@ -266,53 +286,55 @@ def _compiled(arch: str, num_classes: int, model_kwargs: tuple,
       xb = augment.dsa(jax.random.fold_in(aug_key, s), xb, dsa_strategy,
                        siamese=False, one_family=True)
     w = bmask.astype(jnp.float32)
-
-    def loss_fn(p):
-      ce = optax.softmax_cross_entropy_with_integer_labels(
-          train_apply(p, xb), yb)
-      total = jnp.sum(ce * w)
-      # Mean over the real samples of the batch, like PyTorch's loss on a
-      # short last batch.
-      return total / jnp.maximum(jnp.sum(w), 1.0), total
-
-    (_, total), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    total, grads = weighted_loss_and_grad(loss_sum, params, xb, yb, w,
+                                          micro_batch)
+    # Mean over the real samples of the batch, like PyTorch's loss on a
+    # short last batch.
+    grads = jax.tree.map(lambda g: g / jnp.maximum(jnp.sum(w), 1.0), grads)
     updates, opt_state = _make_optimizer(momentum, wd).update(
         grads, opt_state, params)
     # The optimiser ran at unit lr (updates = -momentum buffer).
     updates = jax.tree.map(lambda u: lr_now * u, updates)
-    return optax.apply_updates(params, updates), opt_state, loss_sum + total
+    return (optax.apply_updates(params, updates), opt_state,
+            loss_sum_so_far + total)
 
-  def train_one(net_key, train_x, train_y, epochs, lr, momentum, wd):
-    params, fresh_state = init_net(net_key, train_x)
+  def train_one(net_key, train_x, train_y, lr, momentum, wd):
+    params = models.init_params(model, jax.random.fold_in(net_key, 0),
+                                train_x.shape[1:])
+    # The momentum buffer starts at zero whatever the hyper-parameters.
+    fresh_state = _make_optimizer(0.0, 0.0).init(params)
     half = epochs // 2
 
-    def epoch_body(e, carry):
-      params, opt_state, _ = carry
+    def epoch_body(carry, e):
+      params, opt_state = carry
       # The reference builds a new optimiser when it decays the learning
       # rate, which restarts the momentum buffer.
       opt_state = jax.tree.map(
           lambda fresh, cur: jnp.where(e == half, fresh, cur),
           fresh_state, opt_state)
       lr_now = learning_rate_at(e, epochs, lr)
-      idx, mask, aug_key = epoch_plan(net_key, e, train_y)
+      ekey = jax.random.fold_in(jax.random.fold_in(net_key, 1), e)
+      idx, mask = epoch_batches(jax.random.fold_in(ekey, 0),
+                                train_y.shape[0], batch_size)
+      aug_key = jax.random.fold_in(ekey, 1)
 
       def step(carry, s):
-        return sgd_step(*carry, train_x, train_y, idx, mask, aug_key, s,
+        return sgd_step(carry, s, train_x, train_y, idx, mask, aug_key,
                         lr_now, momentum, wd), None
 
-      (params, opt_state, loss_sum), _ = jax.lax.scan(
+      (params, opt_state, loss_sum_e), _ = jax.lax.scan(
           step, (params, opt_state, jnp.zeros((), jnp.float32)),
           jnp.arange(idx.shape[0]))
-      return params, opt_state, loss_sum / train_y.shape[0]
+      return (params, opt_state), loss_sum_e / train_y.shape[0]
 
-    init = (params, fresh_state, jnp.full((), jnp.nan, jnp.float32))
-    params, _, last_loss = jax.lax.fori_loop(0, epochs, epoch_body, init)
-    return params, last_loss
+    (params, _), epoch_losses = jax.lax.scan(
+        epoch_body, (params, fresh_state), jnp.arange(epochs))
+    return params, epoch_losses
 
   @jax.jit
-  def train_fused(net_keys, train_x, train_y, epochs, lr, momentum, wd):
-    return jax.vmap(train_one, in_axes=(0, None, None, None, None, None, None))(
-        net_keys, train_x, train_y, epochs, lr, momentum, wd)
+  def train_nets(net_keys, train_x, train_y, lr, momentum, wd):
+    return jax.vmap(train_one, in_axes=(0, None, None, None, None, None))(
+        net_keys, train_x, train_y, lr, momentum, wd)
 
   @jax.jit
   def predict(params, test_x):
@@ -333,43 +355,27 @@ def _compiled(arch: str, num_classes: int, model_kwargs: tuple,
 
     return jax.lax.map(one_net, params)
 
-  return _Programs(train_fused=train_fused, init_net=jax.jit(init_net),
-                   epoch_plan=jax.jit(epoch_plan), sgd_step=jax.jit(sgd_step),
+  return _Programs(train_nets=train_nets, train_net=jax.jit(train_one),
                    predict=predict)
 
 
-def _host_train(programs: _Programs, net_keys, train_x, train_y, epochs,
-                lr, momentum, wd):
-  """Same training as ``train_fused``, driven from Python one net at a time.
+def _train_in_turn(programs: _Programs, net_keys, train_x, train_y, lr,
+                   momentum, wd, on_net_done=None):
+  """``train_nets``'s result, one compiled training per network in turn.
 
-  XLA:CPU compiles convolution gradients inside a while-loop body, and
-  convolutions whose weights are vmapped (grouped), to slow generic code
-  (measured 14-70x slower than the same step compiled alone), so on CPU
-  each SGD step is its own jitted call; the per-call overhead is small next
-  to a step.
+  XLA:CPU turns convolutions vmapped over their weights into grouped
+  convolutions, about 5x slower than one network's, so on CPU the networks
+  train one after another (each still one program).
   """
-  n = train_y.shape[0]
-  half = int(epochs) // 2
-  all_params, losses = [], []
+  params, losses = [], []
   for i in range(net_keys.shape[0]):
-    net_key = net_keys[i]
-    params, fresh_state = programs.init_net(net_key, train_x)
-    opt_state = fresh_state
-    loss = jnp.full((), jnp.nan, jnp.float32)
-    for e in range(int(epochs)):
-      if e == half:
-        opt_state = fresh_state  # Momentum restarts at the decay.
-      lr_now = learning_rate_at(np.int32(e), epochs, lr)
-      idx, mask, aug_key = programs.epoch_plan(net_key, np.int32(e), train_y)
-      loss_sum = jnp.zeros((), jnp.float32)
-      for s in range(idx.shape[0]):
-        params, opt_state, loss_sum = programs.sgd_step(
-            params, opt_state, loss_sum, train_x, train_y, idx, mask,
-            aug_key, np.int32(s), lr_now, momentum, wd)
-      loss = loss_sum / n
-    all_params.append(params)
-    losses.append(loss)
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *all_params)
+    p, l = programs.train_net(net_keys[i], train_x, train_y, lr, momentum, wd)
+    params.append(p)
+    losses.append(l)
+    if on_net_done is not None:
+      jax.block_until_ready(l)
+      on_net_done(i + 1, net_keys.shape[0])
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
   return stacked, jnp.stack(losses)
 
 
@@ -471,7 +477,9 @@ def prepare_training_set(train_x, train_y, *, pae: bool = False):
 
 def evaluate_synthetic(key, train_x, train_y, test_x, test_y, *,
                        num_classes: int,
-                       config: EvalConfig = EvalConfig()) -> EvalResult:
+                       config: EvalConfig = EvalConfig(),
+                       on_net_done: Optional[Callable[[int, int], None]] = None
+                       ) -> EvalResult:
   """Trains ``config.num_nets`` fresh networks on a set, tests them.
 
   Network ``i`` uses ``jax.random.fold_in(key, i)`` for its initialisation,
@@ -489,6 +497,8 @@ def evaluate_synthetic(key, train_x, train_y, test_x, test_y, *,
     num_classes: number of classes (>= 2), the width of the classifier.
     config: training protocol (``EvalConfig``). DSA needs images; tables
       must use ``dsa_strategy="none"`` (or "") and ``pae=False``.
+    on_net_done: called as ``on_net_done(nets_trained, num_nets)`` as
+      networks finish training (progress reports).
 
   Returns:
     ``EvalResult`` with per-network final-epoch test accuracy, its mean and
@@ -522,21 +532,26 @@ def evaluate_synthetic(key, train_x, train_y, test_x, test_y, *,
 
   loop = _resolve_loop(config.loop)
   programs = _compiled(config.arch.lower(), num_classes, config.model_kwargs,
-                       strategy, int(config.batch_size),
-                       int(config.test_batch_size),
-                       _HOST_MICRO_BATCH if loop == "host" else None)
+                       strategy, int(config.batch_size), int(config.epochs),
+                       int(config.test_batch_size), default_micro_batch())
   net_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
       key, jnp.arange(config.num_nets))
   # Hyper-parameters go in as fixed-dtype arrays: new values reuse the
   # compiled programs instead of being baked in as constants.
-  args = (net_keys, train_x, train_y, np.int32(config.epochs),
-          np.float32(config.lr), np.float32(config.momentum),
-          np.float32(config.weight_decay))
+  args = (net_keys, train_x, train_y, np.float32(config.lr),
+          np.float32(config.momentum), np.float32(config.weight_decay))
   if loop == "fused":
-    params, train_loss = programs.train_fused(*args)
+    params, epoch_losses = programs.train_nets(*args)
+    if on_net_done is not None:
+      jax.block_until_ready(epoch_losses)
+      on_net_done(config.num_nets, config.num_nets)
   else:
-    params, train_loss = _host_train(programs, *args)
+    params, epoch_losses = _train_in_turn(programs, *args,
+                                          on_net_done=on_net_done)
   predictions = np.asarray(programs.predict(params, test_x))
+  epoch_losses = np.asarray(epoch_losses, np.float64)
+  train_loss = (epoch_losses[:, -1] if config.epochs
+                else np.full(config.num_nets, np.nan))
 
   metrics = classification_metrics(predictions, test_y, num_classes)
   accuracies = np.asarray(metrics["accuracy"], np.float64)
@@ -544,9 +559,10 @@ def evaluate_synthetic(key, train_x, train_y, test_x, test_y, *,
       accuracies=accuracies,
       mean=float(np.mean(accuracies)),
       std=float(np.std(accuracies)),
-      train_loss=np.asarray(train_loss, np.float64),
+      train_loss=train_loss,
       per_class_recall=np.asarray(metrics["per_class_recall"]),
-      predictions=predictions)
+      predictions=predictions,
+      train_loss_per_epoch=epoch_losses)
 
 
 def classification_metrics(predictions, labels, num_classes: int, *,

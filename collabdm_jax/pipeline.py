@@ -166,9 +166,13 @@ def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
   xs = [s.train_x[s.partition.client_indices[k]] for k in client_ids]
   ys = [s.dataset.train_y[s.partition.client_indices[k]] for k in client_ids]
   local = [None] * len(client_ids)
+  shared = cfg.local.enabled and cfg.local.networks == "shared"
+  if cfg.local.networks not in ("shared", "independent"):
+    raise ValueError("local.networks must be 'shared' or 'independent', got "
+                     f"{cfg.local.networks!r}")
+  lcfg = local_config(cfg, s.dsa_strategy)
   t0 = time.perf_counter()
-  if cfg.local.enabled:
-    lcfg = local_config(cfg, s.dsa_strategy)
+  if cfg.local.enabled and not shared:
     pad_to = client_lib.local_padding(ys, s.dataset.num_classes, lcfg)
     for i, k in enumerate(client_ids):
       prog = Progress(f"local DM client {k}", lcfg.iterations)
@@ -188,12 +192,23 @@ def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
     parts.append(chunk)
     prog.update(t0_ + chunk.means.shape[1])
   t2 = time.perf_counter()
-  if timings is not None:
-    timings["local_distill"] = timings.get("local_distill", 0.0) + t1 - t0
-    timings["client_stats"] = timings.get("client_stats", 0.0) + t2 - t1
   cat = lambda name: (None if getattr(parts[0], name) is None else
                       np.concatenate([getattr(p, name) for p in parts], 1))
   means, counts, sq = cat("means"), cat("counts"), cat("second_moments")
+  if shared:
+    # One pass over the real data: local DM matches the statistics just
+    # computed, under the same networks and augmentations.
+    prog = Progress("local DM (shared networks)", lcfg.iterations)
+    local = client_lib.shared_local_distill(
+        s.root, xs, ys, list(client_ids),
+        client_lib.ClientStats(means, counts, parts[0].class_counts, sq),
+        s.dataset.num_classes, s.model, s.input_shape, lcfg,
+        progress=lambda it, loss: prog.update(it + 1))
+  t3 = time.perf_counter()
+  if timings is not None:
+    timings["local_distill"] = (timings.get("local_distill", 0.0)
+                                + (t1 - t0) + (t3 - t2))
+    timings["client_stats"] = timings.get("client_stats", 0.0) + t2 - t1
   spec = message_spec(s)
   msgs = []
   for i, k in enumerate(client_ids):
@@ -317,9 +332,11 @@ def evaluate_images(s: Setup, images, labels, timings=None):
                     else ""),
       pae=bool(s.config.server.pae),
       model_kwargs=tuple(sorted(cfg.model_kwargs.to_dict().items())))
+  prog = Progress("evaluation nets trained", cfg.num_nets, every_s=0.0)
   res = evaluate.evaluate_synthetic(
       keys_lib.eval_key(s.root), images, labels, s.test_x, s.dataset.test_y,
-      num_classes=s.dataset.num_classes, config=ecfg)
+      num_classes=s.dataset.num_classes, config=ecfg,
+      on_net_done=lambda done, total: prog.update(done))
   if timings is not None:
     timings["evaluate"] = time.perf_counter() - t0
   return res

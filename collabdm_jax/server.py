@@ -3,7 +3,7 @@
 For every iteration t the server rebuilds psi_t and the Siamese keys from the
 shared root key, turns the clients' statistics into per-class targets
 (``losses.aggregate_class_moments``) and takes DM's per-class steps on the
-synthetic set (``dm.match_classes``). Targets can arrive all at once (message
+synthetic set (``dm.iteration_step``). Targets can arrive all at once (message
 files) or streamed a chunk of iterations at a time (simulation), so server
 memory does not have to grow with the number of iterations.
 """
@@ -53,23 +53,23 @@ def make_step(model, input_shape, num_classes, cfg: ServerConfig):
   """Returns ``(optimizer, step)`` with ``step(state, root, t, targets)``.
 
   ``targets`` is a ``losses.ClassMoments`` of one iteration (``[C, D]``).
-  ``step`` rebuilds psi_t and the Siamese keys of iteration t, then takes
-  the per-class DM steps (jitted, state donated: updated in place) and
-  returns ``(state, losses [C])``.
+  ``step`` is one compiled program (state donated: updated in place) that
+  rebuilds psi_t and the Siamese keys of iteration t and takes the per-class
+  DM steps (``dm.iteration_step``); it returns ``(state, losses [C])``.
   """
   embed = models.embed_fn(model, cfg.compute_dtype)
   optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
-  class_step = dm.make_class_step(optimizer, embed,
-                                  dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,
-                                  std_weight=cfg.std_weight)
-  inputs = dm.iteration_inputs_fn(model, tuple(input_shape), num_classes)
+  input_shape = tuple(input_shape)
 
   def step(state, root, t, targets):
-    params, aug_keys = inputs(root, t)
-    return dm.match_classes(state, class_step, params, aug_keys,
-                            targets.mean, targets.std, targets.valid)
+    params = dm.network_params(model, root, t, input_shape)
+    aug_keys = dm.class_aug_keys(root, t, num_classes)
+    return dm.iteration_step(
+        optimizer, embed, state, params, aug_keys, targets.mean, targets.std,
+        targets.valid, dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,
+        std_weight=cfg.std_weight)
 
-  return optimizer, step
+  return optimizer, jax.jit(step, donate_argnums=0)
 
 
 def initial_synthetic_set(key, init, num_classes, ipc, input_shape,

@@ -207,6 +207,27 @@ def test_server_step_lowers_loss_on_fixed_problem(tiny):
   np.testing.assert_array_equal(np.asarray(state.images[2]), untouched)
 
 
+def _per_class_reference(optimizer, embed, state, params, aug_keys, mean,
+                         valid, strategy):
+  """The reference's loop, written out: one optax step per class in turn."""
+  images, opt_state = state
+  losses_ = []
+  for c in range(images.shape[0]):
+    def loss(im, c=c):
+      return dm.class_matching_loss(embed, params, im[c], aug_keys[c],
+                                    mean[c], jnp.zeros_like(mean[c]),
+                                    dsa_strategy=strategy, pae=False,
+                                    std_weight=0.0)
+    value, g = jax.value_and_grad(loss)(images)
+    if not valid[c]:
+      losses_.append(0.0)
+      continue
+    updates, opt_state = optimizer.update(g, opt_state, images)
+    images = images + updates
+    losses_.append(float(value))
+  return images, opt_state, np.array(losses_)
+
+
 def test_per_class_steps_share_momentum():
   """Reference semantics: class c's step moves class c' by its momentum."""
   model = models.make_model("convnet", 2, width=4, depth=1)
@@ -219,11 +240,10 @@ def test_per_class_steps_share_momentum():
   keys_ = dm.class_aug_keys(ROOT, 0, 2)
   target = jnp.ones((2, models.feature_dim(model, shape)))
   valid = jnp.array([True, True])
-  state = dm.init_state(jnp.array(images), opt)  # the step donates its input
-  step = dm.make_class_step(opt, embed, dsa_strategy="", pae=False,
-                            std_weight=0.0)
-  state, _ = dm.match_classes(state, step, params, keys_, target, target,
-                              valid)
+  state = dm.init_state(jnp.array(images), opt)
+  state, _ = jax.jit(lambda st: dm.iteration_step(
+      opt, embed, st, params, keys_, target, target, valid, dsa_strategy="",
+      pae=False, std_weight=0.0))(state)
   after_one = state.images
   g0 = jax.grad(lambda im: losses.mean_embedding_loss(
       target[0], embed(params, im)))(images[0])
@@ -231,6 +251,41 @@ def test_per_class_steps_share_momentum():
   # in class 1's step: total -(1 + 0.5) * g0.
   np.testing.assert_allclose(after_one[0], images[0] - 1.5 * g0, rtol=1e-4,
                              atol=1e-6)
+
+
+def test_single_program_iteration_equals_the_per_class_loop():
+  """dm.iteration_step == one optax step per class (momentum carried over
+  iterations, a skipped class, DSA), to float tolerance."""
+  model = models.make_model("convnet", 4, width=8, depth=2)
+  shape = (12, 12, 3)
+  opt = dm.make_optimizer(10.0, 0.5)
+  embed = models.embed_fn(model)
+  images = jnp.asarray(np.random.default_rng(1).standard_normal(
+      (4, 3) + shape).astype(np.float32))
+  valid = np.array([True, False, True, True])
+  state = dm.init_state(jnp.array(images), opt)  # the step donates it
+  ref = (images, opt.init(images))
+  step = jax.jit(lambda st, p, k, m: dm.iteration_step(
+      opt, embed, st, p, k, m, jnp.zeros_like(m), jnp.asarray(valid),
+      dsa_strategy=STRATEGY, pae=False, std_weight=0.0), donate_argnums=0)
+  for t in range(3):
+    params = dm.network_params(model, ROOT, t, shape)
+    keys_ = dm.class_aug_keys(ROOT, t, 4)
+    mean = jax.random.normal(jax.random.fold_in(ROOT, 100 + t),
+                             (4, models.feature_dim(model, shape)))
+    state, got = step(state, params, keys_, mean)
+    *ref_state, want = _per_class_reference(opt, embed, ref, params, keys_,
+                                            mean, valid, STRATEGY)
+    ref = tuple(ref_state)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.images), np.asarray(ref[0]),
+                               rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
+                 state.opt_state, ref[1])
+  # The skipped class never moved.
+  np.testing.assert_array_equal(np.asarray(state.images[1]),
+                                np.asarray(images[1]))
 
 
 def test_same_seed_bit_identical_synthetic_set(tiny):
@@ -368,7 +423,7 @@ def test_local_padding_shares_one_compiled_step_and_keeps_result(tiny):
   for (pi, pl), (qi, ql) in zip(padded, plain):
     np.testing.assert_array_equal(pl, ql)
     np.testing.assert_allclose(pi, qi, rtol=1e-4, atol=1e-5)
-  targets = lambda cfg: client._local_dm_fns(model, SHAPE, C, cfg)[1]
+  targets = lambda cfg: client._local_dm_step(model, SHAPE, C, cfg)[1]
   assert targets(padded_cfg)._cache_size() == 1
   assert targets(plain_cfg)._cache_size() == 2
 

@@ -113,26 +113,47 @@ def _cache_sizes(programs):
 
 
 def test_no_recompile_for_equal_shapes(trained):
-  for loop, micro in (("fused", None), ("host", ev._HOST_MICRO_BATCH)):
-    programs = ev._compiled("mlp", NUM_BLOBS, MLP_CFG.model_kwargs, "",
-                            MLP_CFG.batch_size, MLP_CFG.test_batch_size, micro)
+  programs = ev._compiled("mlp", NUM_BLOBS, MLP_CFG.model_kwargs, "",
+                          MLP_CFG.batch_size, MLP_CFG.epochs,
+                          MLP_CFG.test_batch_size, ev.default_micro_batch())
+  for loop in ("fused", "per_net"):
     cfg = dataclasses.replace(MLP_CFG, loop=loop)
     _call(cfg)
     sizes = _cache_sizes(programs)
     # New key and hyper-parameters, same shapes: nothing recompiles.
-    _call(dataclasses.replace(cfg, epochs=3, lr=0.05, momentum=0.5,
-                              weight_decay=0.0), key=jax.random.key(7))
+    _call(dataclasses.replace(cfg, lr=0.05, momentum=0.5, weight_decay=0.0),
+          key=jax.random.key(7))
     assert _cache_sizes(programs) == sizes
 
 
-def test_fused_and_host_loops_train_identically(trained):
-  # The default on CPU is the host loop (what ``trained`` used); the fused
-  # single-program trainer must reproduce it.
+def test_vmapped_nets_train_exactly_as_each_net_alone(trained):
+  # The default on CPU trains the nets one after another (what ``trained``
+  # used); all nets vmapped into one program must give each net the same
+  # training, and a net trained alone with its key the same again.
   fused = _call(dataclasses.replace(MLP_CFG, loop="fused"))
-  host = _call(dataclasses.replace(MLP_CFG, loop="host"))
-  np.testing.assert_allclose(fused.train_loss, host.train_loss, rtol=1e-4)
-  np.testing.assert_array_equal(fused.predictions, host.predictions)
-  np.testing.assert_array_equal(host.predictions, trained.predictions)
+  per_net = _call(dataclasses.replace(MLP_CFG, loop="per_net"))
+  np.testing.assert_allclose(fused.train_loss_per_epoch,
+                             per_net.train_loss_per_epoch, rtol=1e-4)
+  np.testing.assert_array_equal(fused.predictions, per_net.predictions)
+  np.testing.assert_array_equal(per_net.predictions, trained.predictions)
+  net_keys = [jax.random.fold_in(jax.random.key(0), i) for i in range(3)]
+  for i, k in enumerate(net_keys):
+    # Net i trained alone from its own key.
+    alone = ev._compiled("mlp", NUM_BLOBS, MLP_CFG.model_kwargs, "",
+                         MLP_CFG.batch_size, MLP_CFG.epochs,
+                         MLP_CFG.test_batch_size, ev.default_micro_batch())
+    _, losses = alone.train_net(k, jnp.asarray(TRAIN_X), jnp.asarray(TRAIN_Y),
+                                np.float32(MLP_CFG.lr),
+                                np.float32(MLP_CFG.momentum),
+                                np.float32(MLP_CFG.weight_decay))
+    np.testing.assert_allclose(np.asarray(losses),
+                               fused.train_loss_per_epoch[i], rtol=1e-4)
+  assert fused.train_loss_per_epoch.shape == (3, MLP_CFG.epochs)
+  # Losses fall over training and the last epoch is train_loss.
+  assert np.all(fused.train_loss_per_epoch[:, -1]
+                < fused.train_loss_per_epoch[:, 0])
+  np.testing.assert_array_equal(fused.train_loss,
+                                fused.train_loss_per_epoch[:, -1])
 
 
 def test_learning_rate_schedule_drops_at_half():
@@ -194,26 +215,31 @@ def _pattern_images(seed, per_class, size=16):
 # Small ConvNet with the default DSA strategy, trained on 2x2 mosaics with
 # PAE (as CollabDM-pae stores its sets): 8 pattern images per class packed
 # into 2 mosaics per class, which PAE unpacks again (24 training images).
-def test_micro_batched_forward_gives_the_same_loss_and_gradients():
-  # The host loop splits each batch's forward pass; per-sample norms make
-  # that a change of summation order only.
+def test_micro_batched_gradient_gives_the_same_loss_and_gradients():
+  # CPU steps compute gradients in pieces; per-sample norms make that a
+  # change of summation order only. 20 samples in pieces of 8: the last
+  # piece is padded with zero weights.
   model = models.make_model("convnet", 3, width=8, depth=2)
   params = models.init_params(model, jax.random.key(0), (12, 12, 3))
   x = jax.random.normal(jax.random.key(1), (20, 12, 12, 3))
   y = jnp.arange(20) % 3
+  w = (jnp.arange(20) < 17).astype(jnp.float32)
   apply = models.logits_fn(model)
 
-  def loss(f):
-    return lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        f(p, x), y).mean()
+  def loss_sum(p, xb, yb, wb):
+    return jnp.sum(wb * optax.softmax_cross_entropy_with_integer_labels(
+        apply(p, xb), yb))
 
-  whole = jax.value_and_grad(loss(apply))(params)
-  pieces = jax.value_and_grad(loss(ev._chunked(apply, 8)))(params)
-  np.testing.assert_allclose(pieces[0], whole[0], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-6),
-               pieces[1], whole[1])
-  assert ev._chunked(apply, None) is apply
+  whole = jax.value_and_grad(loss_sum)(params, x, y, w)
+  for micro in (None, 8, 20, 64):
+    pieces = jax.jit(lambda p, m=micro: ev.weighted_loss_and_grad(
+        loss_sum, p, x, y, w, m))(params)
+    np.testing.assert_allclose(pieces[0], whole[0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-6), pieces[1], whole[1])
+  # Masked samples contribute nothing.
+  cut = jax.value_and_grad(loss_sum)(params, x[:17], y[:17], w[:17])
+  np.testing.assert_allclose(whole[0], cut[0], rtol=1e-5)
 
 
 CONV_CFG = ev.EvalConfig(arch="convnet", num_nets=2, epochs=60, pae=True,
@@ -237,14 +263,15 @@ def test_convnet_with_dsa_and_pae_learns_images(pattern_data):
   assert np.all(np.isfinite(result.train_loss))
 
 
-def test_fused_and_host_loops_agree_with_dsa_and_pae(pattern_data):
+def test_fused_and_per_net_loops_agree_with_dsa_and_pae(pattern_data):
   # Same shapes as above, so only the fused program is a new compilation.
   runs = [ev.evaluate_synthetic(
       jax.random.key(5), *pattern_data, num_classes=3,
       config=dataclasses.replace(CONV_CFG, epochs=4, loop=loop))
-          for loop in ("fused", "host")]
-  np.testing.assert_allclose(runs[0].train_loss, runs[1].train_loss,
-                             rtol=1e-4)
+          for loop in ("fused", "per_net")]
+  np.testing.assert_allclose(runs[0].train_loss_per_epoch,
+                             runs[1].train_loss_per_epoch, rtol=1e-4)
+  np.testing.assert_array_equal(runs[0].predictions, runs[1].predictions)
   assert runs[0].train_loss[0] != runs[0].train_loss[1]
 
 

@@ -115,10 +115,14 @@ def _client_programs(model, input_shape, batch: int, dsa_strategy: str,
                      micro_batch=None):
   """Jitted ``(init, order, step)`` vmapped over seeds, cached per config.
 
-  ``micro_batch`` splits each step's forward pass into pieces of that many
-  samples (see ``evaluate._HOST_MICRO_BATCH``).
+  ``micro_batch`` computes each step's gradient in pieces of that many
+  samples (``evaluate.weighted_loss_and_grad``).
   """
-  apply_fn = evaluate._chunked(baselines.logits_of(model), micro_batch)
+  apply_fn = baselines.logits_of(model)
+
+  def loss_sum(p, xb, yb, w):
+    ce = optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb)
+    return jnp.sum(ce * w)
 
   @jax.jit
   def init(init_keys, lr, momentum, wd):
@@ -137,12 +141,10 @@ def _client_programs(model, input_shape, batch: int, dsa_strategy: str,
       xb = augment.dsa(aug_key, xb, dsa_strategy, siamese=False,
                        one_family=True)
 
-    def loss_fn(p):
-      ce = optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb)
-      # Mean over the real samples, like PyTorch on a short last batch.
-      return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-    grads = jax.grad(loss_fn)(params)
+    _, grads = evaluate.weighted_loss_and_grad(loss_sum, params, xb, yb, w,
+                                               micro_batch)
+    # Mean over the real samples, like PyTorch on a short last batch.
+    grads = jax.tree.map(lambda g: g / jnp.maximum(jnp.sum(w), 1.0), grads)
     updates, opt_state = sgd(lr, momentum, wd).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
@@ -189,7 +191,7 @@ def train_clients(key, model, input_shape, client_x, client_y,
   on_cpu = jax.default_backend() == "cpu"
   init, order, step = _client_programs(
       model, tuple(input_shape), b, cfg.dsa_strategy,
-      evaluate._HOST_MICRO_BATCH if on_cpu else None)
+      evaluate.default_micro_batch())
   hyper = (np.float32(cfg.lr), np.float32(cfg.momentum),
            np.float32(cfg.weight_decay))
   xs, ys = jnp.asarray(xs), jnp.asarray(ys)
