@@ -434,3 +434,53 @@ def test_slots_of_counts_the_samples_drawn_per_iteration(tiny):
     spec = client.StatsSpec(model=model, input_shape=SHAPE, num_classes=C,
                             batch_real=batch_real)
     assert [spec.slots_of(y) for y in ys] == expect
+
+
+def test_shared_local_dm_targets_are_the_uploaded_means(tiny):
+  """Local DM on the shared networks: iteration t is DM under psi_t and the
+  Siamese keys of (t, c) towards the client's own uploaded mean."""
+  model, xs, ys = tiny
+  spec = client.StatsSpec(model=model, input_shape=SHAPE, num_classes=C,
+                          batch_real=6, dsa_strategy=STRATEGY, embed_batch=16)
+  ids = [0, 1, 2]
+  stats = client.client_stats(ROOT, xs, ys, ids, spec, 3)
+  cfg = client.LocalDMConfig(ipc=2, iterations=4, lr=1.0,
+                             dsa_strategy=STRATEGY)
+  got = client.shared_local_distill(ROOT, xs, ys, ids, stats, C, model, SHAPE,
+                                    cfg)
+  opt = dm.make_optimizer(cfg.lr, cfg.momentum)
+  embed = models.embed_fn(model)
+  for k in ids:
+    y = ys[k]
+    order = np.argsort(y, kind="stable")
+    init = client.initial_images(
+        jax.random.fold_in(keys.local_distill_key(ROOT, k), 0), xs[k][order],
+        y[order], C, cfg.ipc, "real", False)
+    state = dm.init_state(jnp.asarray(init), opt)
+    for it in range(cfg.iterations):
+      t = it % 3  # 4 local iterations over 3 networks: t = 0, 1, 2, 0
+      mean = jnp.asarray(stats.means[k, t])
+      state, _ = dm.iteration_step(
+          opt, embed, state, dm.network_params(model, ROOT, t, SHAPE),
+          dm.class_aug_keys(ROOT, t, C), mean, jnp.zeros_like(mean),
+          jnp.asarray(stats.counts[k, t] > 0), dsa_strategy=STRATEGY,
+          pae=False, std_weight=0.0)
+    held = np.bincount(y, minlength=C) > 0
+    want = np.asarray(state.images)[held]
+    np.testing.assert_allclose(got[k][0], want.reshape((-1,) + SHAPE),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(
+        got[k][1], np.repeat(np.flatnonzero(held), cfg.ipc))
+  # Client 0 holds no image of class 2: no local images of it.
+  assert 2 not in got[0][1]
+
+
+def test_shared_local_dm_std_term_needs_second_moments(tiny):
+  model, xs, ys = tiny
+  spec = full_spec(model)
+  stats = client.client_stats(ROOT, xs[:1], ys[:1], [0], spec, 1)
+  cfg = client.LocalDMConfig(ipc=1, iterations=1, std_weight=1.0,
+                             dsa_strategy=STRATEGY)
+  with pytest.raises(ValueError, match="second_moments"):
+    client.shared_local_distill(ROOT, xs[:1], ys[:1], [0], stats, C, model,
+                                SHAPE, cfg)

@@ -103,3 +103,25 @@ def test_std_weight_requires_second_moments():
   config.server.std_weight = 1.0
   with pytest.raises(ValueError, match="second_moments"):
     pipeline.setup(config)
+
+
+def test_shared_pass_leaves_the_uploaded_statistics_unchanged():
+  """local.networks only changes the local images: the statistics a client
+  uploads are bit-identical with local DM on the shared networks or not."""
+  msgs = {}
+  for networks in ("shared", "independent"):
+    config = smoke.get_config()
+    config.local.networks = networks
+    s = pipeline.setup(config)
+    msgs[networks] = pipeline.client_messages(s, [0, 1, 2])
+  for a, b in zip(msgs["shared"], msgs["independent"]):
+    np.testing.assert_array_equal(a.means, b.means)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_array_equal(a.class_counts, b.class_counts)
+    np.testing.assert_array_equal(a.local_labels, b.local_labels)
+    assert a.local_images.shape == b.local_images.shape
+    assert not np.array_equal(a.local_images, b.local_images)
+  config = smoke.get_config()
+  config.local.networks = "private"
+  with pytest.raises(ValueError, match="local.networks"):
+    pipeline.client_messages(pipeline.setup(config), [0])
