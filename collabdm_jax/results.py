@@ -28,6 +28,8 @@ helpers are pure functions of rows. Row keys:
 ``upload_bytes_total``      sum over clients
 ``wall_s``                  total wall seconds of the run
 ``error``                   ``"ErrorType: message"`` of a failed run, else None
+``commit``                  the code version the run was made from
+                            (``commit_label`` of its ``provenance``)
 ``<grid path>``             one key per grid override not already a column
                             above (e.g. ``server.weighting``)
 ==========================  ===================================================
@@ -63,6 +65,7 @@ METRIC_COLUMNS = ("accuracy_mean", "accuracy_std", "n_eval",
 METHOD_ORDER = ("collabdm", "collabdm-pae", "central_dm", "merged_local_dm",
                 "fedavg", "dense")
 STATUSES = ("ok", "failed", "pending")
+UNKNOWN_COMMIT = "unknown"
 
 
 def format_alpha(alpha, partition_method: Optional[str] = None):
@@ -114,6 +117,34 @@ def format_value(value) -> str:
   if isinstance(value, float):
     return "inf" if math.isinf(value) else f"{value:g}"
   return str(value)
+
+
+def commit_label(record: Optional[Dict]) -> str:
+  """A provenance record's code version: the commit's first 12 hex digits,
+  with ``+dirty`` when tracked files differed from it, or ``"unknown"`` (no
+  record, or not made from a git checkout)."""
+  if not record or not record.get("git_commit"):
+    return UNKNOWN_COMMIT
+  label = str(record["git_commit"])[:12]
+  return label + "+dirty" if record.get("git_dirty") else label
+
+
+def commits_summary(rows: Sequence[Dict]) -> str:
+  """One Markdown line naming the commits the finished rows were made from.
+
+  ``"Made from commits: `abc` (3 runs), `def+dirty` (1 run)."``, most used
+  first; rows without a ``commit`` (pending, failed) are not counted.
+  """
+  counts: Dict[str, int] = {}
+  for r in rows:
+    if r.get("status") == "ok":
+      c = r.get("commit") or UNKNOWN_COMMIT
+      counts[c] = counts.get(c, 0) + 1
+  if not counts:
+    return "Made from commits: none (no finished run)."
+  parts = [f"`{c}` ({n} run{'s' if n != 1 else ''})" for c, n in
+           sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+  return "Made from commits: " + ", ".join(parts) + "."
 
 
 def _read_json(path: pathlib.Path):
@@ -173,6 +204,7 @@ def row_from_results(results: Dict, cell: str = "",
       "upload_bytes_total": results.get("upload_bytes_total", total_up),
       "wall_s": _wall_total(results.get("wall_s")),
       "error": None,
+      "commit": commit_label(results.get("provenance")),
   })
   row.update(_extra_columns(overrides))
   return row
@@ -184,6 +216,8 @@ def row_from_error(error: Dict, cell: str = "",
   row = {"cell": cell, "status": "failed", **_identity(error),
          **_empty_metrics()}
   row["error"] = f"{error.get('error_type', 'Error')}: {error.get('error', '')}"
+  row["commit"] = (commit_label(error["provenance"]) if error.get("provenance")
+                   else None)
   row.update(_extra_columns(overrides))
   return row
 
@@ -195,7 +229,7 @@ def _extra_columns(overrides: Optional[Dict]) -> Dict:
 
 def _pending_row(cell: str, overrides: Dict) -> Dict:
   row = {"cell": cell, "status": "pending", **{k: None for k in ID_COLUMNS},
-         **_empty_metrics(), "error": None}
+         **_empty_metrics(), "error": None, "commit": None}
   for path, column in STANDARD_PATHS.items():
     if path in overrides:
       row[column] = overrides[path]
@@ -269,7 +303,8 @@ def collect(sweep_dir) -> List[Dict]:
 
 def extra_columns(rows: Iterable[Dict]) -> List[str]:
   """Keys of ``rows`` beyond the standard ones, in first-seen order."""
-  known = set(ID_COLUMNS) | set(METRIC_COLUMNS) | {"cell", "status", "error"}
+  known = (set(ID_COLUMNS) | set(METRIC_COLUMNS)
+           | {"cell", "status", "error", "commit"})
   seen = []
   for row in rows:
     for key in row:
@@ -342,7 +377,7 @@ def to_markdown(rows: Sequence[Dict], max_error_chars: int = 120) -> str:
   any_error = any(r.get("error") for r in rows)
   header = (["method", "dataset", "clients", "α", "ipc"] + extras
             + ["accuracy (%)", "n_eval", "upload/client", "wall (s)",
-               "status"] + (["error"] if any_error else []))
+               "status", "commit"] + (["error"] if any_error else []))
   body = []
   for r in rows:
     wall = r.get("wall_s")
@@ -353,7 +388,7 @@ def to_markdown(rows: Sequence[Dict], max_error_chars: int = 120) -> str:
             + [_accuracy_cell(r), format_value(r.get("n_eval")),
                format_bytes(r.get("upload_bytes_per_client")),
                "–" if wall is None else f"{wall:.1f}",
-               format_value(r.get("status"))])
+               format_value(r.get("status")), format_value(r.get("commit"))])
     if any_error:
       err = r.get("error") or ""
       line.append(err if len(err) <= max_error_chars
@@ -430,7 +465,7 @@ def short_name(key: str) -> str:
 def csv_columns(rows: Sequence[Dict]) -> List[str]:
   """The CSV header for ``rows``: cell, status, ids, extras, metrics, error."""
   return (["cell", "status"] + list(ID_COLUMNS) + extra_columns(rows)
-          + list(METRIC_COLUMNS) + ["error"])
+          + list(METRIC_COLUMNS) + ["commit", "error"])
 
 
 def to_csv(rows: Sequence[Dict], path) -> pathlib.Path:

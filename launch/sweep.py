@@ -64,6 +64,7 @@ from ml_collections import config_flags
 
 from collabdm_jax import pipeline
 from collabdm_jax import plots
+from collabdm_jax import provenance
 from collabdm_jax import results as results_lib
 
 log = logging.getLogger("collabdm_jax.sweep")
@@ -246,6 +247,7 @@ def _error_payload(config, cell: Cell, error: BaseException) -> Dict:
       "error": str(error),
       "traceback": "".join(traceback.format_exception(error)),
       "config": config.to_dict(),
+      "provenance": provenance.finish(None),
   }
 
 
@@ -370,6 +372,7 @@ def write_tables(workdir, results_dir) -> Dict[str, object]:
   text = (f"# Sweep results\n\n{len(rows)} runs under `{workdir}`: "
           + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".\n\n"
           "Accuracy: mean ± std (%) over the evaluated networks.\n\n"
+          + results_lib.commits_summary(rows) + "\n\n"
           + results_lib.to_markdown(rows))
   if any(r["status"] != "pending" for r in rows):
     try:
