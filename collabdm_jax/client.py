@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from collabdm_jax import augment
 from collabdm_jax import dm
 from collabdm_jax import keys as keys_lib
+from collabdm_jax import losses
 from collabdm_jax import models
 from collabdm_jax import parallel
 
@@ -646,11 +647,16 @@ class LocalDMConfig:
   dsa_strategy: str = augment.DEFAULT_STRATEGY
   pae: bool = False
   std_weight: float = 0.0
+  # Degrees of freedom of both stds of the std term: 0 population, 1 the
+  # authors' torch.std (unbiased variance).
+  std_ddof: int = 0
   init: str = "real"  # "real" (mosaic of 4 real images when pae) or "noise"
   compute_dtype: str = "float32"  # or "bfloat16" (models.embed_fn)
 
   def __post_init__(self):
     models.check_compute_dtype(self.compute_dtype)
+    if self.std_ddof not in (0, 1):
+      raise ValueError(f"std_ddof must be 0 or 1, got {self.std_ddof!r}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -674,13 +680,14 @@ def _local_dm_fns(model, input_shape, num_classes, cfg: LocalDMConfig):
                             slot_class, slot_rank)
     n = jnp.maximum(n, 1.0)[:, None]
     mean = s / n
-    std = (jnp.sqrt(jnp.maximum(q / n - jnp.square(mean), 0.0)) if need_std
+    std = (losses.std_from_moments(mean, q / n, n, cfg.std_ddof) if need_std
            else jnp.zeros_like(mean))
     return params, aug_keys, mean, std
 
   class_step = dm.make_class_step(optimizer, embed,
                                   dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,
-                                  std_weight=cfg.std_weight)
+                                  std_weight=cfg.std_weight,
+                                  std_ddof=cfg.std_ddof)
   return optimizer, jax.jit(targets), class_step
 
 

@@ -55,8 +55,12 @@ def synthetic_embeddings(embed, net_params, images, aug_key, dsa_strategy,
   return embed(net_params, images)
 
 
-def make_class_step(optimizer, embed, *, dsa_strategy, pae, std_weight):
+def make_class_step(optimizer, embed, *, dsa_strategy, pae, std_weight,
+                    std_ddof=0):
   """Jitted ``class_step(state, net_params, aug_key, mean, std, valid, c)``.
+
+  ``std_ddof``: degrees of freedom of the synthetic side's std in the std
+  term (``losses.embedding_std``; 1 is the authors' ``torch.std``).
 
   One DM step for class ``c`` (a traced index, so one compilation serves
   every class): the loss of the class's synthetic images against its target
@@ -73,7 +77,7 @@ def make_class_step(optimizer, embed, *, dsa_strategy, pae, std_weight):
     emb = synthetic_embeddings(embed, net_params, images[c], aug_key,
                                dsa_strategy, pae)
     return losses.matching_loss(mean, emb, target_std=std,
-                                std_weight=std_weight)
+                                std_weight=std_weight, std_ddof=std_ddof)
 
   def class_step(state, net_params, aug_key, mean, std, valid, c):
     loss, grads = jax.value_and_grad(class_loss)(state.images, c, net_params,

@@ -149,7 +149,9 @@ def local_config(config, strategy) -> client_lib.LocalDMConfig:
   return client_lib.LocalDMConfig(
       ipc=local_ipc(config), iterations=c.iterations, lr=c.lr,
       momentum=c.momentum, batch_real=c.batch_real, dsa_strategy=strategy,
-      pae=bool(config.server.pae), std_weight=c.std_weight, init=c.init,
+      pae=bool(config.server.pae), std_weight=c.std_weight,
+      # Absent from older configs: population std, as before the option.
+      std_ddof=c.get("std_ddof", 0), init=c.init,
       compute_dtype=config.compute_dtype)
 
 
