@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from collabdm_jax import augment
 from collabdm_jax import dm
 from collabdm_jax import keys as keys_lib
+from collabdm_jax import losses
 from collabdm_jax import models
 from collabdm_jax import parallel
 
@@ -646,11 +647,16 @@ class LocalDMConfig:
   dsa_strategy: str = augment.DEFAULT_STRATEGY
   pae: bool = False
   std_weight: float = 0.0
+  # Degrees of freedom of both stds of the std term: 0 population, 1 the
+  # authors' torch.std (unbiased variance).
+  std_ddof: int = 0
   init: str = "real"  # "real" (mosaic of 4 real images when pae) or "noise"
   compute_dtype: str = "float32"  # or "bfloat16" (models.embed_fn)
 
   def __post_init__(self):
     models.check_compute_dtype(self.compute_dtype)
+    if self.std_ddof not in (0, 1):
+      raise ValueError(f"std_ddof must be 0 or 1, got {self.std_ddof!r}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -679,11 +685,12 @@ def _local_dm_step(model, input_shape, num_classes, cfg: LocalDMConfig):
                             slot_class, slot_rank)
     n = jnp.maximum(n, 1.0)[:, None]
     mean = s / n
-    std = (jnp.sqrt(jnp.maximum(q / n - jnp.square(mean), 0.0)) if need_std
+    std = (losses.std_from_moments(mean, q / n, n, cfg.std_ddof) if need_std
            else jnp.zeros_like(mean))
     return dm.iteration_step(optimizer, embed, state, params, aug_keys, mean,
                              std, valid, dsa_strategy=cfg.dsa_strategy,
-                             pae=cfg.pae, std_weight=cfg.std_weight)
+                             pae=cfg.pae, std_weight=cfg.std_weight,
+                             std_ddof=cfg.std_ddof)
 
   return optimizer, jax.jit(step, donate_argnums=0)
 
@@ -704,7 +711,8 @@ def _shared_local_step(model, input_shape, num_classes, cfg: LocalDMConfig):
     aug_keys = dm.class_aug_keys(root, t, num_classes)
     one = lambda st, m, s, v: dm.iteration_step(
         optimizer, embed, st, params, aug_keys, m, s, v,
-        dsa_strategy=cfg.dsa_strategy, pae=cfg.pae, std_weight=cfg.std_weight)
+        dsa_strategy=cfg.dsa_strategy, pae=cfg.pae, std_weight=cfg.std_weight,
+        std_ddof=cfg.std_ddof)
     return jax.vmap(one)(states, means, stds, valid)
 
   return optimizer, jax.jit(step, donate_argnums=0)
@@ -757,7 +765,9 @@ def shared_local_distill(root, client_x, client_y, client_ids, stats,
     t = it % num_its
     mean = stats.means[:, t]
     if cfg.std_weight > 0:
-      std = np.sqrt(np.maximum(stats.second_moments[:, t] - mean ** 2, 0.0))
+      n = np.maximum(stats.counts[:, t], 1)[..., None].astype(np.float32)
+      std = np.asarray(losses.std_from_moments(
+          mean, stats.second_moments[:, t], n, cfg.std_ddof))
     else:
       std = np.zeros_like(mean)
     states, loss = step(states, root, jnp.int32(t), jnp.asarray(mean),

@@ -57,21 +57,23 @@ def synthetic_embeddings(embed, net_params, images, aug_key, dsa_strategy,
 
 
 def class_matching_loss(embed, net_params, class_images, aug_key, mean, std,
-                        *, dsa_strategy, pae, std_weight):
+                        *, dsa_strategy, pae, std_weight, std_ddof=0):
   """DM's loss of one class: ``||mean - mean_i psi(A(s_i))||^2`` (+ std term).
 
   ``A`` is the Siamese augmentation drawn from ``aug_key`` and ``psi`` the
-  network ``net_params``; see ``losses.matching_loss``.
+  network ``net_params``; see ``losses.matching_loss``. ``std_ddof`` is the
+  degrees of freedom of the synthetic side's std in the std term
+  (``losses.embedding_std``; 1 is the authors' ``torch.std``).
   """
   emb = synthetic_embeddings(embed, net_params, class_images, aug_key,
                              dsa_strategy, pae)
   return losses.matching_loss(mean, emb, target_std=std,
-                              std_weight=std_weight)
+                              std_weight=std_weight, std_ddof=std_ddof)
 
 
 def iteration_step(optimizer, embed, state, net_params, aug_keys,
                    target_mean, target_std, valid, *, dsa_strategy, pae,
-                   std_weight):
+                   std_weight, std_ddof=0):
   """One DM iteration: a loss and an optimiser step per class, in class order.
 
   The reference semantics, as one traced program: one optimiser over the
@@ -97,6 +99,7 @@ def iteration_step(optimizer, embed, state, net_params, aug_keys,
     aug_keys: ``[C]`` Siamese augmentation keys, one per class.
     target_mean, target_std: ``[C, D]`` real-data targets.
     valid: ``[C]`` bool.
+    std_ddof: see ``class_matching_loss``.
 
   Returns:
     ``(new_state, losses [C])`` (loss 0 for skipped classes).
@@ -106,7 +109,7 @@ def iteration_step(optimizer, embed, state, net_params, aug_keys,
     loss, g = jax.value_and_grad(class_matching_loss, argnums=2)(
         embed, net_params, state.images[c], aug_keys[c], target_mean[c],
         target_std[c], dsa_strategy=dsa_strategy, pae=pae,
-        std_weight=std_weight)
+        std_weight=std_weight, std_ddof=std_ddof)
     grads = jnp.zeros_like(state.images).at[c].set(g)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.images)
     stepped = SynthesisState(optax.apply_updates(state.images, updates),

@@ -33,11 +33,37 @@ def embedding_mean(embeddings, weights=None):
   return _weighted_mean(embeddings, weights)
 
 
-def embedding_std(embeddings, weights=None):
-  """Per-feature population standard deviation ``[D]`` (eps-stabilised)."""
+def _bessel(var, n, ddof):
+  # var * n / (n - ddof): the population variance turned into the estimate
+  # with ``ddof`` degrees of freedom removed (n - ddof clamped at 1).
+  if not ddof:
+    return var
+  return var * n / jnp.maximum(n - ddof, 1.0)
+
+
+def embedding_std(embeddings, weights=None, ddof=0):
+  """Per-feature standard deviation ``[D]`` (eps-stabilised).
+
+  ``sqrt(sum_n w_n (x_n - m)**2 / (N - ddof) + eps)`` with ``N = sum_n w_n``
+  (the row count without weights): ``ddof=0`` is the population std,
+  ``ddof=1`` the unbiased-variance estimate that ``torch.std`` returns by
+  default (what the CollabDM/IDM authors' std term uses).
+  """
   mean = _weighted_mean(embeddings, weights)
   var = _weighted_mean(jnp.square(embeddings - mean), weights)
-  return jnp.sqrt(var + _STD_EPS)
+  n = (embeddings.shape[0] if weights is None
+       else jnp.sum(weights.astype(embeddings.dtype)))
+  return jnp.sqrt(_bessel(var, n, ddof) + _STD_EPS)
+
+
+def std_from_moments(mean, mean_sq, n, ddof=0):
+  """Std from a mean, a mean of squares and the count ``n`` they came from.
+
+  ``sqrt(max(mean_sq - mean**2, 0) * n / (n - ddof))``: the same estimate as
+  ``embedding_std(x, ddof=ddof)`` (without its eps) from running sums.
+  """
+  var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+  return jnp.sqrt(_bessel(var, n, ddof))
 
 
 def mean_embedding_loss(target_mean, embeddings, weights=None):
@@ -54,13 +80,15 @@ def mean_embedding_loss(target_mean, embeddings, weights=None):
   return jnp.sum(jnp.square(target_mean - _weighted_mean(embeddings, weights)))
 
 
-def std_matching_loss(target_std, embeddings, weights=None):
+def std_matching_loss(target_std, embeddings, weights=None, ddof=0):
   """IDM's spread term: ``sum((target_std - std(embeddings))**2)``.
 
   Used with partition-and-expansion (CollabDM-pae) so the synthetic set
   matches the per-feature spread of the real data, not only its mean.
+  ``ddof`` as in ``embedding_std`` (1 for the authors' ``torch.std``).
   """
-  return jnp.sum(jnp.square(target_std - embedding_std(embeddings, weights)))
+  return jnp.sum(jnp.square(
+      target_std - embedding_std(embeddings, weights, ddof)))
 
 
 class ClassMoments(NamedTuple):
@@ -154,10 +182,13 @@ def aggregate_class_moments(means, counts, class_counts, second_moments=None,
 
 
 def matching_loss(target_mean, embeddings, weights=None, target_std=None,
-                  std_weight=0.0):
-  """Mean loss plus ``std_weight`` times the std loss (when a target is given)."""
+                  std_weight=0.0, std_ddof=0):
+  """Mean loss plus ``std_weight`` times the std loss (when a target is given).
+
+  ``std_ddof`` is the synthetic side's ``ddof`` (``embedding_std``).
+  """
   loss = mean_embedding_loss(target_mean, embeddings, weights)
   if target_std is not None and std_weight:
     loss = loss + std_weight * std_matching_loss(target_std, embeddings,
-                                                 weights)
+                                                 weights, ddof=std_ddof)
   return loss

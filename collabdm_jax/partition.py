@@ -9,10 +9,12 @@ Four schemes are offered, all driven by one integer seed through a local
   clients that already hold at least N/K samples get a zero share of that
   class, and the whole draw is repeated until every client holds at least
   ``min_size`` samples.
-* ``collabdm``: the variant used by CollabDM (Holland et al., ECAI 2024).
-  Every client first receives ``ipc`` random samples of every class, so each
+* ``collabdm``: the variant used by CollabDM (Holland et al., ECAI 2024),
+  exactly as the authors' ``partition_data`` runs it. Every client first
+  receives ``ipc`` random samples of every class (drawn once), so each
   client can initialise and distil every class locally; the rest of each
-  class is split by the Dirichlet scheme above.
+  class is split by the Dirichlet scheme above, where the N/K cap and the
+  ``min_size`` check look only at what a client got of that rest.
 * ``shards``: pathological k-classes-per-client. Each client holds
   ``classes_per_client`` distinct classes, and a class's samples are split
   evenly among the clients that hold it.
@@ -207,29 +209,41 @@ def _dirichlet_loop(labels, num_clients, num_classes, rng, alpha, min_size, max_
             f"min_size * num_clients = {min_size} * {num_clients} = {min_size * num_clients} "
             f"exceeds the number of samples ({n})")
     by_class = _class_indices(labels, num_classes)
+    base = [[] for _ in range(num_clients)]
+    rest = by_class
     if ipc:
         for c, idx in enumerate(by_class):
             if ipc * num_clients > len(idx):
                 raise ValueError(
                     f"ipc * num_clients = {ipc} * {num_clients} = {ipc * num_clients} exceeds "
                     f"the size of class {c} ({len(idx)} samples)")
-    # The cap uses the whole dataset size N, base allocation included, as in
-    # the CollabDM variant where clients start with ipc samples per class.
-    cap = n / num_clients
-    for _ in range(max_tries):
-        base = [[] for _ in range(num_clients)]
+        remainder = n - ipc * num_clients * num_classes
+        if min_size * num_clients > remainder:
+            raise ValueError(
+                f"min_size * num_clients = {min_size} * {num_clients} = "
+                f"{min_size * num_clients} exceeds the {remainder} samples left after the "
+                f"ipc floor (the collabdm scheme checks min_size on that remainder)")
+        # The floor is drawn once, as the authors do; only the split of the
+        # remainder is redrawn until it meets min_size.
         rest = []
         for idx in by_class:
             idx = rng.permutation(idx)
             for i in range(num_clients):
                 base[i].append(idx[i * ipc:(i + 1) * ipc])
             rest.append(idx[ipc * num_clients:])
-        parts = _dirichlet_try(rng, rest, base, num_clients, alpha, cap)
+    # The cap is N/K with N the whole dataset, compared with what a client
+    # got of the remainder (its floor does not count), as in the authors' code.
+    cap = n / num_clients
+    for _ in range(max_tries):
+        shuffled = [rng.permutation(idx) for idx in rest]
+        parts = _dirichlet_try(rng, shuffled, [[] for _ in range(num_clients)],
+                               num_clients, alpha, cap)
         if parts is None:
             continue
-        parts = [np.concatenate(p) if p else np.zeros(0, np.int64) for p in parts]
-        if min(len(p) for p in parts) >= min_size:
-            return _finish(labels, parts, num_classes, method)
+        if min(sum(len(a) for a in p) for p in parts) >= min_size:
+            merged = [np.concatenate(b + p) if b + p else np.zeros(0, np.int64)
+                      for b, p in zip(base, parts)]
+            return _finish(labels, merged, num_classes, method)
     raise ValueError(
         f"Dirichlet partition could not give every one of {num_clients} clients at least "
         f"min_size={min_size} samples after max_tries={max_tries} draws with alpha={alpha}; "
@@ -276,9 +290,11 @@ def partition_collabdm(labels, num_clients: int, *, alpha: float, ipc: int, seed
     """The CollabDM partition: ``ipc`` samples of every class per client, rest Dirichlet.
 
     Each client first receives ``ipc`` random samples of every class (so every
-    client can distil every class); the remainder of each class is split as in
-    :func:`partition_dirichlet`, with the ``N / K`` cap counting the initial
-    samples. Draws repeat until every client holds ``>= min_size`` samples.
+    client can distil every class), drawn once; the remainder of each class is
+    split as in :func:`partition_dirichlet`, redrawn until every client's share
+    of the remainder holds ``>= min_size`` samples. As in the authors' code, a
+    client is excluded from a class once its share of the remainder reaches
+    ``N / K`` (N the whole dataset); the floor counts for neither test.
 
     Args:
       labels: integer class labels, shape ``[N]``.
@@ -287,9 +303,10 @@ def partition_collabdm(labels, num_clients: int, *, alpha: float, ipc: int, seed
       ipc: guaranteed samples per class per client, ``>= 1``; ``ipc * K`` may
         not exceed the size of any class.
       seed: non-negative integer; the split is a pure function of it.
-      min_size: smallest allowed client size, ``min_size * K <= N``.
+      min_size: smallest allowed share of the remainder per client (the
+        authors use 10); ``min_size * K`` may not exceed the remainder.
       num_classes: C; defaults to ``max(labels) + 1``.
-      max_tries: number of draws before giving up (``>= 1``).
+      max_tries: number of draws of the remainder before giving up (``>= 1``).
 
     Returns:
       A :class:`Partition` with ``method='collabdm'``.

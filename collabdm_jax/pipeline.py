@@ -32,6 +32,7 @@ from collabdm_jax import models
 from collabdm_jax import parallel
 from collabdm_jax import partition as partition_lib
 from collabdm_jax import protocol
+from collabdm_jax import provenance
 from collabdm_jax import server as server_lib
 
 log = logging.getLogger("collabdm_jax")
@@ -68,6 +69,8 @@ class Setup:
   root: jax.Array
   train_x: np.ndarray  # what the embedding nets see (images, or tables)
   test_x: np.ndarray
+  # provenance.start() when the run began; results.json gets it finished.
+  provenance: Optional[Dict] = None
 
 
 def _opt(value):
@@ -103,6 +106,8 @@ def load_data(config) -> data_lib.Dataset:
 
 def setup(config, dataset: Optional[data_lib.Dataset] = None) -> Setup:
   """Loads data, partitions it and builds the shared model and spec."""
+  # Taken first, so the load average is the one the run started under.
+  record = provenance.start()
   if config.server.std_weight > 0 and not config.stats.second_moments:
     raise ValueError("server.std_weight > 0 needs stats.second_moments=True "
                      "(clients must upload second moments for std targets)")
@@ -128,7 +133,7 @@ def setup(config, dataset: Optional[data_lib.Dataset] = None) -> Setup:
       embed_batch=config.stats.embed_batch,
       compute_dtype=config.compute_dtype)
   return Setup(config, dataset, part, model, input_shape, strategy, spec,
-               jax.random.key(config.seed), train_x, test_x)
+               jax.random.key(config.seed), train_x, test_x, record)
 
 
 def local_ipc(config):
@@ -144,7 +149,9 @@ def local_config(config, strategy) -> client_lib.LocalDMConfig:
   return client_lib.LocalDMConfig(
       ipc=local_ipc(config), iterations=c.iterations, lr=c.lr,
       momentum=c.momentum, batch_real=c.batch_real, dsa_strategy=strategy,
-      pae=bool(config.server.pae), std_weight=c.std_weight, init=c.init,
+      pae=bool(config.server.pae), std_weight=c.std_weight,
+      # Absent from older configs: population std, as before the option.
+      std_ddof=c.std_ddof, init=c.init,
       compute_dtype=config.compute_dtype)
 
 
@@ -379,6 +386,7 @@ def _base_results(s: Setup, timings):
       "wall_s": {k: round(v, 3) for k, v in timings.items()},
       "client_class_counts": s.partition.counts.tolist(),
       "environment": _env(),
+      "provenance": provenance.finish(s.provenance),
   }
 
 

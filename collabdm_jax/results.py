@@ -28,6 +28,12 @@ helpers are pure functions of rows. Row keys:
 ``upload_bytes_total``      sum over clients
 ``wall_s``                  total wall seconds of the run
 ``error``                   ``"ErrorType: message"`` of a failed run, else None
+``commit``                  the code version the run was made from
+                            (``commit_label`` of its ``provenance``)
+``seed``                    the run's root seed (``config.seed``), when its
+                            config has one; a sweep's ``seeds`` set it and
+                            the partition seed together
+``variant``                 the sweep variant the run belongs to, if any
 ``<grid path>``             one key per grid override not already a column
                             above (e.g. ``server.weighting``)
 ==========================  ===================================================
@@ -43,6 +49,9 @@ import os
 import pathlib
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
+from scipy import stats as scipy_stats
+
 RESULTS_FILE = "results.json"
 CELL_FILE = "cell.json"
 ERROR_FILE = "error.json"
@@ -55,6 +64,8 @@ STANDARD_PATHS = {
     "partition.num_clients": "num_clients",
     "partition.alpha": "alpha",
     "server.ipc": "ipc",
+    "seed": "seed",
+    "partition.seed": "partition_seed",
 }
 ID_COLUMNS = ("method", "dataset", "partition", "num_clients", "alpha", "ipc")
 METRIC_COLUMNS = ("accuracy_mean", "accuracy_std", "n_eval",
@@ -63,6 +74,9 @@ METRIC_COLUMNS = ("accuracy_mean", "accuracy_std", "n_eval",
 METHOD_ORDER = ("collabdm", "collabdm-pae", "central_dm", "merged_local_dm",
                 "fedavg", "dense")
 STATUSES = ("ok", "failed", "pending")
+SEED_COLUMNS = ("seed", "partition_seed")
+AGGREGATE_COLUMNS = ("n_seeds", "seeds", "seeds_missing")
+UNKNOWN_COMMIT = "unknown"
 
 
 def format_alpha(alpha, partition_method: Optional[str] = None):
@@ -114,6 +128,34 @@ def format_value(value) -> str:
   if isinstance(value, float):
     return "inf" if math.isinf(value) else f"{value:g}"
   return str(value)
+
+
+def commit_label(record: Optional[Dict]) -> str:
+  """A provenance record's code version: the commit's first 12 hex digits,
+  with ``+dirty`` when tracked files differed from it, or ``"unknown"`` (no
+  record, or not made from a git checkout)."""
+  if not record or not record.get("git_commit"):
+    return UNKNOWN_COMMIT
+  label = str(record["git_commit"])[:12]
+  return label + "+dirty" if record.get("git_dirty") else label
+
+
+def commits_summary(rows: Sequence[Dict]) -> str:
+  """One Markdown line naming the commits the finished rows were made from.
+
+  ``"Made from commits: `abc` (3 runs), `def+dirty` (1 run)."``, most used
+  first; rows without a ``commit`` (pending, failed) are not counted.
+  """
+  counts: Dict[str, int] = {}
+  for r in rows:
+    if r.get("status") == "ok":
+      c = r.get("commit") or UNKNOWN_COMMIT
+      counts[c] = counts.get(c, 0) + 1
+  if not counts:
+    return "Made from commits: none (no finished run)."
+  parts = [f"`{c}` ({n} run{'s' if n != 1 else ''})" for c, n in
+           sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+  return "Made from commits: " + ", ".join(parts) + "."
 
 
 def _read_json(path: pathlib.Path):
@@ -173,9 +215,23 @@ def row_from_results(results: Dict, cell: str = "",
       "upload_bytes_total": results.get("upload_bytes_total", total_up),
       "wall_s": _wall_total(results.get("wall_s")),
       "error": None,
+      "commit": commit_label(results.get("provenance")),
   })
+  row.update(_from_config(results))
   row.update(_extra_columns(overrides))
   return row
+
+
+def _from_config(payload) -> Dict:
+  # The seed and variant a run records itself, so rows of runs made outside
+  # a sweep (or whose cell.json is lost) still have them.
+  config = payload.get("config") or {}
+  out = {}
+  if "seed" in config:
+    out["seed"] = config["seed"]
+  if config.get("variant") is not None:
+    out["variant"] = config["variant"]
+  return out
 
 
 def row_from_error(error: Dict, cell: str = "",
@@ -184,6 +240,9 @@ def row_from_error(error: Dict, cell: str = "",
   row = {"cell": cell, "status": "failed", **_identity(error),
          **_empty_metrics()}
   row["error"] = f"{error.get('error_type', 'Error')}: {error.get('error', '')}"
+  row["commit"] = (commit_label(error["provenance"]) if error.get("provenance")
+                   else None)
+  row.update(_from_config(error))
   row.update(_extra_columns(overrides))
   return row
 
@@ -195,10 +254,12 @@ def _extra_columns(overrides: Optional[Dict]) -> Dict:
 
 def _pending_row(cell: str, overrides: Dict) -> Dict:
   row = {"cell": cell, "status": "pending", **{k: None for k in ID_COLUMNS},
-         **_empty_metrics(), "error": None}
+         **_empty_metrics(), "error": None, "commit": None}
   for path, column in STANDARD_PATHS.items():
     if path in overrides:
       row[column] = overrides[path]
+  if row.get("seed") is None:
+    row.pop("seed", None)
   row["alpha"] = format_alpha(row["alpha"], row["partition"])
   row.update(_extra_columns(overrides))
   return row
@@ -269,7 +330,8 @@ def collect(sweep_dir) -> List[Dict]:
 
 def extra_columns(rows: Iterable[Dict]) -> List[str]:
   """Keys of ``rows`` beyond the standard ones, in first-seen order."""
-  known = set(ID_COLUMNS) | set(METRIC_COLUMNS) | {"cell", "status", "error"}
+  known = (set(ID_COLUMNS) | set(METRIC_COLUMNS) | set(SEED_COLUMNS)
+           | set(AGGREGATE_COLUMNS) | {"cell", "status", "error", "commit"})
   seen = []
   for row in rows:
     for key in row:
@@ -338,11 +400,11 @@ def to_markdown(rows: Sequence[Dict], max_error_chars: int = 120) -> str:
   """
   if max_error_chars < 1:
     raise ValueError(f"max_error_chars must be >= 1, got {max_error_chars}")
-  extras = extra_columns(rows)
+  extras = extra_columns(rows) + (["seed"] if _has_seeds(rows) else [])
   any_error = any(r.get("error") for r in rows)
   header = (["method", "dataset", "clients", "α", "ipc"] + extras
             + ["accuracy (%)", "n_eval", "upload/client", "wall (s)",
-               "status"] + (["error"] if any_error else []))
+               "status", "commit"] + (["error"] if any_error else []))
   body = []
   for r in rows:
     wall = r.get("wall_s")
@@ -353,7 +415,7 @@ def to_markdown(rows: Sequence[Dict], max_error_chars: int = 120) -> str:
             + [_accuracy_cell(r), format_value(r.get("n_eval")),
                format_bytes(r.get("upload_bytes_per_client")),
                "–" if wall is None else f"{wall:.1f}",
-               format_value(r.get("status"))])
+               format_value(r.get("status")), format_value(r.get("commit"))])
     if any_error:
       err = r.get("error") or ""
       line.append(err if len(err) <= max_error_chars
@@ -430,7 +492,12 @@ def short_name(key: str) -> str:
 def csv_columns(rows: Sequence[Dict]) -> List[str]:
   """The CSV header for ``rows``: cell, status, ids, extras, metrics, error."""
   return (["cell", "status"] + list(ID_COLUMNS) + extra_columns(rows)
-          + list(METRIC_COLUMNS) + ["error"])
+          + (["seed"] if _has_seeds(rows) else [])
+          + list(METRIC_COLUMNS) + ["commit", "error"])
+
+
+def _has_seeds(rows) -> bool:
+  return any(r.get("seed") is not None for r in rows)
 
 
 def to_csv(rows: Sequence[Dict], path) -> pathlib.Path:
@@ -464,5 +531,225 @@ def write_text(path, text: str) -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
+  os.replace(tmp, path)
+  return path
+
+
+# ---------------------------------------------------------------------------
+# Several seeds per setting: aggregates and paired differences.
+
+
+def setting_keys(rows: Sequence[Dict]) -> List[str]:
+  """The keys that identify a setting (a run up to its seed)."""
+  return list(ID_COLUMNS) + extra_columns(rows)
+
+
+def aggregate_seeds(rows: Sequence[Dict]) -> List[Dict]:
+  """One row per setting, over its seeds.
+
+  For the finished (``ok``) runs of a setting with per-seed accuracies
+  ``a_s`` (each the mean over that run's evaluation networks):
+  ``accuracy_mean = mean_s a_s`` and ``accuracy_std`` the sample standard
+  deviation ``sqrt(sum_s (a_s - mean)^2 / (n - 1))`` of the per-seed means
+  (None for one seed): the spread a reader would see when rerunning with
+  another seed, partition and evaluation networks, not the spread of the
+  networks of one run. ``n_seeds`` and ``seeds`` count the finished runs,
+  ``seeds_missing`` the failed or pending ones; upload and wall time are
+  means over the finished runs; ``commit`` joins their commits. A setting
+  without any finished run keeps the status of its runs (``failed`` wins
+  over ``pending``).
+  """
+  keys = setting_keys(rows)
+  groups: Dict[tuple, List[Dict]] = {}
+  for r in rows:
+    groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+  out = []
+  for gkey, grows in groups.items():
+    ok = [r for r in grows if r.get("status") == "ok"
+          and r.get("accuracy_mean") is not None]
+    row = dict(zip(keys, gkey))
+    row["cell"] = ";".join(r.get("cell", "") for r in grows)
+    accs = np.asarray([r["accuracy_mean"] for r in ok], np.float64)
+
+    def mean_of(key, ok=ok):
+      vals = [r[key] for r in ok if r.get(key) is not None]
+      return float(np.mean(vals)) if vals else None
+
+    row.update({
+        "status": ("ok" if ok else "failed" if any(
+            r.get("status") == "failed" for r in grows) else "pending"),
+        "accuracy_mean": float(accs.mean()) if ok else None,
+        "accuracy_std": float(accs.std(ddof=1)) if len(ok) > 1 else None,
+        "n_seeds": len(ok),
+        "seeds": sorted((r.get("seed") for r in ok),
+                        key=lambda s: (s is None, s or 0)),
+        "seeds_missing": len(grows) - len(ok),
+        "n_eval": ok[0].get("n_eval") if ok else None,
+        "upload_bytes_per_client": mean_of("upload_bytes_per_client"),
+        "upload_bytes_total": mean_of("upload_bytes_total"),
+        "wall_s": mean_of("wall_s"),
+        "error": next((r.get("error") for r in grows if r.get("error")), None),
+        "commit": ";".join(sorted({r.get("commit") or UNKNOWN_COMMIT
+                                   for r in ok})) or None,
+    })
+    out.append(row)
+  return sort_rows(out)
+
+
+def seeds_vary(rows: Sequence[Dict]) -> bool:
+  """True when some setting has runs under more than one seed."""
+  keys = setting_keys(rows)
+  seen: Dict[tuple, set] = {}
+  for r in rows:
+    seen.setdefault(tuple(r.get(k) for k in keys), set()).add(r.get("seed"))
+  return any(len(s) > 1 for s in seen.values())
+
+
+def paired_differences(rows: Sequence[Dict], key: str, a, b,
+                       metric: str = "accuracy_mean",
+                       confidence: float = 0.95) -> List[Dict]:
+  """Paired difference ``a - b`` along ``key``, per setting, with a t interval.
+
+  Runs are paired when they agree on every identifying key but ``key`` (and,
+  for ``key == "variant"``, ``method`` and ``partition``, which a variant
+  sets) and have the same seed, so both sides saw the same root key,
+  partition and evaluation networks. With per-seed differences
+  ``d_s = metric(a, s) - metric(b, s)`` over the ``n`` seeds both sides
+  finished:
+
+  * ``mean = (1/n) sum_s d_s``,
+  * ``std = sqrt(sum_s (d_s - mean)^2 / (n - 1))`` (sample std),
+  * ``ci = mean ± t_{(1+confidence)/2, n-1} · std / sqrt(n)``, the Student t
+    interval for the mean difference, which assumes the d_s are independent
+    draws from a normal distribution (seeds are independent; normality is an
+    assumption that matters little for the mean of a few small differences
+    but makes the interval only approximate). ``ci`` is None for n < 2.
+
+  Pairing removes what the two sides share (the split, the networks psi_t,
+  the evaluation networks), so the interval is usually much narrower than
+  one computed from the two unpaired means.
+
+  Args:
+    rows: ``ok`` rows as ``collect`` returns them (others are ignored).
+    key: the column that tells the two sides apart (``method``,
+      ``variant``, or a grid path such as ``server.weighting``).
+    a, b: the two values of ``key``.
+    metric: a numeric row column (fractions for accuracies).
+    confidence: the interval's coverage, in (0, 1).
+
+  Returns:
+    One dict per setting where both sides have at least one common seed:
+    ``setting`` (the shared keys), ``key``, ``a``, ``b``, ``n``, ``seeds``,
+    ``differences`` (per seed), ``mean``, ``std``, ``t``, ``ci_low``,
+    ``ci_high`` (None when n < 2), ``confidence``.
+  """
+  if not 0 < confidence < 1:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+  ok = [r for r in rows if r.get("status") == "ok"
+        and r.get(metric) is not None and r.get(key) in (a, b)]
+  drop = {key} | ({"method", "partition"} if key == "variant" else set())
+  keys = [k for k in setting_keys(rows) if k not in drop]
+  sides: Dict[tuple, Dict[object, Dict]] = {}
+  for r in ok:
+    gkey = tuple(r.get(k) for k in keys)
+    side = sides.setdefault(gkey, {a: {}, b: {}})
+    seed = r.get("seed")
+    if seed in side[r[key]]:
+      raise ValueError(f"two runs of {key}={r[key]!r} share seed {seed!r} "
+                       f"in setting {dict(zip(keys, gkey))}: "
+                       f"{side[r[key]][seed].get('cell')!r} and "
+                       f"{r.get('cell')!r}")
+    side[r[key]][seed] = r
+  out = []
+  for gkey, side in sides.items():
+    common = sorted(set(side[a]) & set(side[b]),
+                    key=lambda s: (s is None, s or 0))
+    if not common:
+      continue
+    d = np.asarray([side[a][s][metric] - side[b][s][metric] for s in common],
+                   np.float64)
+    n = len(d)
+    entry = {"setting": dict(zip(keys, gkey)), "key": key, "a": a, "b": b,
+             "n": n, "seeds": common, "differences": d.tolist(),
+             "mean": float(d.mean()), "std": None, "t": None,
+             "ci_low": None, "ci_high": None, "confidence": confidence}
+    if n > 1:
+      std = float(d.std(ddof=1))
+      t = float(scipy_stats.t.ppf((1 + confidence) / 2, n - 1))
+      half = t * std / math.sqrt(n)
+      entry.update(std=std, t=t, ci_low=entry["mean"] - half,
+                   ci_high=entry["mean"] + half)
+    out.append(entry)
+  return out
+
+
+def default_claims(rows: Sequence[Dict]) -> List[Tuple[str, str, str]]:
+  """The main claims a table can test, as ``(key, a, b)``.
+
+  CollabDM against merged local DM and against central DM (by ``method``),
+  and count against uniform weighting when ``server.weighting`` is a grid
+  column.
+  """
+  claims = [("method", "collabdm", "merged_local_dm"),
+            ("method", "collabdm", "central_dm")]
+  if any("server.weighting" in r for r in rows):
+    claims.append(("server.weighting", "count", "uniform"))
+  return claims
+
+
+def _points(x) -> str:
+  return "–" if x is None else f"{100 * x:+.2f}"
+
+
+def paired_markdown(rows: Sequence[Dict], claims) -> str:
+  """Markdown table of ``paired_differences`` for each ``(key, a, b)`` claim.
+
+  Differences are in accuracy points (percent); claims no setting can pair
+  are listed as such, so a missing comparison is visible.
+  """
+  lines = ["| claim | setting | seeds | difference (points) | 95 % CI "
+           "| per seed |", "|---|---|---|---|---|---|"]
+  for key, a, b in claims:
+    found = paired_differences(rows, key, a, b)
+    if not found:
+      lines.append(f"| {a} − {b} ({key}) | – | 0 | no paired seeds | – | – |")
+    for e in found:
+      setting = ", ".join(f"{short_name(k)}={format_value(v)}"
+                          for k, v in e["setting"].items() if v is not None)
+      ci = ("–" if e["ci_low"] is None
+            else f"[{_points(e['ci_low'])}, {_points(e['ci_high'])}]")
+      per_seed = ", ".join(_points(x) for x in e["differences"])
+      lines.append(f"| {_md_escape(a)} − {_md_escape(b)} ({_md_escape(key)}) "
+                   f"| {_md_escape(setting)} | {e['n']} | "
+                   f"{_points(e['mean'])} | {ci} | {per_seed} |")
+  return "\n".join(lines) + "\n"
+
+
+def paired_rows(rows: Sequence[Dict], claims) -> List[Dict]:
+  """``paired_differences`` of every claim, flattened for a CSV."""
+  out = []
+  for key, a, b in claims:
+    for e in paired_differences(rows, key, a, b):
+      flat = {f"setting.{k}": v for k, v in e["setting"].items()}
+      flat.update({k: v for k, v in e.items() if k != "setting"})
+      flat["seeds"] = ";".join(str(s) for s in e["seeds"])
+      flat["differences"] = ";".join(f"{x:.6f}" for x in e["differences"])
+      out.append(flat)
+  return out
+
+
+def dicts_to_csv(dicts: Sequence[Dict], path) -> pathlib.Path:
+  """Writes dicts as CSV (columns in first-seen order), atomically."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  columns = []
+  for d in dicts:
+    columns += [k for k in d if k not in columns]
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    for d in dicts:
+      writer.writerow({k: ("" if v is None else v) for k, v in d.items()})
   os.replace(tmp, path)
   return path

@@ -101,6 +101,7 @@ from collabdm_jax import dm  # noqa: E402
 from collabdm_jax import losses  # noqa: E402
 from collabdm_jax import models  # noqa: E402
 from collabdm_jax import parallel  # noqa: E402
+from collabdm_jax import provenance  # noqa: E402
 from collabdm_jax import server as server_lib  # noqa: E402
 
 SCHEMA_VERSION = 1
@@ -275,19 +276,8 @@ def linearity(chunk_seconds):
   return out
 
 
-def peak_rss_mb(who=resource.RUSAGE_SELF):
-  # ru_maxrss is in KiB on Linux.
-  return resource.getrusage(who).ru_maxrss / 1024.0
-
-
-def cpu_model():
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
+peak_rss_mb = provenance.peak_rss_mb
+cpu_model = provenance.cpu_model
 
 
 def environment():
@@ -1065,6 +1055,9 @@ def main(argv=None):
   result = {"schema_version": SCHEMA_VERSION, "sizes": sizes_name,
             "embed_batch": sizes["embed_batch"],
             "cases_pattern": args.cases, "environment": environment(),
+            "provenance": provenance.start(["experiments/bench.py"]
+                                           + list(sys.argv[1:] if argv is None
+                                                  else argv)),
             "complete": False}
 
   def flush():
@@ -1143,6 +1136,7 @@ def main(argv=None):
     result["peak_rss_mb"]["multi_device_child"] = result["multi_device"][
         "peak_rss_mb"]
   result["environment"]["load_average_end"] = list(os.getloadavg())
+  result["provenance"] = provenance.finish(result["provenance"])
   result["bench_wall_s"] = time.perf_counter() - wall0
   result["complete"] = True
   result["summary"] = summarize(result)

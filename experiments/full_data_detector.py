@@ -33,6 +33,7 @@ from ml_collections import config_flags
 from collabdm_jax import evaluate
 from collabdm_jax import keys as keys_lib
 from collabdm_jax import pipeline
+from collabdm_jax import provenance
 
 METHOD = "full_data"
 
@@ -114,6 +115,7 @@ def run(config, workdir, epochs: int = 30) -> Dict:
                       "devices": [str(d) for d in jax.devices()],
                       "process_count": jax.process_count(),
                       "jax": jax.__version__},
+      "provenance": provenance.finish(s.provenance),
       "accuracy_mean": res.mean,
       "accuracy_std": res.std,
       "accuracies": [float(a) for a in res.accuracies],

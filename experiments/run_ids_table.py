@@ -34,6 +34,7 @@ from absl import app
 from absl import flags
 
 from collabdm_jax import pipeline
+from collabdm_jax import results as results_lib
 from experiments import full_data_detector
 from experiments.configs import ids_table
 from launch import sweep
@@ -146,6 +147,8 @@ def summarize(runs: Sequence[Run]) -> List[Dict]:
           [np.mean(list(r["upload_bytes_per_client"].values()))
            if r.get("upload_bytes_per_client") else 0.0 for r in results]))
       row["wall_s"] = float(np.mean([r["wall_s"]["total"] for r in results]))
+      row["commits"] = sorted({results_lib.commit_label(r.get("provenance"))
+                               for r in results})
       rows.append(row)
   return rows
 
@@ -189,6 +192,9 @@ def to_markdown(rows: Sequence[Dict]) -> str:
           f"| {recall} | {_bytes(r['upload_bytes_per_client'])} "
           f"| {r['wall_s']:.0f} |")
     out.append("")
+  commits = sorted({c for r in rows for c in r.get("commits", ())})
+  out.append("Made from commits: " + (", ".join(f"`{c}`" for c in commits)
+                                      or "none") + ".\n")
   return "\n".join(out)
 
 
@@ -198,7 +204,8 @@ def write_csv(rows: Sequence[Dict], path) -> pathlib.Path:
             "accuracy_mean", "accuracy_std", "balanced_accuracy_mean",
             "balanced_accuracy_std", "false_positive_rate_mean",
             "false_positive_rate_std", "per_class_recall_mean",
-            "per_class_recall_std", "upload_bytes_per_client", "wall_s"]
+            "per_class_recall_std", "upload_bytes_per_client", "wall_s",
+            "commits"]
   path = pathlib.Path(path)
   with open(path, "w", newline="") as fh:
     writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
@@ -207,6 +214,7 @@ def write_csv(rows: Sequence[Dict], path) -> pathlib.Path:
       r = dict(r)
       for k in ("per_class_recall_mean", "per_class_recall_std"):
         r[k] = ";".join(f"{v:.6f}" for v in r[k])
+      r["commits"] = ";".join(r.get("commits", ()))
       writer.writerow(r)
   return path
 
@@ -219,7 +227,7 @@ def write_runs_csv(runs: Sequence[Run], path) -> pathlib.Path:
     writer.writerow(["table", "method", "seed", "accuracy_mean",
                      "accuracy_std", "balanced_accuracy_mean",
                      "false_positive_rate_mean", "per_class_recall",
-                     "n_eval", "wall_s", "run"])
+                     "n_eval", "wall_s", "run", "commit"])
     for run in runs:
       p = run.directory / "results.json"
       if not p.exists():
@@ -230,7 +238,8 @@ def write_runs_csv(runs: Sequence[Run], path) -> pathlib.Path:
           f"{r['accuracy_std']:.6f}", f"{r['balanced_accuracy_mean']:.6f}",
           f"{r['false_positive_rate_mean']:.6f}",
           ";".join(f"{v:.6f}" for v in r["per_class_recall"]), r["n_eval"],
-          r["wall_s"]["total"], run.directory.name])
+          r["wall_s"]["total"], run.directory.name,
+          results_lib.commit_label(r.get("provenance"))])
   return path
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from collabdm_jax import client as client_lib  # noqa: E402
 from collabdm_jax import parallel  # noqa: E402
+from collabdm_jax import provenance  # noqa: E402
 from experiments import bench  # noqa: E402
 
 
@@ -103,8 +104,11 @@ def main(argv=None):
     sizes = dict(bench.FULL, embed_batch=bench.ACCEL["embed_batch"])
     cases = [("fmnist", 10), ("cifar10", 10)]
     t_chunk, reps = bench.ACCEL["t_chunk"], 10
+  record = provenance.start(["experiments/sampling_probe.py"]
+                            + list(sys.argv[1:] if argv is None else argv))
   doc = {"environment": bench.environment(),
          "cases": [probe(ds, k, sizes, t_chunk, reps) for ds, k in cases]}
+  doc["provenance"] = provenance.finish(record)
   text = json.dumps(doc, indent=2)
   if args.out:
     pathlib.Path(args.out).write_text(text + "\n")

@@ -84,6 +84,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
+from collabdm_jax import provenance  # noqa: E402  (after the path set-up)
+
 SCHEMA_VERSION = 1
 # Peak growth at the largest T may exceed that at the smallest by this
 # factor and still count as independent of T (allocator and compilation
@@ -462,6 +464,8 @@ def main(argv=None):
     print(json.dumps(run_case(args.dataset, k, t, args.width, args.t_chunk,
                               args.alpha, args.seed)))
     return 0
+  record = provenance.start(["experiments/scale_check.py"]
+                            + list(sys.argv[1:] if argv is None else argv))
   cases = []
   start = time.perf_counter()
   for k in args.clients:
@@ -498,6 +502,8 @@ def main(argv=None):
       "total_wall_s": round(time.perf_counter() - start, 3),
       "cases": cases,
       "summary": summarize(cases),
+      # Peak RSS of the children is the largest case's (each ran alone).
+      "provenance": provenance.finish(record),
   }
   text = json.dumps(doc, indent=1)
   if args.out:

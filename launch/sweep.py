@@ -14,7 +14,14 @@ with
   override: ``--config.grid.partition.alpha='(0.5,)'``) or with dotted keys
   (``ConfigDict({"partition.alpha": [0.1, 0.5]}, allow_dotted_keys=True)``).
   Every combination is one cell (the Cartesian product, in sorted path
-  order).
+  order);
+* optional ``variants``: names mapped to field overrides, one more axis
+  for settings that are not a product (e.g. ``collabdm_uniform``,
+  ``authors``); the name is recorded as ``config.variant``;
+* optional ``seeds``: every cell runs once per seed s with ``seed`` and
+  ``partition.seed`` set to s (``SEED_PATHS``);
+* optional ``claims``: ``(key, a, b)`` comparisons whose paired difference
+  over seeds the tables report (default ``results.default_claims``).
 
 Each cell runs ``pipeline.run`` in ``<workdir>/<cell name>``, where the name
 lists the cell's values (``method=fedavg,partition.alpha=0.1,...``), so it
@@ -31,7 +38,8 @@ its folder to rerun it.
 Modes:
 
 * default: run every cell here, one after another, then write the tables;
-* ``--list_cells``: print ``index<TAB>status<TAB>name`` per cell and exit;
+* ``--list_cells``: print ``index<TAB>status<TAB>name`` per cell and exit
+  (a dry run: every cell's config is built, nothing runs);
 * ``--cell=N``: run only cell N (one process per cell, e.g. a cluster array
   job with ``--cell=$SLURM_ARRAY_TASK_ID``); no tables are written;
 * ``--collect_only``: only (re)write the tables from what is on disk.
@@ -64,6 +72,7 @@ from ml_collections import config_flags
 
 from collabdm_jax import pipeline
 from collabdm_jax import plots
+from collabdm_jax import provenance
 from collabdm_jax import results as results_lib
 
 log = logging.getLogger("collabdm_jax.sweep")
@@ -74,12 +83,25 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_NAME_CHARS = 200
 
 
+# A seed sets the root key (every network, augmentation, client draw, local
+# DM, server initialisation and evaluation network derives from it, keys.py)
+# and the partition together.
+SEED_PATHS = ("seed", "partition.seed")
+VARIANT_FIELD = "variant"
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
-  """One grid point: its position, folder name and field overrides."""
+  """One grid point: its position, folder name and field overrides.
+
+  ``labels`` are what identify the cell in its name and ``cell.json``: the
+  grid values, then ``variant`` and ``seed`` when the sweep has them.
+  """
   index: int
   name: str
   overrides: Tuple[Tuple[str, object], ...]  # (dotted path, value), in order
+  labels: Tuple[Tuple[str, object], ...] = ()
+  variant: Optional[str] = None
 
 
 def grid_axes(grid) -> List[Tuple[str, list]]:
@@ -174,31 +196,108 @@ def apply_overrides(base, overrides: Sequence[Tuple[str, object]]):
   return config
 
 
-def make_cells(sweep_config) -> List[Cell]:
-  """Every cell of the sweep, in a fixed order (product of ``grid_axes``).
+def sweep_seeds(sweep_config) -> Optional[List[int]]:
+  """The sweep's ``seeds`` (distinct integers >= 0), or None without them.
 
-  Every cell's overrides are applied to ``base`` once here, so a bad path
-  or value fails before any cell runs.
+  Each seed s runs every cell with ``seed = partition.seed = s``
+  (``SEED_PATHS``): another root key (hence other random networks,
+  augmentations, client draws and evaluation networks) and another split.
+  """
+  seeds = sweep_config.get("seeds", None)
+  if seeds is None:
+    return None
+  if isinstance(seeds, int) or not isinstance(seeds, (list, tuple)) or not seeds:
+    raise ValueError(f"seeds must be a non-empty list of integers, got "
+                     f"{seeds!r}")
+  for s in seeds:
+    if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+      raise ValueError(f"seeds must be integers >= 0, got {s!r}")
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+  return list(seeds)
+
+
+def sweep_variants(sweep_config) -> Optional[List[Tuple[str, tuple]]]:
+  """The sweep's ``variants`` as ``[(name, ((path, value), ...))]``, or None.
+
+  ``variants`` maps a name to the field overrides that make that variant
+  (nested or dotted paths, single values), e.g. ``collabdm_uniform:
+  {method: collabdm, server.weighting: uniform}``: methods that are not a
+  Cartesian product of settings (e.g. "authors' mode") share one axis.
+  """
+  variants = sweep_config.get("variants", None)
+  if variants is None:
+    return None
+  if not hasattr(variants, "items") or not variants:
+    raise ValueError("variants must map names to field overrides")
+  out = []
+  for name, spec in variants.items():
+    if not re.fullmatch(r"[A-Za-z0-9._+-]+", str(name)):
+      raise ValueError(f"variant name {name!r} must be letters, digits or "
+                       "._+-")
+    flat = []
+
+    def walk(node, prefix, flat=flat, name=name):
+      if not hasattr(node, "items"):
+        raise ValueError(f"variant {name!r} must map field paths to values")
+      for key, value in node.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if hasattr(value, "items"):
+          walk(value, path)
+        else:
+          flat.append((path, value))
+
+    walk(spec, "")
+    out.append((str(name), tuple(sorted(flat))))
+  return out
+
+
+def make_cells(sweep_config) -> List[Cell]:
+  """Every cell of the sweep, in a fixed order.
+
+  The product of ``grid_axes``, then of ``variants`` (when given), then of
+  ``seeds`` (when given). A variant's and a seed's overrides come after the
+  grid's, so they win where they overlap. Every cell's overrides are applied
+  to ``base`` once here, so a bad path or value fails before any cell runs.
 
   Raises:
-    ValueError: the config lacks ``base``, a grid path or value is invalid,
-      or two cells map to the same folder name.
+    ValueError: the config lacks ``base``, a grid path, variant or seed is
+      invalid, or two cells map to the same folder name.
   """
   if "base" not in sweep_config:
     raise ValueError("the sweep config must have a 'base' run config")
   axes = grid_axes(sweep_config.get("grid"))
   paths = [p for p, _ in axes]
+  variants = sweep_variants(sweep_config) or [(None, ())]
+  seeds = sweep_seeds(sweep_config)
   cells, names = [], {}
-  for i, values in enumerate(itertools.product(*[v for _, v in axes])):
-    overrides = tuple(zip(paths, values))
+  products = itertools.product(itertools.product(*[v for _, v in axes]),
+                               variants, seeds or [None])
+  for i, (values, (variant, variant_overrides), seed) in enumerate(products):
+    grid = tuple(zip(paths, values))
+    overrides = grid + variant_overrides
+    labels = ((((VARIANT_FIELD, variant),) if variant is not None else ())
+              + grid)
+    if seed is not None:
+      overrides += tuple((p, seed) for p in SEED_PATHS)
+      labels += (("seed", seed),)
     apply_overrides(sweep_config.base, overrides)
-    name = cell_name(overrides)
+    name = cell_name(labels)
     if name in names:
       raise ValueError(f"cells {names[name]} and {i} both map to folder "
                        f"{name!r}: make the grid values distinct")
     names[name] = i
-    cells.append(Cell(i, name, overrides))
+    cells.append(Cell(i, name, overrides, labels, variant))
   return cells
+
+
+def cell_config(sweep_config, cell: Cell):
+  """The run config of ``cell``: ``base`` with its overrides, and the
+  variant's name in ``config.variant`` (recorded in ``results.json``)."""
+  config = apply_overrides(sweep_config.base, cell.overrides)
+  if cell.variant is not None:
+    config[VARIANT_FIELD] = cell.variant
+  return config
 
 
 def sweep_name(sweep_config) -> str:
@@ -236,7 +335,7 @@ def _error_payload(config, cell: Cell, error: BaseException) -> Dict:
       "status": "failed",
       "cell": cell.name,
       "index": cell.index,
-      "overrides": dict(cell.overrides),
+      "overrides": dict(cell.labels),
       "method": pipeline.method_name(config),
       "dataset": config.dataset,
       "num_clients": part.num_clients,
@@ -246,6 +345,7 @@ def _error_payload(config, cell: Cell, error: BaseException) -> Dict:
       "error": str(error),
       "traceback": "".join(traceback.format_exception(error)),
       "config": config.to_dict(),
+      "provenance": provenance.finish(None),
   }
 
 
@@ -259,7 +359,7 @@ def run_cell(sweep_config, cell: Cell, workdir) -> str:
     ``"skipped"`` (already finished), ``"done"`` or ``"failed"``.
   """
   cell_dir = pathlib.Path(workdir) / cell.name
-  config = apply_overrides(sweep_config.base, cell.overrides)
+  config = cell_config(sweep_config, cell)
   if (cell_dir / results_lib.RESULTS_FILE).exists():
     log.info("cell %d %s: finished before, skipped", cell.index, cell.name)
     _warn_if_config_changed(cell_dir, config)
@@ -268,7 +368,7 @@ def run_cell(sweep_config, cell: Cell, workdir) -> str:
   cell_dir.mkdir(parents=True, exist_ok=True)
   _write_json(cell_dir / results_lib.CELL_FILE, {
       "sweep": sweep_name(sweep_config), "index": cell.index,
-      "name": cell.name, "overrides": dict(cell.overrides)})
+      "name": cell.name, "overrides": dict(cell.labels)})
   stale = cell_dir / results_lib.ERROR_FILE
   if stale.exists():
     stale.unlink()
@@ -356,8 +456,27 @@ def run_sweep(sweep_config, workdir,
   return outcome
 
 
-def write_tables(workdir, results_dir) -> Dict[str, object]:
+def sweep_claims(sweep_config, rows) -> List[Tuple[str, str, str]]:
+  """The sweep's ``claims`` as ``(key, a, b)``, else ``default_claims``."""
+  claims = sweep_config.get("claims", None) if sweep_config is not None else None
+  if claims is None:
+    return results_lib.default_claims(rows)
+  out = []
+  for claim in claims:
+    if not isinstance(claim, (list, tuple)) or len(claim) != 3:
+      raise ValueError(f"each claim must be (key, a, b), got {claim!r}")
+    out.append(tuple(claim))
+  return out
+
+
+def write_tables(workdir, results_dir, claims=None) -> Dict[str, object]:
   """Collects every run under ``workdir`` into tables and plots.
+
+  When some setting ran under several seeds, ``results.md`` adds the
+  tables over seeds (mean ± std of the per-seed means,
+  ``results.aggregate_seeds``; also ``results_seeds.csv``) and the paired
+  difference with its 95 % interval of every claim (``(key, a, b)``, default
+  ``results.default_claims``; also ``paired.csv``).
 
   Returns:
     ``{"rows": rows, "markdown": path, "csv": path, "plots": [paths]}``.
@@ -370,15 +489,40 @@ def write_tables(workdir, results_dir) -> Dict[str, object]:
   text = (f"# Sweep results\n\n{len(rows)} runs under `{workdir}`: "
           + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".\n\n"
           "Accuracy: mean ± std (%) over the evaluated networks.\n\n"
+          + results_lib.commits_summary(rows) + "\n\n"
           + results_lib.to_markdown(rows))
-  if any(r["status"] != "pending" for r in rows):
+  by_seed = results_lib.seeds_vary(rows)
+  if by_seed:
+    agg = results_lib.aggregate_seeds(rows)
+    index = ("variant" if any(r.get("variant") is not None for r in agg)
+             else "method")
+    seeds = sorted({s for r in agg for s in r["seeds"]},
+                   key=lambda s: (s is None, s or 0))
+    text += ("\n## Over seeds\n\nAccuracy: mean ± std (%) over seeds "
+             f"{', '.join(map(str, seeds))} of each run's mean over its "
+             "evaluated networks (std: sample std of the per-seed means). "
+             "Settings with fewer finished seeds than others show fewer "
+             "(`results_seeds.csv`: `n_seeds`).\n\n"
+             + results_lib.to_pivot_markdown(agg, index=index))
+    results_lib.dicts_to_csv(agg, results_dir / "results_seeds.csv")
+    claims = claims if claims is not None else results_lib.default_claims(rows)
+    text += ("\n## Paired differences\n\nEach claim `a − b` pairs runs of "
+             "the same setting and seed (same root key, partition and "
+             "evaluation networks); the interval is the Student t interval "
+             "over seeds (`results.paired_differences`).\n\n"
+             + results_lib.paired_markdown(rows, claims))
+    results_lib.dicts_to_csv(results_lib.paired_rows(rows, claims),
+                             results_dir / "paired.csv")
+  elif any(r["status"] != "pending" for r in rows):
     try:
       text += "\n## By method\n\n" + results_lib.to_pivot_markdown(rows)
     except ValueError as e:  # rows the pivot cannot place: the list is enough
       log.warning("no pivot table: %s", e)
   md = results_lib.write_text(results_dir / "results.md", text)
   csv_path = results_lib.to_csv(rows, results_dir / "results.csv")
-  figures = plots.sweep_figures(rows, results_dir)
+  # Over seeds, the error bars are the spread over seeds.
+  figures = plots.sweep_figures(
+      results_lib.aggregate_seeds(rows) if by_seed else rows, results_dir)
   log.info("tables: %s, %s; %d plots", md, csv_path, len(figures))
   return {"rows": rows, "markdown": md, "csv": csv_path, "plots": figures}
 
@@ -426,7 +570,8 @@ def main(argv):
         f"{sum(s == k for s in outcome.values())} {k}"
         for k in ("done", "skipped", "failed")))
   if FLAGS.cell is None or FLAGS.collect_only:
-    out = write_tables(workdir, results_dir)
+    out = write_tables(workdir, results_dir,
+                       sweep_claims(sweep_config, results_lib.collect(workdir)))
     print(f"results: {out['markdown']} and {out['csv']}")
   if failed:
     print("failed cells (see error.json and log.txt in each): "

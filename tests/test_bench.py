@@ -10,6 +10,7 @@ import math
 import pytest
 
 from experiments import bench
+from tests import test_provenance
 
 
 def _positive(x):
@@ -31,6 +32,8 @@ def test_quick_covers_every_case(quick):
       f"server_{ds}" for ds in bench.DATASETS}
   assert quick["sizes"] == "quick"
   assert quick["schema_version"] == bench.SCHEMA_VERSION
+  test_provenance.check_record(quick["provenance"])
+  assert quick["provenance"]["command"].startswith("experiments/bench.py")
 
 
 def test_client_cases_are_positive_finite_and_consistent(quick):

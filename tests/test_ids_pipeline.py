@@ -22,6 +22,7 @@ from experiments import full_data_detector
 from experiments.configs import ids_5g
 from experiments.configs import ids_table
 from experiments.configs import nsl_kdd
+from tests import test_provenance
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 G5 = DATA / "5g-ids"
@@ -74,6 +75,7 @@ def test_collabdm_detects_attacks_with_all_features(tmp_path):
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk["balanced_accuracy_mean"] == results["balanced_accuracy_mean"]
   assert on_disk["method"] == "collabdm"
+  test_provenance.check_record(on_disk["provenance"])
   # Every site uploaded, and the synthetic table has ipc rows of 26 features.
   assert set(results["upload_bytes_per_client"]) == {"0", "1", "2"}
   syn = np.load(tmp_path / "synthetic.npz")
@@ -161,6 +163,7 @@ def test_full_data_detector_writes_pipeline_style_results(tmp_path):
   check_detection_results(results)
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk["method"] == "full_data"
+  test_provenance.check_record(on_disk["provenance"])
   assert on_disk["train_rows"] == 18342
   # Pooling raw data costs every row: 18 float32 features + an int32 label.
   assert on_disk["upload_bytes_total"] == 18342 * (18 * 4 + 4)

@@ -11,6 +11,7 @@ import pytest
 from collabdm_jax import pipeline
 from collabdm_jax import protocol
 from experiments.configs import smoke
+from tests import test_provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "experiments/configs/smoke.py"
@@ -51,6 +52,8 @@ def test_distill_writes_results_and_synthetic_set(distilled):
   for png in ("synthetic.png", "client_class_counts.png"):
     assert (workdir / png).stat().st_size > 1000
   assert "total" in proc.stderr  # the client x class count table is logged
+  test_provenance.check_record(results["provenance"])
+  assert "launch/distill.py" in results["provenance"]["command"]
 
 
 def test_client_server_processes_reproduce_distill(distilled, tmp_path):

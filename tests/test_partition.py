@@ -252,6 +252,33 @@ def test_make_partition_unknown_method():
 # Errors
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_collabdm_checks_min_size_and_cap_on_the_remainder(seed):
+    # The authors' partition_data: the ipc floor is drawn once, then the
+    # Dirichlet split of the rest is redrawn until every client got at least
+    # 10 samples *of the rest*; the N/K cap also looks at the rest only. A
+    # floor of 2 x 5 classes = 10 samples would meet min_size=10 on its own,
+    # so checking base + rest (an earlier version) accepted a client with
+    # less than 10 samples of the rest in 3 of these 10 seeds.
+    y = small_labels(0, n=600)
+    ipc = 2
+    part = P.partition_collabdm(y, 5, alpha=0.05, ipc=ipc, seed=seed)
+    rest = part.counts - ipc
+    assert part.counts.min() >= ipc
+    assert rest.sum(axis=1).min() >= 10
+    # Once a client's share of the rest reaches N/K it gets no more classes,
+    # so it ends below N/K plus one class.
+    assert rest.sum(axis=1).max() < 600 / 5 + np.bincount(y).max()
+
+
+def test_collabdm_min_size_must_fit_the_remainder():
+    y = np.repeat(np.arange(5), 20)  # 100 samples, 20 per class
+    with pytest.raises(ValueError, match=re.escape(
+            "min_size * num_clients = 10 * 4 = 40 exceeds the 20 samples left after "
+            "the ipc floor")):
+        P.partition_collabdm(y, 4, alpha=0.5, ipc=4, seed=0, min_size=10)
+
+
 Y = small_labels(0, n=100)
 
 

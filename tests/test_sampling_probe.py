@@ -2,10 +2,13 @@
 
 import math
 
+from tests import test_provenance
+
 
 def test_quick_probe_times_each_step(quick_script_json):
   doc = quick_script_json("experiments/sampling_probe.py", 600)
   (case,) = doc["cases"]
+  test_provenance.check_record(doc["provenance"])
   steps = case["seconds_per_call"]
   assert set(steps) == {"priorities", "sort", "gather", "draw_and_gather",
                         "block_function"}

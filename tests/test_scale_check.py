@@ -14,6 +14,7 @@ import pytest
 
 from collabdm_jax import data
 from experiments import scale_check
+from tests import test_provenance
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,9 @@ def test_quick_runs_every_case_once(quick):
   assert quick["sizes"] == "quick"
   assert quick["schema_version"] == scale_check.SCHEMA_VERSION
   assert quick["width"] == q["width"]
+  test_provenance.check_record(quick["provenance"])
+  # The cases ran in child processes: their peak is recorded too.
+  assert quick["provenance"]["peak_rss_children_mb"] > 10
   got = sorted((c["clients"], c["iterations"]) for c in quick["cases"])
   assert got == sorted((k, t) for k in q["clients"] for t in q["iterations"])
   for c in quick["cases"]:

@@ -269,13 +269,14 @@ def test_markdown_and_csv_contents(tmp_path):
   md = results.to_markdown(rows).splitlines()
   assert md[0] == ("| method | dataset | clients | α | ipc | server.weighting "
                    "| accuracy (%) | n_eval | upload/client | wall (s) "
-                   "| status | error |")
+                   "| status | commit | error |")
+  # write_run's results carry no provenance: their commit is unknown.
   assert md[2] == ("| collabdm | fashion_mnist | 5 | 0.1 | 10 | count "
-                   "| 81.23 ± 0.45 | 2 | 2.00 kB | 12.5 | ok |  |")
+                   "| 81.23 ± 0.45 | 2 | 2.00 kB | 12.5 | ok | unknown |  |")
   assert md[3].startswith("| fedavg | fashion_mnist | 5 | 0.1 | 10 | count "
                           "| 50.00 ± 25.00 |")
   assert md[4] == ("| dense | fashion_mnist | 5 | 0.1 | 10 | – | failed | – "
-                   "| – | – | failed | ValueError: bad \\| value |")
+                   "| – | – | failed | – | ValueError: bad \\| value |")
   pivot = results.to_pivot_markdown(
       [r for r in rows if "server.weighting" in r])
   assert "| method | K=5, α=0.1 |" in pivot
@@ -287,7 +288,7 @@ def test_markdown_and_csv_contents(tmp_path):
                       "num_clients", "alpha", "ipc", "server.weighting",
                       "accuracy_mean", "accuracy_std", "n_eval",
                       "upload_bytes_per_client", "upload_bytes_total",
-                      "wall_s", "error"]
+                      "wall_s", "commit", "error"]
   assert table[1][:9] == ["x", "ok", "collabdm", "fashion_mnist", "dirichlet",
                           "5", "0.1", "10", "count"]
   assert table[1][9:12] == ["0.8123", "0.0045", "2"]

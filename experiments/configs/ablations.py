@@ -20,8 +20,11 @@ Run one ablation, or all of them:
   python -m launch.sweep --config=experiments/configs/ablations.py:weighting --workdir=/tmp/sweeps/ablation_weighting
   for a in weighting iterations batch_real transport init pae; do python -m launch.sweep --config=experiments/configs/ablations.py:$a --workdir=/tmp/sweeps/ablation_$a; done
 
-Tables go to ``experiments/results/ablation_<name>``, with the ablated
-field as its own column.
+Running one writes its tables to ``experiments/results/ablation_<name>``
+(the sweep's default results folder), with the ablated field as its own
+column. None of these ablations has been run and committed yet: no
+``experiments/results/ablation_*`` folder exists until someone runs the
+commands above and commits the output.
 """
 
 import ml_collections

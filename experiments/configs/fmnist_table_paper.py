@@ -3,12 +3,17 @@
 ``get_config(dataset)`` with dataset ``fashion_mnist`` (default), ``mnist``
 or ``cifar10``: the full training and test sets; 5 methods × α ∈ {0.05,
 0.1, 0.5, iid} × ipc ∈ {1, 10, 50} × {5, 10} clients = 120 cells. Budgets
-are the reference ones: 400 server iterations (random networks), 400 local
-DM iterations, real batches of 256, evaluation networks trained 1000 epochs
-(5 networks per cell). Clients are split with the CollabDM authors' variant
-(every client first gets ``ipc`` samples of every class, the rest by
-Dir(α)); "iid" is α = inf, an equal split of each class. Meant for an
-accelerator, one process per cell:
+are the authors' ones: 400 server updates (random networks), 400 local DM
+updates (the authors run 401), client statistics from random batches of 100
+real images per class (the authors' ``--batch_real``; they use 512 for iid
+splits), local DM batches of 256, evaluation networks trained 1000 epochs
+(5 networks per cell). Clients are split with the CollabDM authors'
+partition (every client first gets ``ipc`` samples of every class, the rest
+by Dir(α)); "iid" is α = inf, an equal split of the remainder of each
+class. Aggregation is this project's count weighting (the authors use the
+plain mean of client means); ``authors.py`` runs their settings exactly and
+``docs/fidelity.md`` lists every difference. Meant for an accelerator, one
+process per cell:
 
   python -m launch.sweep --config=experiments/configs/fmnist_table_paper.py:fashion_mnist --workdir=/data/sweeps/paper_fashion_mnist --list_cells
   python -m launch.sweep --config=experiments/configs/fmnist_table_paper.py:fashion_mnist --workdir=/data/sweeps/paper_fashion_mnist --cell=$SLURM_ARRAY_TASK_ID
@@ -53,7 +58,7 @@ def get_config(dataset="fashion_mnist"):
   # The authors' partition floor is the synthetic ipc of the cell.
   base.partition.ipc = base.server.get_ref("ipc")
   base.num_iterations = 400
-  base.stats.batch_real = 256
+  base.stats.batch_real = 100
   base.local.iterations = 400
   base.local.batch_real = 256
   base.eval.epochs = 1000

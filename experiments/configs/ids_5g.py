@@ -92,7 +92,7 @@ def apply_tabular_defaults(c, options):
   c.local.batch_real = 128
 
   c.server.ipc = 10
-  # The reference's image lr for ipc < 100 (10 is for ipc >= 100).
+  # DM's default image lr; the CollabDM authors' server uses 10 (--lr_img).
   c.server.lr = 1.0
   # Runs take about a minute; nothing worth resuming.
   c.checkpoint.every = 0
