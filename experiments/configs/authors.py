@@ -103,6 +103,9 @@ def apply_authors_settings(c, variants=(), partition=True):
   c.stats.second_moments = False
 
   c.local.enabled = True
+  # Their clients distil locally with fresh private networks and their own
+  # pass over the real data.
+  c.local.networks = "independent"
   c.local.ipc = None  # ipc // K + 1
   c.local.lr = 1.0
   c.local.momentum = 0.5
