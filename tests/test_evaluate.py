@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,9 +211,7 @@ def test_micro_batched_forward_gives_the_same_loss_and_gradients():
   whole = jax.value_and_grad(loss(apply))(params)
   pieces = jax.value_and_grad(loss(ev._chunked(apply, 8)))(params)
   np.testing.assert_allclose(pieces[0], whole[0], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-6),
-               pieces[1], whole[1])
+  chex.assert_trees_all_close(pieces[1], whole[1], rtol=1e-4, atol=1e-6)
   assert ev._chunked(apply, None) is apply
 
 
