@@ -198,6 +198,7 @@ def finished_steps(directory):
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow  # kills and relaunches a run in subprocesses
 def test_killed_process_resumes_to_identical_images(reference, tmp_path):
   _, _, states = reference
   directory, out = tmp_path / "ck", tmp_path / "final.npz"

@@ -195,6 +195,7 @@ def _pattern_images(seed, per_class, size=16):
 # Small ConvNet with the default DSA strategy, trained on 2x2 mosaics with
 # PAE (as CollabDM-pae stores its sets): 8 pattern images per class packed
 # into 2 mosaics per class, which PAE unpacks again (24 training images).
+@pytest.mark.slow  # full-size ConvNet gradients
 def test_micro_batched_forward_gives_the_same_loss_and_gradients():
   # The host loop splits each batch's forward pass; per-sample norms make
   # that a change of summation order only.
@@ -236,6 +237,7 @@ def test_convnet_with_dsa_and_pae_learns_images(pattern_data):
   assert np.all(np.isfinite(result.train_loss))
 
 
+@pytest.mark.slow  # the fused loop is slow to compile and run on CPU
 def test_fused_and_host_loops_agree_with_dsa_and_pae(pattern_data):
   # Same shapes as above, so only the fused program is a new compilation.
   runs = [ev.evaluate_synthetic(

@@ -32,6 +32,7 @@ def distilled(tmp_path_factory):
   return workdir, proc
 
 
+@pytest.mark.slow  # whole runs of the launchers in subprocesses
 def test_distill_writes_results_and_synthetic_set(distilled):
   workdir, proc = distilled
   results = json.loads((workdir / "results.json").read_text())
@@ -55,6 +56,7 @@ def test_distill_writes_results_and_synthetic_set(distilled):
   assert "evaluation (2 convnet nets x 3 epochs" in proc.stderr
 
 
+@pytest.mark.slow  # whole runs of the launchers in subprocesses
 def test_distill_writes_config_and_per_step_metrics(distilled):
   workdir, _ = distilled
   config = smoke.get_config()
@@ -99,6 +101,7 @@ def test_distill_writes_config_and_per_step_metrics(distilled):
   assert (workdir / "loss_curves.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # whole runs of the launchers in subprocesses
 def test_client_server_processes_reproduce_distill(distilled, tmp_path):
   workdir, _ = distilled
   msgs = tmp_path / "msgs"

@@ -21,6 +21,7 @@ def quick(quick_script_json):
   return quick_script_json("experiments/scale_check.py", timeout=300)
 
 
+@pytest.mark.slow  # runs the scale check script in a subprocess
 def test_quick_runs_every_case_once(quick):
   q = scale_check.QUICK
   assert quick["sizes"] == "quick"
@@ -32,6 +33,7 @@ def test_quick_runs_every_case_once(quick):
     assert c["width"] == q["width"] and c["dataset"] == q["dataset"]
 
 
+@pytest.mark.slow  # runs the scale check script in a subprocess
 def test_data_and_slots_are_consistent(quick):
   ds = data.load_dataset(scale_check.QUICK["dataset"])
   pixels = math.prod(ds.train_x.shape[1:])
@@ -55,6 +57,7 @@ def test_data_and_slots_are_consistent(quick):
     assert c["target_cells_valid"] == c["iterations"] * ds.num_classes
 
 
+@pytest.mark.slow  # runs the scale check script in a subprocess
 def test_memory_fields(quick):
   for c in quick["cases"]:
     assert c["baseline_rss_kib"] > 0
@@ -71,6 +74,7 @@ def test_memory_fields(quick):
     assert c["stream_s"] > 0 and c["wall_s"] >= c["stream_s"]
 
 
+@pytest.mark.slow  # runs the scale check script in a subprocess
 def test_message_sizes(quick):
   for c in quick["cases"]:
     T, C, D = c["iterations"], 10, c["embed_dim"]
@@ -97,6 +101,7 @@ def test_message_sizes(quick):
       assert c["total_upload_bytes_bf16"] == c["clients"] * bf16
 
 
+@pytest.mark.slow  # runs the scale check script in a subprocess
 def test_summary_matches_cases(quick):
   s = quick["summary"]
   at = {(c["clients"], c["iterations"]): c for c in quick["cases"]}
