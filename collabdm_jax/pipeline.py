@@ -10,11 +10,13 @@ of bf16 transport).
 Configs are ``ml_collections.ConfigDict``s as in ``experiments/configs/``.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pathlib
+import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -28,6 +30,7 @@ from collabdm_jax import data as data_lib
 from collabdm_jax.data import tabular as tabular_lib
 from collabdm_jax import evaluate
 from collabdm_jax import keys as keys_lib
+from collabdm_jax import metrics as metrics_lib
 from collabdm_jax import models
 from collabdm_jax import parallel
 from collabdm_jax import partition as partition_lib
@@ -54,6 +57,36 @@ class Progress:
     eta = elapsed / max(done, 1) * (self.total - done)
     log.info("%s %d/%d  %.1fs elapsed, ETA %.1fs %s", self.name, done,
              self.total, elapsed, eta, extra)
+
+
+class Heartbeat:
+  """Logs every ``every_s`` seconds that a phase is still running.
+
+  For a phase that runs as one compiled program (evaluation), where no
+  partial progress is visible from the host: the log shows the phase is
+  alive and how long it has run. Use as a context manager.
+  """
+
+  def __init__(self, name, every_s=10.0):
+    self.name, self.every_s = name, every_s
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._beat, daemon=True,
+                                    name=f"heartbeat-{name}")
+
+  def _beat(self):
+    while not self._stop.wait(self.every_s):
+      log.info("%s: running, %.0fs elapsed", self.name,
+               time.perf_counter() - self.start)
+
+  def __enter__(self):
+    self.start = time.perf_counter()
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+    log.info("%s: done in %.1fs", self.name, time.perf_counter() - self.start)
 
 
 @dataclasses.dataclass
@@ -167,8 +200,12 @@ def message_spec(s: Setup) -> protocol.MessageSpec:
 
 
 def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
-                    timings=None) -> List[protocol.ClientMessage]:
-  """Computes the one-shot messages of the given clients (any subset)."""
+                    timings=None, metrics=None) -> List[protocol.ClientMessage]:
+  """Computes the one-shot messages of the given clients (any subset).
+
+  With a ``metrics.MetricsWriter``, each local-DM iteration's loss is
+  written as a ``local_dm`` row labelled with the client.
+  """
   cfg = s.config
   xs = [s.train_x[s.partition.client_indices[k]] for k in client_ids]
   ys = [s.dataset.train_y[s.partition.client_indices[k]] for k in client_ids]
@@ -179,15 +216,37 @@ def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
                      f"{cfg.local.networks!r}")
   lcfg = local_config(cfg, s.dsa_strategy)
   t0 = time.perf_counter()
+  def local_dm_reporter(name, owners):
+    """Progress, and ``local_dm`` metric rows per owner (client) of the
+    losses ``[len(owners), C]`` (or ``[C]`` for one) of each iteration."""
+    prog = Progress(name, lcfg.iterations)
+    pending = []
+
+    def on_iteration(it, class_loss):
+      prog.update(it + 1)
+      if metrics is None:
+        return
+      # Reading a loss waits for its step: batching the reads keeps the
+      # device queue full.
+      pending.append((it, class_loss))
+      if len(pending) == 32 or it + 1 == lcfg.iterations:
+        for j, l in pending:
+          l = np.asarray(l).reshape(len(owners), -1)
+          for k, lk in zip(owners, l):
+            metrics.write("local_dm", j, {"client": int(k)}, loss=lk.sum(),
+                          class_loss=lk)
+        pending.clear()
+
+    return on_iteration
+
   if cfg.local.enabled and not shared:
     pad_to = client_lib.local_padding(ys, s.dataset.num_classes, lcfg)
     for i, k in enumerate(client_ids):
-      prog = Progress(f"local DM client {k}", lcfg.iterations)
+      on_iteration = local_dm_reporter(f"local DM client {k}", [k])
       local[i] = client_lib.local_distill(
           keys_lib.local_distill_key(s.root, k), xs[i], ys[i],
           s.dataset.num_classes, s.model, s.input_shape, lcfg,
-          progress=lambda it, loss, prog=prog: prog.update(it + 1),
-          pad_to=pad_to)
+          progress=on_iteration, pad_to=pad_to)
   t1 = time.perf_counter()
   T = cfg.num_iterations
   prog = Progress("client statistics", T)
@@ -205,12 +264,11 @@ def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
   if shared:
     # One pass over the real data: local DM matches the statistics just
     # computed, under the same networks and augmentations.
-    prog = Progress("local DM (shared networks)", lcfg.iterations)
     local = client_lib.shared_local_distill(
         s.root, xs, ys, list(client_ids),
         client_lib.ClientStats(means, counts, parts[0].class_counts, sq),
         s.dataset.num_classes, s.model, s.input_shape, lcfg,
-        progress=lambda it, loss: prog.update(it + 1))
+        progress=local_dm_reporter("local DM (shared networks)", client_ids))
   t3 = time.perf_counter()
   if timings is not None:
     timings["local_distill"] = (timings.get("local_distill", 0.0)
@@ -262,11 +320,15 @@ def restore_server(s: Setup, ckpt):
       s.input_shape, models.feature_dim(s.model, s.input_shape)))
 
 
-def _server_loop(s: Setup, chunks, init, state, targets, ckpt, extra):
+def _server_loop(s: Setup, chunks, init, state, targets, ckpt, extra,
+                 metrics=None):
   prog = Progress("server", s.config.num_iterations)
 
   def on_iteration(t, st, l):
+    l = np.asarray(l)
     prog.update(t + 1, f"loss {float(l.sum()):.3f}")
+    if metrics is not None:
+      metrics.write("server", t, loss=l.sum(), class_loss=l)
     if ckpt is not None:
       ckpt.maybe_save(t, st, targets, extra)
 
@@ -276,25 +338,27 @@ def _server_loop(s: Setup, chunks, init, state, targets, ckpt, extra):
   return np.asarray(state.images)
 
 
-def resume_synthesis(s: Setup, restored, ckpt=None, timings=None):
+def resume_synthesis(s: Setup, restored, ckpt=None, timings=None,
+                     metrics=None):
   """Finishes the server run from a checkpoint (no client needed)."""
   t0 = time.perf_counter()
   log.info("resuming the server at iteration %d/%d", restored.next_t,
            s.config.num_iterations)
   images = _server_loop(
       s, ckpt_lib.resume_chunks(restored.targets, restored.next_t), None,
-      restored.state, restored.targets, ckpt, restored.extra)
+      restored.state, restored.targets, ckpt, restored.extra, metrics)
   if timings is not None:
     timings["server"] = time.perf_counter() - t0
   return images
 
 
 def synthesize_from_messages(s: Setup, messages, timings=None, ckpt=None,
-                             extra=None):
+                             extra=None, metrics=None):
   """Aggregates messages into targets and runs the server; returns images.
 
   With a checkpointer, the server state, targets and ``extra`` (JSON) are
-  saved every ``ckpt.every`` iterations.
+  saved every ``ckpt.every`` iterations; with a ``metrics.MetricsWriter``,
+  each iteration's total and per-class losses are written (``server`` rows).
   """
   cfg = s.config
   t0 = time.perf_counter()
@@ -321,13 +385,20 @@ def synthesize_from_messages(s: Setup, messages, timings=None, ckpt=None,
   init = server_lib.initial_synthetic_set(
       keys_lib.server_key(s.root), cfg.server.init, s.dataset.num_classes,
       cfg.server.ipc, s.input_shape, pool_x, pool_y, pae=bool(cfg.server.pae))
-  images = _server_loop(s, [(0, targets)], init, None, targets, ckpt, extra)
+  images = _server_loop(s, [(0, targets)], init, None, targets, ckpt, extra,
+                        metrics)
   if timings is not None:
     timings["server"] = time.perf_counter() - t0
   return images
 
 
-def evaluate_images(s: Setup, images, labels, timings=None):
+def evaluate_images(s: Setup, images, labels, timings=None, metrics=None):
+  """Trains ``eval.num_nets`` fresh networks on a set and tests them.
+
+  Logs a heartbeat while the networks train, and with a
+  ``metrics.MetricsWriter`` writes their per-epoch training losses (when the
+  evaluator reports them) and final losses and accuracies.
+  """
   cfg = s.config.eval
   t0 = time.perf_counter()
   ecfg = evaluate.EvalConfig(
@@ -339,11 +410,17 @@ def evaluate_images(s: Setup, images, labels, timings=None):
                     else ""),
       pae=bool(s.config.server.pae),
       model_kwargs=tuple(sorted(cfg.model_kwargs.to_dict().items())))
+  name = (f"evaluation ({cfg.num_nets} {cfg.arch} nets x {cfg.epochs} "
+          f"epochs on {len(labels)} examples)")
+  # A heartbeat while a net trains (one compiled program), and the rate and
+  # ETA each time one finishes.
   prog = Progress("evaluation nets trained", cfg.num_nets, every_s=0.0)
-  res = evaluate.evaluate_synthetic(
-      keys_lib.eval_key(s.root), images, labels, s.test_x, s.dataset.test_y,
-      num_classes=s.dataset.num_classes, config=ecfg,
-      on_net_done=lambda done, total: prog.update(done))
+  with Heartbeat(name):
+    res = evaluate.evaluate_synthetic(
+        keys_lib.eval_key(s.root), images, labels, s.test_x, s.dataset.test_y,
+        num_classes=s.dataset.num_classes, config=ecfg,
+        on_net_done=lambda done, total: prog.update(done))
+  metrics_lib.write_eval(metrics, res, cfg.epochs)
   if timings is not None:
     timings["evaluate"] = time.perf_counter() - t0
   return res
@@ -411,10 +488,11 @@ def detection_metrics(s: Setup, predictions):
   return out
 
 
-def _finish(s: Setup, workdir, images, timings, upload, extra=None):
+def _finish(s: Setup, workdir, images, timings, upload, extra=None,
+            metrics=None):
   workdir = pathlib.Path(workdir)
   x, y = server_lib.synthetic_dataset(images)
-  res = evaluate_images(s, x, y, timings)
+  res = evaluate_images(s, x, y, timings, metrics)
   if "total" in timings:
     timings["total"] += timings["evaluate"]
   save_synthetic(workdir / "synthetic.npz", s, images)
@@ -435,7 +513,7 @@ def _finish(s: Setup, workdir, images, timings, upload, extra=None):
   return results
 
 
-def _resume(s: Setup, workdir, ckpt, timings, t0, extra_keys):
+def _resume(s: Setup, workdir, ckpt, timings, t0, extra_keys, metrics=None):
   """Finishes a run from its latest server checkpoint; None if there is none.
 
   ``extra_keys`` are fields saved with the checkpoint that go back into
@@ -444,19 +522,45 @@ def _resume(s: Setup, workdir, ckpt, timings, t0, extra_keys):
   restored = restore_server(s, ckpt)
   if restored is None:
     return None
-  images = resume_synthesis(s, restored, ckpt, timings)
+  images = resume_synthesis(s, restored, ckpt, timings, metrics)
   ckpt.close()
   timings["total"] = time.perf_counter() - t0
   extra = {k: restored.extra.get(k) for k in extra_keys}
   extra["resumed_from_t"] = restored.next_t
   return _finish(s, workdir, images, timings,
-                 restored.extra.get("upload", {}), extra)
+                 restored.extra.get("upload", {}), extra, metrics)
+
+
+@contextlib.contextmanager
+def run_outputs(config, workdir):
+  """Starts a run's outputs in ``workdir``; yields its metrics writer.
+
+  Writes ``config.json`` at once and opens ``metrics.jsonl`` plus the
+  TensorBoard event files (``metrics.MetricsWriter``), closed when the block
+  exits (also on error: rows written so far stay). In a multi-process run
+  only process 0 writes; the others get ``None``.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() > 0:
+    yield None
+    return
+  metrics_lib.write_config(workdir, config)
+  with metrics_lib.MetricsWriter(workdir) as writer:
+    yield writer
 
 
 def run_distillation(config, workdir, mesh=None) -> Dict:
-  """The whole simulated run; writes synthetic.npz and results.json."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  """The whole simulated run; writes synthetic.npz and results.json.
+
+  Also ``config.json`` (at the start), ``metrics.jsonl`` and TensorBoard
+  event files (see ``run_outputs``).
+  """
+  with run_outputs(config, workdir) as metrics:
+    return _run_distillation(config, pathlib.Path(workdir), mesh, metrics)
+
+
+def _run_distillation(config, workdir, mesh, metrics) -> Dict:
   timings = {}
   t0 = time.perf_counter()
   s = setup(config)
@@ -466,7 +570,7 @@ def run_distillation(config, workdir, mesh=None) -> Dict:
            partition_lib.format_count_table(s.partition.counts,
                                             s.dataset.class_names))
   ckpt = open_checkpointer(s, workdir)
-  resumed = _resume(s, workdir, ckpt, timings, t0, ())
+  resumed = _resume(s, workdir, ckpt, timings, t0, (), metrics)
   if resumed is not None:
     return resumed
   K = config.partition.num_clients
@@ -476,7 +580,7 @@ def run_distillation(config, workdir, mesh=None) -> Dict:
   # Each process simulates its own share of the clients and touches only
   # their data; the client pass itself spans every process's devices.
   ids = parallel.process_clients(K)
-  msgs = client_messages(s, ids, mesh=mesh, timings=timings)
+  msgs = client_messages(s, ids, mesh=mesh, timings=timings, metrics=metrics)
   # Every message crosses the same wire format as in a real deployment.
   t1 = time.perf_counter()
   spec = message_spec(s)
@@ -493,7 +597,7 @@ def run_distillation(config, workdir, mesh=None) -> Dict:
               enumerate(parallel.sum_over_processes(sizes))}
   timings["transport"] = time.perf_counter() - t1
   images = synthesize_from_messages(s, received, timings, ckpt,
-                                    {"upload": upload})
+                                    {"upload": upload}, metrics)
   if ckpt is not None:
     ckpt.close()
   timings["total"] = time.perf_counter() - t0
@@ -502,24 +606,35 @@ def run_distillation(config, workdir, mesh=None) -> Dict:
     # writes the outputs.
     return {"method": method_name(config), "wall_s": timings,
             "upload_bytes_per_client": upload}
-  return _finish(s, workdir, images, timings, upload)
+  return _finish(s, workdir, images, timings, upload, metrics=metrics)
 
 
 def message_path(message_dir, client_id):
   return pathlib.Path(message_dir) / f"client_{client_id:05d}.cdm"
 
 
-def run_client(config, client_id, message_dir, mesh=None) -> pathlib.Path:
+def client_workdir(message_dir, client_id) -> pathlib.Path:
+  """Where a client run keeps its config and metrics by default."""
+  return pathlib.Path(message_dir) / f"client_{client_id:05d}_run"
+
+
+def run_client(config, client_id, message_dir, mesh=None,
+               workdir=None) -> pathlib.Path:
   """One client's whole job: compute its message and write it to a file.
 
   Only this client's shard of the data is used (the partition is recomputed
   from the shared seed, as a real client would already hold its own data).
+  ``config.json``, ``metrics.jsonl`` (local DM losses) and TensorBoard files
+  go to ``workdir`` (default ``client_workdir(message_dir, client_id)``).
   """
-  s = setup(config)
   K = config.partition.num_clients
   if not 0 <= client_id < K:
     raise ValueError(f"client_id must be in [0, {K}), got {client_id}")
-  (msg,) = client_messages(s, [client_id], mesh=mesh)
+  if workdir is None:
+    workdir = client_workdir(message_dir, client_id)
+  with run_outputs(config, workdir) as metrics:
+    s = setup(config)
+    (msg,) = client_messages(s, [client_id], mesh=mesh, metrics=metrics)
   path = message_path(message_dir, client_id)
   path.parent.mkdir(parents=True, exist_ok=True)
   n = protocol.save_message(path, msg,
@@ -534,49 +649,93 @@ def run_server(config, message_dir, workdir) -> Dict:
   Missing clients are tolerated with a warning; an invalid message is
   rejected (logged with its reason) and the run goes on with the rest.
   """
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  timings = {}
-  t0 = time.perf_counter()
-  s = setup(config)
-  ckpt = open_checkpointer(s, workdir)
-  resumed = _resume(s, workdir, ckpt, timings, t0,
-                    ("clients_used", "clients_rejected"))
-  if resumed is not None:
-    return resumed
-  spec = message_spec(s)
+
+  def receive(s: Setup):
+    spec = message_spec(s)
+    blobs = {}
+    for k in range(config.partition.num_clients):
+      path = message_path(message_dir, k)
+      if not path.exists():
+        log.warning("no message from client %d (%s): continuing without it",
+                    k, path)
+        continue
+      blobs[k] = path.read_bytes()
+    received = accept_messages(blobs, spec, source=lambda k: str(
+        message_path(message_dir, k)))
+    if not received.messages:
+      raise ValueError(f"no valid client message in {message_dir}")
+    return received
+
+  return serve(config, workdir, receive)
+
+
+@dataclasses.dataclass
+class Received:
+  """The messages a server accepted, and the record of what it refused."""
+  messages: List[protocol.ClientMessage]
+  upload: Dict[str, int]  # client id -> bytes received
+  rejected: Dict[str, str]  # client id -> reason
+
+
+def accept_messages(blobs: Dict[int, bytes], spec: protocol.MessageSpec,
+                    source=str) -> Received:
+  """Decodes and validates each client's encoded message.
+
+  ``blobs`` maps the client id a message arrived from to its bytes. A
+  message that fails validation, or that claims another client's id, is
+  rejected (logged with its reason, ``source(k)`` naming where it came from)
+  and the rest go on.
+  """
   msgs, upload, rejected = [], {}, {}
-  for k in range(config.partition.num_clients):
-    path = message_path(message_dir, k)
-    if not path.exists():
-      log.warning("no message from client %d (%s): continuing without it",
-                  k, path)
-      continue
+  for k, blob in sorted(blobs.items()):
     try:
-      m = protocol.load_message(path, spec)
+      m = protocol.decode_message(blob, spec)
     except protocol.MessageError as e:
-      log.error("rejected message of client %d: %s", k, e)
+      log.error("rejected message of client %d (%s): %s", k, source(k), e)
       rejected[str(k)] = str(e)
       continue
     if m.client_id != k:
-      log.error("rejected %s: it claims client id %d", path, m.client_id)
-      rejected[str(k)] = f"file of client {k} claims client id {m.client_id}"
+      log.error("rejected message of client %d (%s): it claims client id %d",
+                k, source(k), m.client_id)
+      rejected[str(k)] = (f"message of client {k} claims client id "
+                          f"{m.client_id}")
       continue
     msgs.append(m)
-    upload[str(k)] = path.stat().st_size
-  if not msgs:
-    raise ValueError(f"no valid client message in {message_dir}")
-  timings["receive"] = time.perf_counter() - t0
-  used = sorted(m.client_id for m in msgs)
-  images = synthesize_from_messages(
-      s, msgs, timings, ckpt, {"upload": upload, "clients_used": used,
-                               "clients_rejected": rejected})
-  if ckpt is not None:
-    ckpt.close()
-  timings["total"] = time.perf_counter() - t0
-  return _finish(s, workdir, images, timings, upload,
-                 {"clients_used": sorted(m.client_id for m in msgs),
-                  "clients_rejected": rejected})
+    upload[str(k)] = len(blob)
+  return Received(msgs, upload, rejected)
+
+
+def serve(config, workdir, receive) -> Dict:
+  """The server's job around a transport: receive, synthesise, evaluate.
+
+  ``receive(setup) -> Received`` collects the clients' messages (files for
+  ``run_server``, a Flower round for ``flower_app``); it raises if there is
+  nothing to distil from. A relaunch with a server checkpoint in ``workdir``
+  finishes from it without receiving again. Writes what ``_finish`` writes,
+  with ``clients_used`` and ``clients_rejected``.
+  """
+  with run_outputs(config, workdir) as metrics:
+    workdir = pathlib.Path(workdir)
+    timings = {}
+    t0 = time.perf_counter()
+    s = setup(config)
+    ckpt = open_checkpointer(s, workdir)
+    resumed = _resume(s, workdir, ckpt, timings, t0,
+                      ("clients_used", "clients_rejected"), metrics)
+    if resumed is not None:
+      return resumed
+    received = receive(s)
+    timings["receive"] = time.perf_counter() - t0
+    used = sorted(m.client_id for m in received.messages)
+    extra = {"clients_used": used, "clients_rejected": received.rejected}
+    images = synthesize_from_messages(
+        s, received.messages, timings, ckpt,
+        {"upload": received.upload, **extra}, metrics)
+    if ckpt is not None:
+      ckpt.close()
+    timings["total"] = time.perf_counter() - t0
+    return _finish(s, workdir, images, timings, received.upload, extra,
+                   metrics)
 
 
 BASELINES = ("central_dm", "merged_local_dm", "fedavg", "dense")
@@ -597,8 +756,12 @@ def run(config, workdir) -> Dict:
                      f"{method!r}")
   import importlib
   module = importlib.import_module(f"collabdm_jax.baselines.{method}")
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  with run_outputs(config, workdir) as metrics:
+    return _run_baseline(config, pathlib.Path(workdir), method, module,
+                         metrics)
+
+
+def _run_baseline(config, workdir, method, module, metrics) -> Dict:
   timings = {}
   t0 = time.perf_counter()
   s = setup(config)
@@ -606,7 +769,7 @@ def run(config, workdir) -> Dict:
   out = module.run(s, timings)
   if "images" in out:
     x, y = np.asarray(out["images"]), np.asarray(out["labels"])
-    res = evaluate_images(s, x, y, timings)
+    res = evaluate_images(s, x, y, timings, metrics)
     np.savez(workdir / "synthetic.npz", images=x, labels=y,
              class_names=np.asarray(s.dataset.class_names),
              mean=np.asarray(s.dataset.mean), std=np.asarray(s.dataset.std))

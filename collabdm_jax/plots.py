@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from collabdm_jax import metrics as metrics_lib
 from collabdm_jax import results as results_lib
 
 DPI = 100
@@ -25,6 +26,13 @@ HEAT_LEFT_PX, HEAT_RIGHT_PX, HEAT_TOP_PX, HEAT_BOTTOM_PX = 80, 90, 30, 100
 FEAT_LEFT_PX, FEAT_RIGHT_PX, FEAT_TOP_PX, FEAT_BOTTOM_PX = 110, 90, 30, 45
 SYNTHETIC_PNG = "synthetic.png"
 COUNTS_PNG = "client_class_counts.png"
+LOSS_PNG = "loss_curves.png"
+# The loss curves' panels: (phase, label that tells lines apart, value, title).
+LOSS_PANELS = (
+    ("local_dm", "client", "loss", "local DM loss (per client)"),
+    ("server", None, "loss", "server loss (sum over classes)"),
+    ("eval", "net", "train_loss", "evaluation train loss (per net)"),
+)
 
 
 def _figure(width_px: int, height_px: int) -> Figure:
@@ -399,13 +407,72 @@ def _dataset_class_names(dataset: Optional[str], num_classes: int):
   return None
 
 
+def loss_series(rows: Sequence[Dict], phase: str, label: Optional[str],
+                value: str) -> Dict[Optional[int], tuple]:
+  """``{label id: (steps, values)}`` of one phase's rows, steps increasing.
+
+  A step written twice (a resumed run appends to the same file) keeps its
+  last row; rows whose value is null (non-finite) are left out.
+  """
+  by_line: Dict[Optional[int], Dict[int, float]] = {}
+  for r in rows:
+    if r.get("phase") != phase or r.get(value) is None:
+      continue
+    key = None if label is None else r.get(label)
+    by_line.setdefault(key, {})[int(r["step"])] = float(r[value])
+  return {k: (np.asarray(sorted(v)), np.asarray([v[t] for t in sorted(v)]))
+          for k, v in sorted(by_line.items(), key=lambda kv: (
+              kv[0] is None, kv[0]))}
+
+
+def loss_curves(metrics, path, panel_px=(420, 300)) -> pathlib.Path:
+  """Loss against step for each phase found in a run's ``metrics.jsonl``.
+
+  One panel per phase with rows, left to right, in the order of
+  ``LOSS_PANELS`` (local DM per client, server, evaluation per net); each
+  panel is ``panel_px`` (width, height) pixels plus margins.
+
+  Args:
+    metrics: a ``metrics.jsonl`` file, a workdir holding one, or its rows
+      (``metrics.read_metrics``).
+    path: PNG to write.
+
+  Raises:
+    ValueError: if no row has a loss to draw.
+  """
+  rows = (metrics if isinstance(metrics, (list, tuple))
+          else metrics_lib.read_metrics(metrics))
+  panels = [(title, label, loss_series(rows, phase, label, value))
+            for phase, label, value, title in LOSS_PANELS]
+  panels = [p for p in panels if p[2]]
+  if not panels:
+    raise ValueError("no loss rows (phases "
+                     f"{[p[0] for p in LOSS_PANELS]}) to draw")
+  w, h = (_check_positive_int(v, "panel_px") for v in panel_px)
+  left, right, top, bottom = 70, 20, 30, 50
+  fig = _figure(len(panels) * (left + w + right), top + h + bottom)
+  for i, (title, label, series) in enumerate(panels):
+    ax = _axes(fig, i * (left + w + right) + left, bottom, w, h)
+    for key, (steps, values) in series.items():
+      ax.plot(steps, values, marker="." if len(steps) < 30 else None,
+              label=None if key is None else f"{label} {key}")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("epoch" if label == "net" else "iteration", fontsize=8)
+    ax.set_ylabel("loss", fontsize=8)
+    ax.tick_params(labelsize=7)
+    if label is not None and len(series) <= 10:
+      ax.legend(fontsize=6, loc="upper right")
+  return _save(fig, path)
+
+
 def run_figures(run_dir, overwrite: bool = False) -> List[pathlib.Path]:
   """The figures of one finished run directory.
 
   From ``synthetic.npz`` (``pipeline.save_synthetic``): ``synthetic.png``
   (``synthetic_grid``). From ``results.json``'s ``client_class_counts``:
-  ``client_class_counts.png`` (``count_heatmap``). Inputs that are absent
-  are skipped (model baselines write no synthetic set).
+  ``client_class_counts.png`` (``count_heatmap``). From ``metrics.jsonl``:
+  ``loss_curves.png`` (``loss_curves``). Inputs that are absent are skipped
+  (model baselines write no synthetic set).
 
   Args:
     run_dir: a run's workdir.
@@ -438,6 +505,12 @@ def run_figures(run_dir, overwrite: bool = False) -> List[pathlib.Path]:
         class_names = _dataset_class_names(payload.get("dataset"),
                                            num_classes)
       written.append(count_heatmap(counts, class_names, out))
+  rows_path = run_dir / metrics_lib.METRICS_FILE
+  out = run_dir / LOSS_PNG
+  if rows_path.exists() and (overwrite or not out.exists()):
+    rows = metrics_lib.read_metrics(rows_path)
+    if any(loss_series(rows, *p[:3]) for p in LOSS_PANELS):
+      written.append(loss_curves(rows, out))
   return written
 
 

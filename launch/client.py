@@ -18,13 +18,16 @@ _CLIENT_ID = flags.DEFINE_integer("client_id", None, "This client's id.",
                                   required=True)
 _MESSAGE_DIR = flags.DEFINE_string("message_dir", None,
                                    "Where to write the message.", required=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where this client's config.json, metrics.jsonl and "
+    "TensorBoard files go (default <message_dir>/client_<id>_run).")
 
 
 def main(argv):
   del argv
   common.init_runtime()
   path = pipeline.run_client(_CONFIG.value, _CLIENT_ID.value,
-                             _MESSAGE_DIR.value)
+                             _MESSAGE_DIR.value, workdir=_WORKDIR.value)
   print(path)
 
 

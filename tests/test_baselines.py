@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import pathlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -241,8 +242,7 @@ def test_fedavg_is_deterministic(s, fedavg_result):
   again = fedavg.run(s, {})
   np.testing.assert_array_equal(again["predictions"],
                                 fedavg_result["predictions"])
-  jax.tree.map(np.testing.assert_array_equal, again["params"],
-               fedavg_result["params"])
+  chex.assert_trees_all_equal(again["params"], fedavg_result["params"])
 
 
 def test_dense_distils_the_ensemble_into_the_student(s, fedavg_result):

@@ -22,6 +22,7 @@ def quick(quick_script_json):
   return quick_script_json("experiments/bench.py", timeout=900)
 
 
+@pytest.mark.slow  # runs the benchmark script in subprocesses
 def test_quick_covers_every_case(quick):
   names = {c["name"] for c in quick["client_pass"]}
   expected = {bench.client_case_name(ds, k, t, d)
@@ -36,6 +37,7 @@ def test_quick_covers_every_case(quick):
   assert quick["provenance"]["command"].startswith("experiments/bench.py")
 
 
+@pytest.mark.slow  # runs the benchmark script in subprocesses
 def test_client_cases_are_positive_finite_and_consistent(quick):
   peak = quick["matmul_peak"]["cpu"]
   assert _positive(peak["gflops"])
@@ -73,6 +75,7 @@ def test_client_cases_are_positive_finite_and_consistent(quick):
     assert _positive(m["linearity"]["median_s"])
 
 
+@pytest.mark.slow  # runs the benchmark script in subprocesses
 def test_multi_device_cases_ran_on_four_devices(quick):
   multi = [c for c in quick["client_pass"] if c["name"].endswith("_d4")]
   assert multi and all(c["devices"] == 4 for c in multi)
@@ -80,6 +83,7 @@ def test_multi_device_cases_ran_on_four_devices(quick):
   assert _positive(quick["multi_device"]["peak_rss_mb"])
 
 
+@pytest.mark.slow  # runs the benchmark script in subprocesses
 def test_server_end_to_end_rss_and_summary(quick):
   for s in quick["server_step"]:
     assert all(_positive(t) for t in s["step_times_s"])
@@ -132,6 +136,7 @@ def test_case_selection():
     bench.main(["--quick", "--cases=nothing_matches"])
 
 
+@pytest.mark.slow  # runs the benchmark script in subprocesses
 def test_pass_time_charges_the_host_to_device_copies(quick):
   for c in quick["client_pass"]:
     T, copies = c["num_iterations"], c["host_to_device_copies"]
@@ -152,6 +157,7 @@ def accel_dry_run(quick_script_json):
                            "--cases=fmnist_*_gpu*,server_fmnist_gpu_bf16")
 
 
+@pytest.mark.slow  # runs the benchmark script in subprocesses
 def test_gpu_cases_compare_each_precision_with_its_own_matmul(accel_dry_run):
   doc = accel_dry_run
   assert doc["gpu"]["status"] == "measured"

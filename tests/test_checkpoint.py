@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -58,11 +59,11 @@ def host(tree):
 
 
 def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(x, y)  # bitwise for floats without NaN
+  # Same structure, shapes and dtypes, and bitwise-equal values (floats
+  # without NaN).
+  chex.assert_trees_all_equal_structs(a, b)
+  chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+  chex.assert_trees_all_equal(a, b, strict=True)
 
 
 def run(targets, init, chunks=None, state=None, on_iteration=None):
@@ -197,6 +198,7 @@ def finished_steps(directory):
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow  # kills and relaunches a run in subprocesses
 def test_killed_process_resumes_to_identical_images(reference, tmp_path):
   _, _, states = reference
   directory, out = tmp_path / "ck", tmp_path / "final.npz"

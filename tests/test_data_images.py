@@ -464,7 +464,26 @@ def test_offline_fails_within_seconds_listing_sources(tmp_path, monkeypatch):
   assert time.monotonic() - start < 5.0
   msg = str(err.value)
   for needle in ("data_dir: not given", "no local file format", str(tmp_path),
-                 "192.0.2.1:9 not reachable", "tfds_data_dir", "fashion_mnist_embedded"):
+                 "192.0.2.1:9 not reachable", "tfds_data_dir", "fashion_mnist_embedded",
+                 "collabdm_jax[tfds]"):
+    assert needle in msg, needle
+
+
+def test_download_without_tensorflow_names_the_tfds_extra(tmp_path, monkeypatch):
+  pytest.importorskip("tensorflow_datasets")
+  # Online, but preparing the download fails as it does without TensorFlow.
+  monkeypatch.setattr(images, "network_reachable", lambda *a, **k: True)
+  monkeypatch.setattr(images, "tensorflow_installed", lambda: False)
+
+  def prepare(*args, **kwargs):
+    raise ModuleNotFoundError("No module named 'tensorflow'")
+
+  monkeypatch.setattr(images, "_read_tfds", prepare)
+  with pytest.raises(DatasetUnavailableError) as err:
+    load_dataset("svhn", tfds_data_dir=tmp_path)
+  msg = str(err.value)
+  for needle in ("No module named 'tensorflow'", "needs TensorFlow",
+                 "pip install 'collabdm_jax[tfds]'", str(tmp_path)):
     assert needle in msg, needle
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,8 +236,7 @@ def test_micro_batched_gradient_gives_the_same_loss_and_gradients():
     pieces = jax.jit(lambda p, m=micro: ev.weighted_loss_and_grad(
         loss_sum, p, x, y, w, m))(params)
     np.testing.assert_allclose(pieces[0], whole[0], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(
-        a, b, rtol=1e-4, atol=1e-6), pieces[1], whole[1])
+    chex.assert_trees_all_close(pieces[1], whole[1], rtol=1e-4, atol=1e-6)
   # Masked samples contribute nothing.
   cut = jax.value_and_grad(loss_sum)(params, x[:17], y[:17], w[:17])
   np.testing.assert_allclose(whole[0], cut[0], rtol=1e-5)
@@ -263,6 +263,7 @@ def test_convnet_with_dsa_and_pae_learns_images(pattern_data):
   assert np.all(np.isfinite(result.train_loss))
 
 
+@pytest.mark.slow  # the fused loop vmaps convolutions: slow on CPU
 def test_fused_and_per_net_loops_agree_with_dsa_and_pae(pattern_data):
   # Same shapes as above, so only the fused program is a new compilation.
   runs = [ev.evaluate_synthetic(

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from collabdm_jax import metrics
 from collabdm_jax import pipeline
 from collabdm_jax import protocol
 from experiments.configs import smoke
@@ -32,6 +33,7 @@ def distilled(tmp_path_factory):
   return workdir, proc
 
 
+@pytest.mark.slow  # whole runs of the launchers in subprocesses
 def test_distill_writes_results_and_synthetic_set(distilled):
   workdir, proc = distilled
   results = json.loads((workdir / "results.json").read_text())
@@ -54,8 +56,55 @@ def test_distill_writes_results_and_synthetic_set(distilled):
   assert "total" in proc.stderr  # the client x class count table is logged
   test_provenance.check_record(results["provenance"])
   assert "launch/distill.py" in results["provenance"]["command"]
+  assert "evaluation (2 convnet nets x 3 epochs" in proc.stderr
 
 
+@pytest.mark.slow  # whole runs of the launchers in subprocesses
+def test_distill_writes_config_and_per_step_metrics(distilled):
+  workdir, _ = distilled
+  config = smoke.get_config()
+  assert json.loads((workdir / "config.json").read_text()) == json.loads(
+      json.dumps(config.to_dict(), default=str))
+  rows = metrics.read_metrics(workdir)
+  by_phase = {}
+  for r in rows:
+    by_phase.setdefault(r["phase"], []).append(r)
+  # Local DM: one row per client and iteration, per-class losses that sum
+  # to the total, zero for the classes a client lacks.
+  results = json.loads((workdir / "results.json").read_text())
+  counts = np.asarray(results["client_class_counts"])
+  local = by_phase["local_dm"]
+  assert sorted((r["client"], r["step"]) for r in local) == [
+      (k, t) for k in range(3) for t in range(config.local.iterations)]
+  for r in local:
+    assert len(r["class_loss"]) == 10
+    np.testing.assert_allclose(sum(r["class_loss"]), r["loss"], rtol=1e-5)
+    absent = counts[r["client"]] == 0
+    assert all(r["class_loss"][c] == 0 for c in np.flatnonzero(absent))
+    assert r["loss"] > 0
+  # Server: one row per iteration with a positive loss for every class.
+  server = by_phase["server"]
+  assert [r["step"] for r in server] == list(range(config.num_iterations))
+  for r in server:
+    assert len(r["class_loss"]) == 10 and min(r["class_loss"]) > 0
+    np.testing.assert_allclose(sum(r["class_loss"]), r["loss"], rtol=1e-5)
+  # Evaluation: the final rows hold results.json's accuracies.
+  final = by_phase["eval_final"]
+  assert [r["net"] for r in final] == [0, 1]
+  assert [r["accuracy"] for r in final] == pytest.approx(results["accuracies"])
+  assert all(r["step"] == config.eval.epochs - 1 and r["train_loss"] > 0
+             for r in final)
+  # The evaluator reports per-epoch losses.
+  assert sorted((r["net"], r["step"]) for r in by_phase["eval"]) == [
+      (n, e) for n in range(2) for e in range(config.eval.epochs)]
+  # Rows are written as they happen: times never decrease.
+  times = [r["time"] for r in rows]
+  assert times == sorted(times)
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert (workdir / "loss_curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow  # whole runs of the launchers in subprocesses
 def test_client_server_processes_reproduce_distill(distilled, tmp_path):
   workdir, _ = distilled
   msgs = tmp_path / "msgs"
@@ -63,6 +112,14 @@ def test_client_server_processes_reproduce_distill(distilled, tmp_path):
     run("launch.client", f"--client_id={k}", f"--message_dir={msgs}")
   out = tmp_path / "server"
   run("launch.server", f"--message_dir={msgs}", f"--workdir={out}")
+  # Each client's config and local DM losses land beside its message.
+  for k in range(3):
+    run_dir = pipeline.client_workdir(msgs, k)
+    assert (run_dir / "config.json").exists()
+    assert {r["client"] for r in metrics.read_metrics(run_dir)} == {k}
+  assert {r["phase"] for r in metrics.read_metrics(out)} >= {
+      "server", "eval_final"}
+  assert (out / "config.json").exists()
   a = np.load(workdir / "synthetic.npz")["images"]
   b = np.load(out / "synthetic.npz")["images"]
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -19,6 +19,9 @@ import textwrap
 import numpy as np
 import pytest
 
+# Starts several JAX processes that run whole distillations.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent("""

@@ -22,6 +22,7 @@ def quick(quick_script_json):
   return quick_script_json("experiments/scale_check.py", timeout=300)
 
 
+@pytest.mark.slow  # runs the scale check script in a subprocess
 def test_quick_runs_every_case_once(quick):
   q = scale_check.QUICK
   assert quick["sizes"] == "quick"
@@ -36,6 +37,7 @@ def test_quick_runs_every_case_once(quick):
     assert c["width"] == q["width"] and c["dataset"] == q["dataset"]
 
 
+@pytest.mark.slow  # runs the scale check script in a subprocess
 def test_data_and_slots_are_consistent(quick):
   ds = data.load_dataset(scale_check.QUICK["dataset"])
   pixels = math.prod(ds.train_x.shape[1:])
@@ -59,6 +61,7 @@ def test_data_and_slots_are_consistent(quick):
     assert c["target_cells_valid"] == c["iterations"] * ds.num_classes
 
 
+@pytest.mark.slow  # runs the scale check script in a subprocess
 def test_memory_fields(quick):
   for c in quick["cases"]:
     assert c["baseline_rss_kib"] > 0
@@ -75,6 +78,7 @@ def test_memory_fields(quick):
     assert c["stream_s"] > 0 and c["wall_s"] >= c["stream_s"]
 
 
+@pytest.mark.slow  # runs the scale check script in a subprocess
 def test_message_sizes(quick):
   for c in quick["cases"]:
     T, C, D = c["iterations"], 10, c["embed_dim"]
@@ -101,6 +105,7 @@ def test_message_sizes(quick):
       assert c["total_upload_bytes_bf16"] == c["clients"] * bf16
 
 
+@pytest.mark.slow  # runs the scale check script in a subprocess
 def test_summary_matches_cases(quick):
   s = quick["summary"]
   at = {(c["clients"], c["iterations"]): c for c in quick["cases"]}

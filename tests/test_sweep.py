@@ -11,6 +11,7 @@ import sys
 import ml_collections
 import pytest
 
+from collabdm_jax import metrics
 from collabdm_jax import pipeline
 from collabdm_jax import results
 from experiments.configs import smoke
@@ -122,14 +123,21 @@ def test_failing_cell_is_recorded_and_does_not_stop_the_sweep(swept):
   assert "alpha" in error["error"] and "Traceback" in error["traceback"]
   assert error["alpha"] == -1.0 and error["method"] == "collabdm"
   assert not (workdir / bad / "results.json").exists()
+  # config.json is written when a run starts, so the failed cell has it.
+  config = json.loads((workdir / bad / "config.json").read_text())
+  assert config["partition"]["alpha"] == -1.0
   res = json.loads((workdir / good / "results.json").read_text())
   assert res["alpha"] == 0.5 and res["n_eval"] == 2
   cell = json.loads((workdir / good / "cell.json").read_text())
   assert cell == {"sweep": "test_sweep", "index": 1, "name": good,
                   "overrides": {"partition.alpha": 0.5}}
   assert "accuracy" in (workdir / good / "log.txt").read_text()
-  for png in ("synthetic.png", "client_class_counts.png"):
+  for png in ("synthetic.png", "client_class_counts.png", "loss_curves.png"):
     assert (workdir / good / png).stat().st_size > 0
+  phases = {r["phase"] for r in metrics.read_metrics(workdir / good)}
+  assert phases == {"local_dm", "server", "eval_final"} | (
+      {"eval"} & phases)
+  assert list((workdir / good / "tensorboard").glob("events.out.tfevents.*"))
   assert [sweep.cell_status(workdir, c) for c in
           sweep.make_cells(sweep_config())] == ["failed", "done"]
 

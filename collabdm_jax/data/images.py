@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import importlib
 import importlib.resources
+import importlib.util
 import io
 import os
 import re
@@ -51,6 +52,10 @@ CIFAR10_ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
 # a download can work at all.
 TFDS_PROBE_HOST = "storage.googleapis.com"
 TFDS_PROBE_PORT = 443
+# What a fresh install lacks to download and prepare a tfds image dataset:
+# preparing encodes the images with TensorFlow (tf.image.encode_png), which
+# the default install does not bring; the ``tfds`` extra does.
+TFDS_EXTRA_INSTALL = "pip install 'collabdm_jax[tfds]'"
 
 TABULAR_DATASETS = ("5g_ids", "nsl_kdd")
 
@@ -728,6 +733,11 @@ def _to_dataset(spec, arrays, source, max_train, max_test) -> Dataset:
   )
 
 
+def tensorflow_installed() -> bool:
+  """Whether TensorFlow is importable (looked up, not imported: it is heavy)."""
+  return importlib.util.find_spec("tensorflow") is not None
+
+
 def _import_tfds():
   try:
     import tensorflow_datasets as tfds  # Heavy; only imported when needed.
@@ -740,7 +750,7 @@ def _tfds_status(spec: ImageSpec, tfds_data_dir) -> Tuple[Optional[bool], str]:
   """(prepared?, description) of tfds data on disk; ``None`` if tfds is missing."""
   tfds = _import_tfds()
   if tfds is None:
-    return None, "tensorflow-datasets: not installed (pip install tensorflow-datasets)"
+    return None, f"tensorflow-datasets: not installed ({TFDS_EXTRA_INSTALL})"
   builder = _tfds_builder(tfds, spec, tfds_data_dir)
   if builder.is_prepared():
     return True, f"tfds prepared data in {builder.data_dir}"
@@ -815,9 +825,12 @@ def _from_default_sources(spec, max_train, max_test, allow_download, tfds_data_d
       try:
         arrays = _read_tfds(spec, tfds_data_dir, True, max_train, max_test)
       except Exception as err:  # noqa: BLE001 - add which sources were tried.
+        needs_tf = ("" if tensorflow_installed() else
+                    " Preparing a tfds image dataset needs TensorFlow, which is "
+                    f"not installed: {TFDS_EXTRA_INSTALL} brings it.")
         raise DatasetUnavailableError(
-            f"Downloading {spec.tfds_name!r} with tensorflow-datasets failed ({err}). "
-            "Also tried:\n" + "".join(f"  - {t}\n" for t in tried)
+            f"Downloading {spec.tfds_name!r} with tensorflow-datasets failed ({err})."
+            f"{needs_tf} Also tried:\n" + "".join(f"  - {t}\n" for t in tried)
             + _how_to_provide(spec)) from err
       return arrays, f"tfds:{spec.tfds_name}"
     tried.append(f"tfds download: skipped, {host}:{port} not reachable within "
@@ -838,6 +851,7 @@ def _how_to_provide(spec: ImageSpec) -> str:
   lines.append(f"  - pass tfds_data_dir=<folder where tfds.data_source({spec.tfds_name!r}) "
                "prepared it>, or")
   lines.append("  - run once with network access and allow_download=True so "
-               f"tensorflow-datasets downloads {spec.tfds_name!r}, or")
+               f"tensorflow-datasets downloads and prepares {spec.tfds_name!r} "
+               f"(this needs TensorFlow: {TFDS_EXTRA_INSTALL}), or")
   lines.append("  - use name='fashion_mnist_embedded', which ships with the package.")
   return "\n".join(lines)
