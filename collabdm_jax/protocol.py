@@ -63,6 +63,12 @@ _ARRAY_FIELDS = ("means", "counts", "class_counts", "second_moments",
 _REQUIRED_ARRAYS = ("means", "counts", "class_counts")
 _HEADER_KEYS = ("protocol_version", "client_id", "root_key_fingerprint",
                 "config_hash", "transport_dtype", "arrays")
+# Limits on declared array shapes, checked before anything is allocated. No
+# field has more than 4 axes (images [M, H, W, Ch]); numpy itself refuses more
+# than 64 axes or sizes past 2**63, and would raise its own ValueError.
+_MAX_NDIM = 8
+_MAX_DIM = 2**31 - 1
+_MAX_NONZERO_PRODUCT = 2**56
 
 
 class MessageError(ValueError):
@@ -512,6 +518,29 @@ def _parse_header(raw: bytes) -> Dict[str, Any]:
   return header
 
 
+def _check_declared_shape(name: str, shape: Any) -> None:
+  """Rejects a header shape numpy could not represent or that no field has.
+
+  Zero-size shapes allocate nothing, so their other axes are not limited by
+  the body length; they are limited here instead (numpy raises its own
+  ``ValueError`` on, e.g., ``[2**40, 0, 2**40]``).
+  """
+  if (not isinstance(shape, list)
+      or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+    raise MessageError(f"array {name!r} has an invalid shape {shape!r}: expected "
+                       f"a list of non-negative ints")
+  if len(shape) > _MAX_NDIM:
+    raise MessageError(f"array {name!r} declares {len(shape)} axes, more than the "
+                       f"{_MAX_NDIM} any message field can have")
+  too_big = [s for s in shape if s > _MAX_DIM]
+  if too_big:
+    raise MessageError(f"array {name!r} declares an axis of length {too_big[0]}, "
+                       f"more than {_MAX_DIM}")
+  if math.prod(s for s in shape if s) > _MAX_NONZERO_PRODUCT:
+    raise MessageError(f"array {name!r} declares shape {shape}, whose non-zero "
+                       f"axes multiply to more than 2**56 elements")
+
+
 def _read_arrays(header: Dict[str, Any], body: memoryview) -> Dict[str, np.ndarray]:
   transport = header["transport_dtype"]
   if transport not in TRANSPORT_DTYPES:
@@ -528,13 +557,14 @@ def _read_arrays(header: Dict[str, Any], body: memoryview) -> Dict[str, np.ndarr
       raise MessageError(f"unknown array {name!r} in message")
     if name in arrays:
       raise MessageError(f"array {name!r} appears twice in message")
-    if (not isinstance(shape, list)
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-      raise MessageError(f"array {name!r} has an invalid shape {shape!r}")
+    _check_declared_shape(name, shape)
     expected = _WIRE_I32 if name in _INT_FIELDS else float_wire
     if dtype != expected:
       raise MessageError(f"array {name!r} has wrong dtype {dtype!r} on the wire, "
                          f"expected {expected!r}")
+    # The declared size is checked against the bytes actually present before
+    # anything is allocated, so no header can make the reader allocate more
+    # than a small multiple of the file's size.
     count = math.prod(shape)
     itemsize = 2 if dtype == _WIRE_BF16 else 4
     end = offset + count * itemsize
@@ -543,8 +573,8 @@ def _read_arrays(header: Dict[str, Any], body: memoryview) -> Dict[str, np.ndarr
                          f"(needs {end} bytes, body has {len(body)})")
     chunk = body[offset:end]
     if dtype == _WIRE_BF16:
-      bits = np.frombuffer(chunk, dtype="<u2").astype(np.uint16)
-      arr = bits.view(ml_dtypes.bfloat16).astype(np.float32)
+      # A read-only view, widened to float32 in one copy.
+      arr = np.frombuffer(chunk, dtype="<u2").view(ml_dtypes.bfloat16).astype(np.float32)
     elif dtype == _WIRE_F32:
       arr = np.frombuffer(chunk, dtype="<f4").astype(np.float32)
     else:
@@ -580,7 +610,10 @@ def decode_message(data: bytes, spec: Optional[MessageSpec] = None) -> ClientMes
   """
   if not isinstance(data, (bytes, bytearray, memoryview)):
     raise MessageError(f"message data must be bytes, got {type(data).__name__}")
-  view = memoryview(data).cast("B")
+  try:
+    view = memoryview(data).cast("B")
+  except TypeError as e:  # a non-contiguous memoryview cannot be read as bytes
+    raise MessageError(f"message data must be contiguous bytes: {e}") from e
   n = len(view)
   head = bytes(view[:len(MAGIC)])
   if head != MAGIC:
