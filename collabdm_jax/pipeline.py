@@ -24,6 +24,7 @@ import numpy as np
 from collabdm_jax import augment
 from collabdm_jax import checkpoint as ckpt_lib
 from collabdm_jax import client as client_lib
+from collabdm_jax import embedding_bounds
 from collabdm_jax import data as data_lib
 from collabdm_jax.data import tabular as tabular_lib
 from collabdm_jax import evaluate
@@ -148,7 +149,28 @@ def local_config(config, strategy) -> client_lib.LocalDMConfig:
       compute_dtype=config.compute_dtype)
 
 
+def embedding_range(s: Setup):
+  """``(lo, hi)`` the server holds client means to, or None (unchecked).
+
+  ``server.max_abs_embedding`` configures ``|entry| <= bound``; unset, the
+  range is derived from psi_t where the architecture allows
+  (``embedding_bounds.embedding_ranges``), as ``[T, 1, D]`` arrays.
+  """
+  bound = _opt(s.config.server.get("max_abs_embedding"))
+  if bound is not None:
+    if not bound > 0:
+      raise ValueError(f"server.max_abs_embedding must be > 0, got {bound}")
+    return (np.float32(-bound), np.float32(bound))
+  ranges = embedding_bounds.embedding_ranges(
+      s.model, s.input_shape, s.root, s.config.num_iterations)
+  return None if ranges is None else tuple(r[:, None, :] for r in ranges)
+
+
 def message_spec(s: Setup) -> protocol.MessageSpec:
+  """Everything the server checks of an upload it does not trust."""
+  max_class = _opt(s.config.server.get("max_class_size"))
+  if max_class is not None and max_class < 1:
+    raise ValueError(f"server.max_class_size must be >= 1, got {max_class}")
   return protocol.MessageSpec(
       root_key_fingerprint=protocol.key_fingerprint(s.root),
       config_hash=protocol.config_hash(protocol_fields(s.config)),
@@ -156,7 +178,10 @@ def message_spec(s: Setup) -> protocol.MessageSpec:
       num_classes=s.dataset.num_classes,
       embed_dim=models.feature_dim(s.model, s.input_shape),
       image_shape=s.input_shape,
-      requires_second_moments=s.config.server.std_weight > 0)
+      requires_second_moments=s.config.server.std_weight > 0,
+      batch_real=_opt(s.config.stats.batch_real),
+      max_class_size=max_class,
+      embedding_range=embedding_range(s))
 
 
 def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
@@ -194,13 +219,14 @@ def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
   cat = lambda name: (None if getattr(parts[0], name) is None else
                       np.concatenate([getattr(p, name) for p in parts], 1))
   means, counts, sq = cat("means"), cat("counts"), cat("second_moments")
-  spec = message_spec(s)
+  fingerprint = protocol.key_fingerprint(s.root)
+  chash = protocol.config_hash(protocol_fields(cfg))
   msgs = []
   for i, k in enumerate(client_ids):
     li, ll = local[i] if local[i] is not None else (None, None)
     msgs.append(protocol.ClientMessage(
-        client_id=int(k), root_key_fingerprint=spec.root_key_fingerprint,
-        config_hash=spec.config_hash, means=means[i], counts=counts[i],
+        client_id=int(k), root_key_fingerprint=fingerprint,
+        config_hash=chash, means=means[i], counts=counts[i],
         class_counts=parts[0].class_counts[i],
         second_moments=None if sq is None else sq[i],
         local_images=li, local_labels=ll))
@@ -529,7 +555,8 @@ def run_server(config, message_dir, workdir) -> Dict:
       continue
     try:
       m = protocol.load_message(path, spec)
-    except protocol.MessageError as e:
+    except (protocol.MessageError, OSError) as e:
+      # An untrusted upload costs the run that client, never the run.
       log.error("rejected message of client %d: %s", k, e)
       rejected[str(k)] = str(e)
       continue

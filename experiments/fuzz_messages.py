@@ -48,13 +48,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/smoke.py", "Config of the real client pass.")
 _NUM = flags.DEFINE_integer("num_mutations", 10000, "Mutated messages to decode.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the mutations.")
-_MAX_CLASS_SIZE = flags.DEFINE_integer(
-    "max_class_size", None, "Server bound on a client's class size (the "
-    "oracle checks it too); default: the largest class of the training set.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON document here.")
 
 _PREFIX = struct.Struct("<6sHIQ")
-_DIGEST = 32
+_RATIO_MIN_BYTES = 4096
 # Values a hostile header or body is likely to carry.
 _INTS = [0, 1, -1, 2, 255, 2**15, 2**31 - 1, 2**31, -2**31, 2**32, 2**40,
          2**53 + 1, 2**63 - 1, -2**63, 2**64 - 1]
@@ -350,14 +347,17 @@ def fuzz(blobs, spec, num, seed, check):
   stats = collections.Counter()
   by_family = collections.defaultdict(collections.Counter)
   crashes, accepted_bad, reasons = [], [], collections.Counter()
-  worst_ratio = 0.0
+  worst_ratio, worst_small = 0.0, 0
   tracemalloc.start()
   try:
     for i in range(num):
       base = blobs[rng.integers(len(blobs))]
       family, detail, data = mutate(rng, base)
       out, peak = decode_peak(data, spec)
-      worst_ratio = max(worst_ratio, peak / max(len(data), 1))
+      if len(data) >= _RATIO_MIN_BYTES:
+        worst_ratio = max(worst_ratio, peak / len(data))
+      else:
+        worst_small = max(worst_small, peak)
       fam = by_family[family]
       fam["total"] += 1
       if isinstance(out, protocol.MessageError):
@@ -388,7 +388,11 @@ def fuzz(blobs, spec, num, seed, check):
       "accepted": stats["accepted"],
       "rejected": stats["rejected"],
       "by_family": {k: dict(v) for k, v in sorted(by_family.items())},
+      # Python objects cost a fixed few KiB whatever the input, so the ratio
+      # is taken over inputs of at least _RATIO_MIN_BYTES.
       "max_peak_alloc_over_input_size": round(worst_ratio, 3),
+      "ratio_min_input_bytes": _RATIO_MIN_BYTES,
+      "max_peak_alloc_bytes_smaller_inputs": worst_small,
       "crash_examples": crashes[:20],
       "accepted_inconsistent_examples": accepted_bad[:20],
       "top_rejection_reasons": dict(reasons.most_common(25)),
@@ -400,10 +404,13 @@ def main(argv):
   t0 = time.perf_counter()
   config = _CONFIG.value
   s, blobs = real_messages(config)
-  spec = pipeline.message_spec(s)
-  max_class_size = _MAX_CLASS_SIZE.value
+  max_class_size = pipeline._opt(config.server.max_class_size)
   if max_class_size is None:
+    # The server's bound on a client's class size; unset, the largest class
+    # of the training set (no client can hold more).
     max_class_size = int(np.bincount(s.dataset.train_y).max())
+    config.server.max_class_size = max_class_size
+  spec = pipeline.message_spec(s)
   batch_real = pipeline._opt(config.stats.batch_real)
   emb_range = embedding_range_oracle(s.model, s.input_shape)
   # Every honest message passes the oracle (else it would flag noise).

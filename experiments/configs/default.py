@@ -85,6 +85,12 @@ def get_config():
   c.server.pae = False
   c.server.std_weight = 0.0
   c.server.weighting = "count"  # count (exact pooled mean) | uniform
+  # Checks of untrusted uploads (protocol.MessageSpec). A client claiming
+  # more than max_class_size samples of a class is rejected (None: no bound).
+  c.server.max_class_size = config_dict.placeholder(int)
+  # |embedding entry| bound client means are held to; None derives the range
+  # from psi_t (ConvNet with instance norm; other nets are then unchecked).
+  c.server.max_abs_embedding = config_dict.placeholder(float)
 
   c.message = ml_collections.ConfigDict()
   c.message.transport_dtype = "float32"  # or bfloat16
