@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
+from collabdm_jax import aggregation
 from collabdm_jax import augment
 from collabdm_jax import checkpoint as ckpt_lib
 from collabdm_jax import client as client_lib
@@ -107,6 +108,7 @@ def setup(config, dataset: Optional[data_lib.Dataset] = None) -> Setup:
   if config.server.std_weight > 0 and not config.stats.second_moments:
     raise ValueError("server.std_weight > 0 needs stats.second_moments=True "
                      "(clients must upload second moments for std targets)")
+  aggregator_config(config)  # a bad server.aggregator fails before any work
   dataset = dataset if dataset is not None else load_data(config)
   p = config.partition
   part = partition_lib.make_partition(
@@ -242,6 +244,16 @@ def server_config(s: Setup) -> server_lib.ServerConfig:
       compute_dtype=cfg.compute_dtype)
 
 
+def aggregator_config(config) -> aggregation.AggregatorConfig:
+  """``server.aggregator`` and its parameters (defaults where a config lacks them)."""
+  c, d = config.server, aggregation.AggregatorConfig()
+  return aggregation.AggregatorConfig(
+      name=c.get("aggregator", d.name),
+      trim_fraction=c.get("trim_fraction", d.trim_fraction),
+      clip_multiplier=c.get("clip_multiplier", d.clip_multiplier),
+      weight_cap=c.get("weight_cap", d.weight_cap))
+
+
 def open_checkpointer(s: Setup, workdir):
   """The server's checkpointer under ``workdir/checkpoints``, or None (off)."""
   c = s.config.get("checkpoint")
@@ -306,7 +318,8 @@ def synthesize_from_messages(s: Setup, messages, timings=None, ckpt=None,
   # local-image pool are combined over processes, then every process runs
   # the same (deterministic) server.
   targets = server_lib.aggregate_messages(
-      messages, cfg.server.weighting, with_std=cfg.server.std_weight > 0)
+      messages, cfg.server.weighting, with_std=cfg.server.std_weight > 0,
+      aggregator=aggregator_config(cfg))
   valid = np.asarray(targets.valid)
   if not valid.any():
     raise ValueError("no client holds any class: nothing to distil")
