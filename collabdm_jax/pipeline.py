@@ -35,6 +35,7 @@ from collabdm_jax import parallel
 from collabdm_jax import partition as partition_lib
 from collabdm_jax import protocol
 from collabdm_jax import server as server_lib
+from collabdm_jax import signing
 
 log = logging.getLogger("collabdm_jax")
 
@@ -523,12 +524,23 @@ def message_path(message_dir, client_id):
   return pathlib.Path(message_dir) / f"client_{client_id:05d}.cdm"
 
 
-def run_client(config, client_id, message_dir, mesh=None) -> pathlib.Path:
+def run_id(s: Setup) -> str:
+  """The id signatures are bound to (``signing.run_id``)."""
+  return signing.run_id(protocol.key_fingerprint(s.root),
+                        protocol.config_hash(protocol_fields(s.config)))
+
+
+def run_client(config, client_id, message_dir, mesh=None,
+               signing_key=None) -> pathlib.Path:
   """One client's whole job: compute its message and write it to a file.
 
   Only this client's shard of the data is used (the partition is recomputed
   from the shared seed, as a real client would already hold its own data).
+  With ``signing_key`` (the path of the client's Ed25519 private key, from
+  ``launch.keygen``) the message is signed for this run into
+  ``<message>.sig``.
   """
+  key = None if signing_key is None else signing.load_private_key(signing_key)
   s = setup(config)
   K = config.partition.num_clients
   if not 0 <= client_id < K:
@@ -536,17 +548,34 @@ def run_client(config, client_id, message_dir, mesh=None) -> pathlib.Path:
   (msg,) = client_messages(s, [client_id], mesh=mesh)
   path = message_path(message_dir, client_id)
   path.parent.mkdir(parents=True, exist_ok=True)
+  sig = signing.signature_path(path)
+  if sig.exists():
+    sig.unlink()  # a stale signature must not vouch for the new message
   n = protocol.save_message(path, msg,
                             transport_dtype=config.message.transport_dtype)
-  log.info("client %d wrote %s (%d bytes)", client_id, path, n)
+  if key is not None:
+    signing.sign_file(path, key, client_id, run_id(s))
+  log.info("client %d wrote %s (%d bytes%s)", client_id, path, n,
+           ", signed" if key is not None else "")
   return path
 
 
-def run_server(config, message_dir, workdir) -> Dict:
+def _read_upload(path):
+  """``(message bytes, signature record or None)`` of one client's files."""
+  data = path.read_bytes()
+  sig = signing.signature_path(path)
+  return data, (sig.read_bytes() if sig.exists() else None)
+
+
+def run_server(config, message_dir, workdir, public_key_dir=None) -> Dict:
   """Reads every message in ``message_dir``, synthesises and evaluates.
 
   Missing clients are tolerated with a warning; an invalid message is
   rejected (logged with its reason) and the run goes on with the rest.
+  With ``public_key_dir`` (``client_XXXXX.pub`` files from
+  ``launch.keygen``) only messages signed for this run by the slot's client
+  are accepted; without it uploads are unsigned (simulations). Either way a
+  message received twice is rejected as a duplicate.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -559,6 +588,7 @@ def run_server(config, message_dir, workdir) -> Dict:
   if resumed is not None:
     return resumed
   spec = message_spec(s)
+  verifier = signing.Verifier(public_key_dir, run_id(s))
   msgs, upload, rejected = [], {}, {}
   for k in range(config.partition.num_clients):
     path = message_path(message_dir, k)
@@ -567,7 +597,13 @@ def run_server(config, message_dir, workdir) -> Dict:
                   k, path)
       continue
     try:
-      m = protocol.load_message(path, spec)
+      data, record = _read_upload(path)
+      # Authenticate before parsing anything the client wrote.
+      verifier.check(k, data, record)
+      try:
+        m = protocol.decode_message(data, spec)
+      except protocol.MessageError as e:
+        raise protocol.MessageError(f"{path}: {e}") from e
     except (protocol.MessageError, OSError) as e:
       # An untrusted upload costs the run that client, never the run.
       log.error("rejected message of client %d: %s", k, e)
