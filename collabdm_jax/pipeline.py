@@ -23,9 +23,11 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
+from collabdm_jax import aggregation
 from collabdm_jax import augment
 from collabdm_jax import checkpoint as ckpt_lib
 from collabdm_jax import client as client_lib
+from collabdm_jax import embedding_bounds
 from collabdm_jax import data as data_lib
 from collabdm_jax.data import tabular as tabular_lib
 from collabdm_jax import evaluate
@@ -37,6 +39,7 @@ from collabdm_jax import partition as partition_lib
 from collabdm_jax import protocol
 from collabdm_jax import provenance
 from collabdm_jax import server as server_lib
+from collabdm_jax import signing
 
 log = logging.getLogger("collabdm_jax")
 
@@ -144,6 +147,7 @@ def setup(config, dataset: Optional[data_lib.Dataset] = None) -> Setup:
   if config.server.std_weight > 0 and not config.stats.second_moments:
     raise ValueError("server.std_weight > 0 needs stats.second_moments=True "
                      "(clients must upload second moments for std targets)")
+  aggregator_config(config)  # a bad server.aggregator fails before any work
   dataset = dataset if dataset is not None else load_data(config)
   p = config.partition
   part = partition_lib.make_partition(
@@ -188,7 +192,28 @@ def local_config(config, strategy) -> client_lib.LocalDMConfig:
       compute_dtype=config.compute_dtype)
 
 
+def embedding_range(s: Setup):
+  """``(lo, hi)`` the server holds client means to, or None (unchecked).
+
+  ``server.max_abs_embedding`` configures ``|entry| <= bound``; unset, the
+  range is derived from psi_t where the architecture allows
+  (``embedding_bounds.embedding_ranges``), as ``[T, 1, D]`` arrays.
+  """
+  bound = _opt(s.config.server.get("max_abs_embedding"))
+  if bound is not None:
+    if not bound > 0:
+      raise ValueError(f"server.max_abs_embedding must be > 0, got {bound}")
+    return (np.float32(-bound), np.float32(bound))
+  ranges = embedding_bounds.embedding_ranges(
+      s.model, s.input_shape, s.root, s.config.num_iterations)
+  return None if ranges is None else tuple(r[:, None, :] for r in ranges)
+
+
 def message_spec(s: Setup) -> protocol.MessageSpec:
+  """Everything the server checks of an upload it does not trust."""
+  max_class = _opt(s.config.server.get("max_class_size"))
+  if max_class is not None and max_class < 1:
+    raise ValueError(f"server.max_class_size must be >= 1, got {max_class}")
   return protocol.MessageSpec(
       root_key_fingerprint=protocol.key_fingerprint(s.root),
       config_hash=protocol.config_hash(protocol_fields(s.config)),
@@ -196,7 +221,10 @@ def message_spec(s: Setup) -> protocol.MessageSpec:
       num_classes=s.dataset.num_classes,
       embed_dim=models.feature_dim(s.model, s.input_shape),
       image_shape=s.input_shape,
-      requires_second_moments=s.config.server.std_weight > 0)
+      requires_second_moments=s.config.server.std_weight > 0,
+      batch_real=_opt(s.config.stats.batch_real),
+      max_class_size=max_class,
+      embedding_range=embedding_range(s))
 
 
 def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
@@ -274,13 +302,14 @@ def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
     timings["local_distill"] = (timings.get("local_distill", 0.0)
                                 + (t1 - t0) + (t3 - t2))
     timings["client_stats"] = timings.get("client_stats", 0.0) + t2 - t1
-  spec = message_spec(s)
+  fingerprint = protocol.key_fingerprint(s.root)
+  chash = protocol.config_hash(protocol_fields(cfg))
   msgs = []
   for i, k in enumerate(client_ids):
     li, ll = local[i] if local[i] is not None else (None, None)
     msgs.append(protocol.ClientMessage(
-        client_id=int(k), root_key_fingerprint=spec.root_key_fingerprint,
-        config_hash=spec.config_hash, means=means[i], counts=counts[i],
+        client_id=int(k), root_key_fingerprint=fingerprint,
+        config_hash=chash, means=means[i], counts=counts[i],
         class_counts=parts[0].class_counts[i],
         second_moments=None if sq is None else sq[i],
         local_images=li, local_labels=ll))
@@ -294,6 +323,16 @@ def server_config(s: Setup) -> server_lib.ServerConfig:
       dsa_strategy=s.dsa_strategy, pae=bool(cfg.server.pae),
       std_weight=cfg.server.std_weight, weighting=cfg.server.weighting,
       compute_dtype=cfg.compute_dtype)
+
+
+def aggregator_config(config) -> aggregation.AggregatorConfig:
+  """``server.aggregator`` and its parameters (defaults where a config lacks them)."""
+  c, d = config.server, aggregation.AggregatorConfig()
+  return aggregation.AggregatorConfig(
+      name=c.get("aggregator", d.name),
+      trim_fraction=c.get("trim_fraction", d.trim_fraction),
+      clip_multiplier=c.get("clip_multiplier", d.clip_multiplier),
+      weight_cap=c.get("weight_cap", d.weight_cap))
 
 
 def open_checkpointer(s: Setup, workdir):
@@ -366,7 +405,8 @@ def synthesize_from_messages(s: Setup, messages, timings=None, ckpt=None,
   # local-image pool are combined over processes, then every process runs
   # the same (deterministic) server.
   targets = server_lib.aggregate_messages(
-      messages, cfg.server.weighting, with_std=cfg.server.std_weight > 0)
+      messages, cfg.server.weighting, with_std=cfg.server.std_weight > 0,
+      aggregator=aggregator_config(cfg))
   valid = np.asarray(targets.valid)
   if not valid.any():
     raise ValueError("no client holds any class: nothing to distil")
@@ -618,15 +658,25 @@ def client_workdir(message_dir, client_id) -> pathlib.Path:
   return pathlib.Path(message_dir) / f"client_{client_id:05d}_run"
 
 
-def run_client(config, client_id, message_dir, mesh=None,
-               workdir=None) -> pathlib.Path:
+def run_id(s: Setup) -> str:
+  """The id signatures are bound to (``signing.run_id``)."""
+  return signing.run_id(protocol.key_fingerprint(s.root),
+                        protocol.config_hash(protocol_fields(s.config)))
+
+
+def run_client(config, client_id, message_dir, mesh=None, workdir=None,
+               signing_key=None) -> pathlib.Path:
   """One client's whole job: compute its message and write it to a file.
 
   Only this client's shard of the data is used (the partition is recomputed
   from the shared seed, as a real client would already hold its own data).
   ``config.json``, ``metrics.jsonl`` (local DM losses) and TensorBoard files
   go to ``workdir`` (default ``client_workdir(message_dir, client_id)``).
+  With ``signing_key`` (the path of the client's Ed25519 private key, from
+  ``launch.keygen``) the message is signed for this run into
+  ``<message>.sig``.
   """
+  key = None if signing_key is None else signing.load_private_key(signing_key)
   K = config.partition.num_clients
   if not 0 <= client_id < K:
     raise ValueError(f"client_id must be in [0, {K}), got {client_id}")
@@ -637,31 +687,53 @@ def run_client(config, client_id, message_dir, mesh=None,
     (msg,) = client_messages(s, [client_id], mesh=mesh, metrics=metrics)
   path = message_path(message_dir, client_id)
   path.parent.mkdir(parents=True, exist_ok=True)
+  sig = signing.signature_path(path)
+  if sig.exists():
+    sig.unlink()  # a stale signature must not vouch for the new message
   n = protocol.save_message(path, msg,
                             transport_dtype=config.message.transport_dtype)
-  log.info("client %d wrote %s (%d bytes)", client_id, path, n)
+  if key is not None:
+    signing.sign_file(path, key, client_id, run_id(s))
+  log.info("client %d wrote %s (%d bytes%s)", client_id, path, n,
+           ", signed" if key is not None else "")
   return path
 
 
-def run_server(config, message_dir, workdir) -> Dict:
+def _read_upload(path):
+  """``(message bytes, signature record or None)`` of one client's files."""
+  data = path.read_bytes()
+  sig = signing.signature_path(path)
+  return data, (sig.read_bytes() if sig.exists() else None)
+
+
+def run_server(config, message_dir, workdir, public_key_dir=None) -> Dict:
   """Reads every message in ``message_dir``, synthesises and evaluates.
 
   Missing clients are tolerated with a warning; an invalid message is
   rejected (logged with its reason) and the run goes on with the rest.
+  With ``public_key_dir`` (``client_XXXXX.pub`` files from
+  ``launch.keygen``) only messages signed for this run by the slot's client
+  are accepted; without it uploads are unsigned (simulations). Either way a
+  message received twice is rejected as a duplicate.
   """
 
   def receive(s: Setup):
     spec = message_spec(s)
-    blobs = {}
+    verifier = signing.Verifier(public_key_dir, run_id(s))
+    blobs, records = {}, {}
     for k in range(config.partition.num_clients):
       path = message_path(message_dir, k)
       if not path.exists():
         log.warning("no message from client %d (%s): continuing without it",
                     k, path)
         continue
-      blobs[k] = path.read_bytes()
-    received = accept_messages(blobs, spec, source=lambda k: str(
-        message_path(message_dir, k)))
+      try:
+        blobs[k], records[k] = _read_upload(path)
+      except OSError as e:
+        blobs[k], records[k] = e, None
+    received = accept_messages(
+        blobs, spec, source=lambda k: str(message_path(message_dir, k)),
+        verifier=verifier, signatures=records)
     if not received.messages:
       raise ValueError(f"no valid client message in {message_dir}")
     return received
@@ -678,19 +750,26 @@ class Received:
 
 
 def accept_messages(blobs: Dict[int, bytes], spec: protocol.MessageSpec,
-                    source=str) -> Received:
+                    source=str, verifier=None, signatures=None) -> Received:
   """Decodes and validates each client's encoded message.
 
-  ``blobs`` maps the client id a message arrived from to its bytes. A
-  message that fails validation, or that claims another client's id, is
-  rejected (logged with its reason, ``source(k)`` naming where it came from)
-  and the rest go on.
+  ``blobs`` maps the client id a message arrived from to its bytes (or the
+  ``OSError`` that reading them raised). With a ``signing.Verifier``, each
+  message is authenticated against ``signatures[k]`` before anything it
+  holds is parsed. A message that fails a check, or that claims another
+  client's id, is rejected (logged with its reason, ``source(k)`` naming
+  where it came from) and the rest go on: an untrusted upload costs the run
+  that client, never the run.
   """
   msgs, upload, rejected = [], {}, {}
   for k, blob in sorted(blobs.items()):
     try:
+      if isinstance(blob, OSError):
+        raise blob
+      if verifier is not None:
+        verifier.check(k, blob, (signatures or {}).get(k))
       m = protocol.decode_message(blob, spec)
-    except protocol.MessageError as e:
+    except (protocol.MessageError, OSError) as e:
       log.error("rejected message of client %d (%s): %s", k, source(k), e)
       rejected[str(k)] = str(e)
       continue

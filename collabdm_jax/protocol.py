@@ -63,6 +63,12 @@ _ARRAY_FIELDS = ("means", "counts", "class_counts", "second_moments",
 _REQUIRED_ARRAYS = ("means", "counts", "class_counts")
 _HEADER_KEYS = ("protocol_version", "client_id", "root_key_fingerprint",
                 "config_hash", "transport_dtype", "arrays")
+# Limits on declared array shapes, checked before anything is allocated. No
+# field has more than 4 axes (images [M, H, W, Ch]); numpy itself refuses more
+# than 64 axes or sizes past 2**63, and would raise its own ValueError.
+_MAX_NDIM = 8
+_MAX_DIM = 2**31 - 1
+_MAX_NONZERO_PRODUCT = 2**56
 
 
 class MessageError(ValueError):
@@ -124,9 +130,11 @@ class ClientMessage:
     return total
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class MessageSpec:
   """What the server expects of every upload; a field set to None is not checked.
+
+  Equality is identity (``eq=False``): ``embedding_range`` holds arrays.
 
   Attributes:
     root_key_fingerprint: expected ``key_fingerprint`` of the run's root key.
@@ -136,6 +144,14 @@ class MessageSpec:
     embed_dim: D, the embedding width of psi_t.
     image_shape: (H, W, Ch) that local images must have, if any are sent.
     requires_second_moments: reject messages without ``second_moments``.
+    batch_real: samples a client embeds per (t, c) at most (the run's
+      ``stats.batch_real``); ``counts[t, c] <= batch_real``.
+    max_class_size: the server's bound on any client's class size;
+      ``class_counts[c] <= max_class_size`` (caps a client's count weight).
+    embedding_range: ``(lo, hi)`` arrays broadcastable to ``[T, C, D]``:
+      every embedding entry of psi_t lies in ``[lo, hi]``, so every mean
+      does too and every mean of squares lies in ``[0, max(lo**2, hi**2)]``
+      (``embedding_bounds.embedding_ranges``, or a configured bound).
   """
 
   root_key_fingerprint: Optional[str]
@@ -145,6 +161,9 @@ class MessageSpec:
   embed_dim: Optional[int]
   image_shape: Optional[tuple] = None
   requires_second_moments: bool = False
+  batch_real: Optional[int] = None
+  max_class_size: Optional[int] = None
+  embedding_range: Optional[Tuple[Any, Any]] = None
 
 
 # ----------------------------------------------------------------------------
@@ -277,10 +296,19 @@ def _check_dtype(name: str, arr: np.ndarray, expected) -> None:
                        f"{np.dtype(expected)}")
 
 
+def _first(mask: np.ndarray) -> tuple:
+  """Index of the first True of a non-empty boolean mask that has one.
+
+  ``argmax`` allocates nothing of the mask's size (``argwhere`` would hold
+  every hit's index: 8 bytes per axis per hit).
+  """
+  return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
+
+
 def _check_finite(name: str, arr: np.ndarray) -> None:
   bad = ~np.isfinite(arr)
   if bad.any():
-    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    idx = _first(bad)
     raise MessageError(f"{name} contains {int(bad.sum())} non-finite value(s) "
                        f"(NaN/Inf), first at index {idx}")
 
@@ -295,7 +323,10 @@ def validate_message(msg: ClientMessage, spec: Optional[MessageSpec] = None) -> 
   Raises:
     MessageError: naming the first problem found (version, fingerprint,
       config hash, shapes, dtypes, non-finite values, counts, labels, image
-      shape or missing second moments).
+      shape, missing second moments, or statistics no honest client can
+      send: counts above the class size or ``batch_real``, class sizes above
+      the server's bound, means of squares below squared means, values
+      outside psi_t's embedding range).
   """
   if not isinstance(msg, ClientMessage):
     raise MessageError(f"expected a ClientMessage, got {type(msg).__name__}")
@@ -384,15 +415,15 @@ def validate_message(msg: ClientMessage, spec: Optional[MessageSpec] = None) -> 
       _check_finite(name, arrays[name])
 
   if (counts < 0).any():
-    idx = tuple(int(i) for i in np.argwhere(counts < 0)[0])
+    idx = _first(counts < 0)
     raise MessageError(f"counts must be >= 0, got {int(counts[idx])} at {idx}")
   if (class_counts < 0).any():
-    idx = int(np.argwhere(class_counts < 0)[0, 0])
+    (idx,) = _first(class_counts < 0)
     raise MessageError(f"class_counts must be >= 0, got {int(class_counts[idx])} "
                        f"for class {idx}")
   orphan = (counts > 0) & (class_counts[None, :] == 0)
   if orphan.any():
-    ti, ci = (int(i) for i in np.argwhere(orphan)[0])
+    ti, ci = _first(orphan)
     raise MessageError(f"counts[{ti}, {ci}] = {int(counts[ti, ci])} > 0 but "
                        f"class_counts[{ci}] == 0: the client has no samples of "
                        f"class {ci}")
@@ -400,19 +431,101 @@ def validate_message(msg: ClientMessage, spec: Optional[MessageSpec] = None) -> 
   for name in ("means", "second_moments"):
     arr = arrays[name]
     if arr is not None and empty.any() and (arr[empty] != 0).any():
-      ti, ci = (int(i) for i in np.argwhere(empty & (arr != 0).any(-1))[0])
+      ti, ci = _first(empty & (arr != 0).any(-1))
       raise MessageError(f"{name}[{ti}, {ci}] must be all zero because "
                          f"counts[{ti}, {ci}] == 0")
   if second is not None and (second < 0).any():
-    idx = tuple(int(i) for i in np.argwhere(second < 0)[0])
+    idx = _first(second < 0)
     raise MessageError(f"second_moments must be >= 0 (means of squares), got "
                        f"{float(second[idx])} at {idx}")
   if labels is not None and labels.size:
     bad = (labels < 0) | (labels >= c)
     if bad.any():
-      i = int(np.argwhere(bad)[0, 0])
+      (i,) = _first(bad)
       raise MessageError(f"local_labels out of range: local_labels[{i}] = "
                          f"{int(labels[i])}, expected in [0, {c})")
+  _check_statistics(means, counts, class_counts, second, spec)
+
+
+# A mean of squares computed in float32 (and rounded to bfloat16 on the wire,
+# relative error <= 2**-8 on each side) may dip below the square of the mean
+# by rounding alone; 2**-6 covers both with room. The same slack widens the
+# embedding range.
+_ROUNDING_SLACK = 2.0**-6
+
+
+def _check_statistics(means, counts, class_counts, second, spec) -> None:
+  """What the statistics themselves imply, whatever the client claims.
+
+  A mean stands on at most as many samples as the client holds of the class
+  and, per (t, c), at most ``batch_real``; a mean of squares is never below
+  the squared mean; embeddings of psi_t lie in its range.
+  """
+  over = counts > class_counts[None, :]
+  if over.any():
+    ti, ci = _first(over)
+    raise MessageError(
+        f"counts[{ti}, {ci}] = {int(counts[ti, ci])} exceeds class_counts[{ci}] "
+        f"= {int(class_counts[ci])}: a mean cannot stand on more samples than "
+        f"the client holds")
+  if spec is not None and spec.batch_real is not None:
+    over = counts > spec.batch_real
+    if over.any():
+      ti, ci = _first(over)
+      raise MessageError(
+          f"counts[{ti}, {ci}] = {int(counts[ti, ci])} exceeds batch_real = "
+          f"{spec.batch_real}, the samples per (iteration, class) of this run")
+  if spec is not None and spec.max_class_size is not None:
+    over = class_counts > spec.max_class_size
+    if over.any():
+      (ci,) = _first(over)
+      raise MessageError(
+          f"class_counts[{ci}] = {int(class_counts[ci])} exceeds the server's "
+          f"bound max_class_size = {spec.max_class_size}")
+  if spec is not None and spec.embedding_range is not None:
+    _check_embedding_range(means, second, *spec.embedding_range)
+  if second is not None:
+    with np.errstate(over="ignore"):
+      low = second < np.square(means) * (1 - _ROUNDING_SLACK) - 1e-30
+    if low.any():
+      idx = _first(low)
+      raise MessageError(
+          f"second_moments{list(idx)} = {float(second[idx]):.6g} is below "
+          f"means{list(idx)}**2 = {float(means[idx]) ** 2:.6g}: a mean of "
+          f"squares is never below the square of the mean")
+
+
+def _check_embedding_range(means, second, lo, hi) -> None:
+  """Means within ``[lo, hi]``, means of squares within ``max(lo**2, hi**2)``.
+
+  The bounds stay in their own (small, broadcastable) shape: only boolean
+  masks of the message's size are allocated.
+  """
+  lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+  try:
+    np.broadcast_shapes(lo.shape, hi.shape, means.shape)
+  except ValueError as e:
+    raise MessageError(f"means shape {means.shape} does not fit the server's "
+                       f"embedding range of shape {lo.shape}") from e
+  slack = _ROUNDING_SLACK * np.maximum(np.abs(lo), np.abs(hi)) + 1e-6
+  low, high = lo - slack, hi + slack
+  out = (means < low) | (means > high)
+  if out.any():
+    idx = _first(out)
+    raise MessageError(
+        f"means{list(idx)} = {float(means[idx]):.6g} lies outside "
+        f"[{float(np.broadcast_to(lo, means.shape)[idx]):.6g}, "
+        f"{float(np.broadcast_to(hi, means.shape)[idx]):.6g}], the range of "
+        f"every embedding entry of the iteration's network")
+  if second is not None:
+    top = np.maximum(np.square(lo), np.square(hi)) * (1 + _ROUNDING_SLACK) + 1e-6
+    out = second > top
+    if out.any():
+      idx = _first(out)
+      raise MessageError(
+          f"second_moments{list(idx)} = {float(second[idx]):.6g} exceeds "
+          f"{float(np.broadcast_to(top, second.shape)[idx]):.6g}, the largest "
+          f"square of an embedding entry of the iteration's network")
 
 
 # ----------------------------------------------------------------------------
@@ -512,6 +625,29 @@ def _parse_header(raw: bytes) -> Dict[str, Any]:
   return header
 
 
+def _check_declared_shape(name: str, shape: Any) -> None:
+  """Rejects a header shape numpy could not represent or that no field has.
+
+  Zero-size shapes allocate nothing, so their other axes are not limited by
+  the body length; they are limited here instead (numpy raises its own
+  ``ValueError`` on, e.g., ``[2**40, 0, 2**40]``).
+  """
+  if (not isinstance(shape, list)
+      or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+    raise MessageError(f"array {name!r} has an invalid shape {shape!r}: expected "
+                       f"a list of non-negative ints")
+  if len(shape) > _MAX_NDIM:
+    raise MessageError(f"array {name!r} declares {len(shape)} axes, more than the "
+                       f"{_MAX_NDIM} any message field can have")
+  too_big = [s for s in shape if s > _MAX_DIM]
+  if too_big:
+    raise MessageError(f"array {name!r} declares an axis of length {too_big[0]}, "
+                       f"more than {_MAX_DIM}")
+  if math.prod(s for s in shape if s) > _MAX_NONZERO_PRODUCT:
+    raise MessageError(f"array {name!r} declares shape {shape}, whose non-zero "
+                       f"axes multiply to more than 2**56 elements")
+
+
 def _read_arrays(header: Dict[str, Any], body: memoryview) -> Dict[str, np.ndarray]:
   transport = header["transport_dtype"]
   if transport not in TRANSPORT_DTYPES:
@@ -528,13 +664,14 @@ def _read_arrays(header: Dict[str, Any], body: memoryview) -> Dict[str, np.ndarr
       raise MessageError(f"unknown array {name!r} in message")
     if name in arrays:
       raise MessageError(f"array {name!r} appears twice in message")
-    if (not isinstance(shape, list)
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-      raise MessageError(f"array {name!r} has an invalid shape {shape!r}")
+    _check_declared_shape(name, shape)
     expected = _WIRE_I32 if name in _INT_FIELDS else float_wire
     if dtype != expected:
       raise MessageError(f"array {name!r} has wrong dtype {dtype!r} on the wire, "
                          f"expected {expected!r}")
+    # The declared size is checked against the bytes actually present before
+    # anything is allocated, so no header can make the reader allocate more
+    # than a small multiple of the file's size.
     count = math.prod(shape)
     itemsize = 2 if dtype == _WIRE_BF16 else 4
     end = offset + count * itemsize
@@ -543,8 +680,8 @@ def _read_arrays(header: Dict[str, Any], body: memoryview) -> Dict[str, np.ndarr
                          f"(needs {end} bytes, body has {len(body)})")
     chunk = body[offset:end]
     if dtype == _WIRE_BF16:
-      bits = np.frombuffer(chunk, dtype="<u2").astype(np.uint16)
-      arr = bits.view(ml_dtypes.bfloat16).astype(np.float32)
+      # A read-only view, widened to float32 in one copy.
+      arr = np.frombuffer(chunk, dtype="<u2").view(ml_dtypes.bfloat16).astype(np.float32)
     elif dtype == _WIRE_F32:
       arr = np.frombuffer(chunk, dtype="<f4").astype(np.float32)
     else:
@@ -580,7 +717,10 @@ def decode_message(data: bytes, spec: Optional[MessageSpec] = None) -> ClientMes
   """
   if not isinstance(data, (bytes, bytearray, memoryview)):
     raise MessageError(f"message data must be bytes, got {type(data).__name__}")
-  view = memoryview(data).cast("B")
+  try:
+    view = memoryview(data).cast("B")
+  except TypeError as e:  # a non-contiguous memoryview cannot be read as bytes
+    raise MessageError(f"message data must be contiguous bytes: {e}") from e
   n = len(view)
   head = bytes(view[:len(MAGIC)])
   if head != MAGIC:

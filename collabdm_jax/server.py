@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from collabdm_jax import aggregation
 from collabdm_jax import augment
 from collabdm_jax import dm
 from collabdm_jax import losses
@@ -100,18 +101,27 @@ def initial_synthetic_set(key, init, num_classes, ipc, input_shape,
                                pae and init == "real")
 
 
-def aggregate_messages(messages, weighting="count", with_std=False
+def aggregate_messages(messages, weighting="count", with_std=False,
+                       aggregator: Optional[aggregation.AggregatorConfig] = None
                        ) -> losses.ClassMoments:
   """Server targets from decoded messages, over all processes' messages.
 
   In a multi-process run each process passes the messages of its own
-  clients; their weighted sums are added up across processes, so every
-  process gets the targets of all clients without anyone gathering the
-  per-client statistics.
+  clients. With the mean aggregator their weighted sums are added up across
+  processes, so no one gathers the per-client statistics; a robust
+  aggregator needs every client's statistics, so those are gathered (all
+  processes' messages, in process order) and each process aggregates them.
   """
   means, counts, class_counts, sq = messages_to_stats(messages)
-  sums = losses.class_moment_sums(means, counts, class_counts,
-                                  sq if with_std else None, weighting)
+  sq = sq if with_std else None
+  if aggregator is not None and aggregator.name != "mean":
+    if jax.process_count() > 1:
+      means, counts, class_counts = (parallel.concat_over_processes(a) for a in
+                                     (means, counts, class_counts))
+      sq = None if sq is None else parallel.concat_over_processes(sq)
+    return aggregation.robust_class_moments(means, counts, class_counts, sq,
+                                            weighting, aggregator)
+  sums = losses.class_moment_sums(means, counts, class_counts, sq, weighting)
   if jax.process_count() > 1:
     sums = jax.tree.map(parallel.sum_over_processes, sums)  # None stays None
   return losses.moments_from_sums(sums)

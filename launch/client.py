@@ -2,7 +2,8 @@
 
   python -m launch.client --config=experiments/configs/default.py --client_id=3 --message_dir=/tmp/msgs
 
-Run one per client (any order, any machine); then ``launch.server``.
+Run one per client (any order, any machine); then ``launch.server``. With
+``--signing_key`` (from ``launch.keygen``) the message is signed.
 """
 
 from absl import app
@@ -21,13 +22,17 @@ _MESSAGE_DIR = flags.DEFINE_string("message_dir", None,
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where this client's config.json, metrics.jsonl and "
     "TensorBoard files go (default <message_dir>/client_<id>_run).")
+_SIGNING_KEY = flags.DEFINE_string(
+    "signing_key", None, "This client's Ed25519 private key (launch.keygen); "
+    "signs the message for this run. Unset: unsigned.")
 
 
 def main(argv):
   del argv
   common.init_runtime()
   path = pipeline.run_client(_CONFIG.value, _CLIENT_ID.value,
-                             _MESSAGE_DIR.value, workdir=_WORKDIR.value)
+                             _MESSAGE_DIR.value, workdir=_WORKDIR.value,
+                             signing_key=_SIGNING_KEY.value)
   print(path)
 
 

@@ -3,7 +3,8 @@
   python -m launch.server --config=experiments/configs/default.py --message_dir=/tmp/msgs --workdir=/tmp/collabdm
 
 Missing clients are skipped with a warning; invalid messages are rejected
-with their reason (also recorded in results.json).
+with their reason (also recorded in results.json). With --public_key_dir
+only messages signed for this run by their client are accepted.
 """
 
 from absl import app
@@ -21,13 +22,18 @@ _MESSAGE_DIR = flags.DEFINE_string("message_dir", None,
                                    required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
                                required=True)
+_PUBLIC_KEY_DIR = flags.DEFINE_string(
+    "public_key_dir", None, "Directory of the clients' public keys "
+    "(launch.keygen): accept only messages signed for this run by their "
+    "client. Unset: unsigned uploads are accepted.")
 
 
 def main(argv):
   del argv
   common.init_runtime()
   results = pipeline.run_server(_CONFIG.value, _MESSAGE_DIR.value,
-                                _WORKDIR.value)
+                                _WORKDIR.value,
+                                public_key_dir=_PUBLIC_KEY_DIR.value)
   plots.run_figures(_WORKDIR.value, overwrite=True)
   print(f"test accuracy {100 * results['accuracy_mean']:.2f} +- "
         f"{100 * results['accuracy_std']:.2f} % from clients "

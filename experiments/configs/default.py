@@ -103,6 +103,22 @@ def get_config():
   # count: the exact pooled class mean; uniform: the plain mean of the
   # clients' means, as the authors' server computes it (docs/fidelity.md).
   c.server.weighting = "count"
+  # How client statistics become targets per (t, c) (collabdm_jax/aggregation.py):
+  # mean (the weighted mean above, not robust) | median (coordinate-wise) |
+  # trimmed_mean | geometric_median (Weiszfeld) | clipped_mean. Robust ones
+  # bound what a minority of malicious clients can do to the targets.
+  c.server.aggregator = "mean"
+  c.server.trim_fraction = 0.2  # trimmed_mean: weight cut from each tail, < 0.5
+  c.server.clip_multiplier = 2.0  # clipped_mean: radius / median distance to median
+  # Robust aggregators cap a count weight at this multiple of the cell's
+  # median weight, so claiming a huge class buys no extra influence.
+  c.server.weight_cap = 1.0
+  # Checks of untrusted uploads (protocol.MessageSpec). A client claiming
+  # more than max_class_size samples of a class is rejected (None: no bound).
+  c.server.max_class_size = config_dict.placeholder(int)
+  # |embedding entry| bound client means are held to; None derives the range
+  # from psi_t (ConvNet with instance norm; other nets are then unchecked).
+  c.server.max_abs_embedding = config_dict.placeholder(float)
 
   c.message = ml_collections.ConfigDict()
   c.message.transport_dtype = "float32"  # or bfloat16
