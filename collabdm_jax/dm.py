@@ -10,9 +10,8 @@ and take one optimiser step. They differ only in where the target comes from
 Faithfulness note: the reference code keeps ONE SGD-momentum optimiser over
 the whole synthetic tensor and calls ``step()`` once per class, so each class
 step also moves every other class by its decayed momentum. Summing the class
-losses into one step is a different algorithm; ``match_classes`` steps the
-classes in order with the full-tensor optimiser state to reproduce it
-(``iteration_step``).
+losses into one step is a different algorithm; ``iteration_step`` steps the
+classes in order with the full-tensor optimiser state to reproduce it.
 """
 
 from typing import NamedTuple

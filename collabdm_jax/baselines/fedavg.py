@@ -104,11 +104,13 @@ def sgd(lr, momentum, weight_decay):
                      optax.sgd(lr, momentum=momentum))
 
 
-# Why steps are dispatched from Python instead of a lax.fori_loop over the
-# whole training: XLA:CPU runs convolutions inside a loop body far slower
+# Steps are dispatched from Python, one jitted step each: when this was
+# written, XLA:CPU ran convolution gradients inside a loop body far slower
 # than at top level (jax-ml/jax#12868; 2.5x for a width-8 ConvNet step and
-# >4x for width 128 measured here), while the per-step dispatch costs well
-# under a millisecond. Shapes are identical for every client and step, so
+# >4x for width 128 measured here). models.conv_matmul_grads has since made
+# them matrix products, which loops do not slow down (evaluate.py trains a
+# whole network as one program); the per-step dispatch costs well under a
+# millisecond. Shapes are identical for every client and step, so
 # everything compiles once.
 @functools.lru_cache(maxsize=None)
 def _client_programs(model, input_shape, batch: int, dsa_strategy: str,
