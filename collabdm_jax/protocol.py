@@ -767,6 +767,32 @@ def decode_message(data: bytes, spec: Optional[MessageSpec] = None) -> ClientMes
 # Files.
 
 
+def write_atomic(path, data: bytes, mode: Optional[int] = None) -> None:
+  """Writes ``data`` to ``path`` all at once or not at all.
+
+  The bytes go to a temporary file in the same directory (given ``mode``
+  when set), are flushed to disk and renamed over ``path``, so a reader
+  never sees half a file; on any failure the temporary file is removed.
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                             suffix=".tmp")
+  try:
+    if mode is not None:
+      os.chmod(tmp, mode)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    # The temporary file is ours alone; never leave it behind.
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
 def save_message(path, msg: ClientMessage, *, transport_dtype: str = "float32") -> int:
   """Encodes ``msg`` and writes it to ``path`` atomically.
 
@@ -788,21 +814,7 @@ def save_message(path, msg: ClientMessage, *, transport_dtype: str = "float32") 
     ValueError / MessageError: as ``encode_message``; OSError on I/O failure.
   """
   data = encode_message(msg, transport_dtype=transport_dtype)
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    # The temporary file is ours alone; never leave it behind.
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  write_atomic(path, data)
   return len(data)
 
 

@@ -23,9 +23,7 @@ whose bytes were already received in another slot (duplicate).
 """
 
 import hashlib
-import os
 import pathlib
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import msgpack
@@ -33,6 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from collabdm_jax import protocol
 from collabdm_jax.protocol import MessageError
 
 SIGNATURE_VERSION = 1
@@ -61,21 +60,6 @@ def signature_path(message_path) -> pathlib.Path:
   """Where the signature of ``message_path`` lives: ``<message>.sig``."""
   p = pathlib.Path(message_path)
   return p.with_name(p.name + ".sig")
-
-
-def _write_atomic(path: pathlib.Path, data: bytes, mode: int) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    os.chmod(tmp, mode)
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def generate_keys(out_dir, client_ids) -> Dict[int, Tuple[pathlib.Path, pathlib.Path]]:
@@ -108,8 +92,8 @@ def generate_keys(out_dir, client_ids) -> Dict[int, Tuple[pathlib.Path, pathlib.
         serialization.Encoding.PEM,
         serialization.PublicFormat.SubjectPublicKeyInfo)
     pp, qp = out / key_filename(k, True), out / key_filename(k, False)
-    _write_atomic(pp, priv, 0o600)
-    _write_atomic(qp, pub, 0o644)
+    protocol.write_atomic(pp, priv, 0o600)
+    protocol.write_atomic(qp, pub, 0o644)
     paths[k] = (pp, qp)
   return paths
 
@@ -147,7 +131,7 @@ def sign_file(message_path, private_key, client_id: int, run: str) -> pathlib.Pa
   """Signs the message file and writes ``<message>.sig`` atomically."""
   data = pathlib.Path(message_path).read_bytes()
   out = signature_path(message_path)
-  _write_atomic(out, sign(private_key, data, client_id, run), 0o644)
+  protocol.write_atomic(out, sign(private_key, data, client_id, run), 0o644)
   return out
 
 

@@ -54,6 +54,7 @@ is 50 (``--config.server.ipc=50``; the partition floor follows it).
 import ml_collections
 
 from collabdm_jax import augment
+from experiments.configs import config_args
 from experiments.configs import default
 
 VARIANTS = ("aug", "iid", "cifar10", "mnist")
@@ -62,11 +63,7 @@ DATASETS = {"cifar10": "cifar10", "mnist": "mnist"}
 
 def parse_variants(arg):
   """Splits ``"a,b"`` into a set of ``VARIANTS`` (ValueError otherwise)."""
-  chosen = {v.strip() for v in (arg or "").split(",") if v.strip()}
-  unknown = sorted(chosen - set(VARIANTS))
-  if unknown:
-    raise ValueError(f"authors.py variants {unknown} are unknown; allowed: "
-                     f"{list(VARIANTS)}")
+  chosen = config_args.parse_arg(arg, VARIANTS, "authors.py variants")
   datasets = sorted(chosen & set(DATASETS))
   if len(datasets) > 1:
     raise ValueError(f"authors.py takes at most one dataset variant, got "

@@ -28,6 +28,7 @@ Budgets are sized for a 2-core CPU (a run takes about a minute).
 
 import ml_collections
 
+from experiments.configs import config_args
 from experiments.configs import default
 
 OPTIONS = ("drop_gtp", "tabular_aug", "as_image")
@@ -35,12 +36,7 @@ OPTIONS = ("drop_gtp", "tabular_aug", "as_image")
 
 def parse_options(arg):
   """Splits ``"a,b"`` into a set of known options (ValueError otherwise)."""
-  chosen = {o.strip() for o in (arg or "").split(",") if o.strip()}
-  unknown = sorted(chosen - set(OPTIONS))
-  if unknown:
-    raise ValueError(f"config argument options {unknown} are unknown; "
-                     f"allowed: {list(OPTIONS)}")
-  return chosen
+  return config_args.parse_arg(arg, OPTIONS)
 
 
 def tabular_model(width=128, depth=2):
