@@ -711,7 +711,7 @@ def run_server(config, message_dir, workdir, public_key_dir=None) -> Dict:
 
   Missing clients are tolerated with a warning; an invalid message is
   rejected (logged with its reason) and the run goes on with the rest.
-  With ``public_key_dir`` (``client_XXXXX.pub`` files from
+  With ``public_key_dir`` (``client_NNNNN.pub`` files from
   ``launch.keygen``) only messages signed for this run by the slot's client
   are accepted; without it uploads are unsigned (simulations). Either way a
   message received twice is rejected as a duplicate.

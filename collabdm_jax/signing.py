@@ -189,7 +189,7 @@ class Verifier:
   """The server's gate: signatures per slot, and no message received twice.
 
   Args:
-    public_key_dir: directory of ``client_XXXXX.pub`` files; None accepts
+    public_key_dir: directory of ``client_NNNNN.pub`` files; None accepts
       unsigned uploads (simulations), still refusing duplicates.
     run: this run's ``run_id``.
   """

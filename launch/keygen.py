@@ -2,8 +2,8 @@
 
   python -m launch.keygen --client_ids=0-9 --out_dir=/secure/keys
 
-Writes ``client_XXXXX.key`` (private, mode 0600: give each client its own)
-and ``client_XXXXX.pub`` (public: the server's ``--public_key_dir``). Never
+Writes ``client_NNNNN.key`` (private, mode 0600: give each client its own)
+and ``client_NNNNN.pub`` (public: the server's ``--public_key_dir``). Never
 overwrites an existing key. Then:
 
   python -m launch.client ... --client_id=3 --signing_key=/secure/keys/client_00003.key
