@@ -55,6 +55,7 @@ from collabdm_jax import augment
 from collabdm_jax import client as client_lib
 from collabdm_jax import dm
 from collabdm_jax import evaluate
+from collabdm_jax import losses
 from collabdm_jax import models
 from collabdm_jax import pipeline
 from collabdm_jax import server as server_lib
@@ -89,7 +90,7 @@ def server_class_step_flops(s, cfg: server_lib.ServerConfig):
   optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
   d = models.feature_dim(s.model, s.input_shape)
   state = dm.init_state(jnp.zeros((1, cfg.ipc) + s.input_shape), optimizer)
-  targets = server_lib.losses.ClassMoments(
+  targets = losses.ClassMoments(
       jnp.zeros((1, d)), jnp.zeros((1, d)), jnp.ones((1,), bool))
   total = bench.flops_of(step.lower(state, s.root, jnp.int32(0), targets)
                          .compile())
