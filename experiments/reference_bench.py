@@ -64,6 +64,9 @@ from experiments import bench
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/reference.py", "Run config.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON document.")
+_MATMUL_N = flags.DEFINE_integer(
+    "matmul_n", 2048, "Size of the square float32 matmul whose best time is "
+    "the peak (a GPU needs 8192 to fill).")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: a temporary one, removed).")
 
@@ -169,12 +172,12 @@ def main(argv):
   env = bench.environment()
   load_start = list(os.getloadavg())
   logging.info("load average at start: %s", load_start)
-  peak_start = bench.matmul_peak(device, 2048, 10)
+  peak_start = bench.matmul_peak(device, _MATMUL_N.value, 10)
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="collabdm_reference_")
   t0 = time.perf_counter()
   results = pipeline.run_distillation(config, workdir)
   wall = time.perf_counter() - t0
-  peak_end = bench.matmul_peak(device, 2048, 10)
+  peak_end = bench.matmul_peak(device, _MATMUL_N.value, 10)
   peak = max(peak_start["gflops"], peak_end["gflops"])
   s = pipeline.setup(config)
   flops = phase_flops(s, results)

@@ -1,0 +1,353 @@
+"""Where the client pass spends its time on a GPU, and what each fix buys.
+
+Made for a short lease of one GPU (issue #11, item 5); one call does all of
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false COLLABDM_DATA_DIR=... \
+      python -m experiments.gpu_profile --out_dir=$OUT
+
+and writes, as it goes (a run cut short keeps what it measured):
+
+* ``gpu_profile.json``: matmul peaks (TF32, strict float32, bf16) and copy
+  bandwidth of the card; a ``jax.profiler`` trace of the 100-client
+  Fashion-MNIST pass (the default config's statistics) summarised as the
+  top GPU kernels and XLA ops with their share of GPU time, and how busy
+  the GPU was over the traced calls; the bare ConvNet forward in variants
+  that isolate each suspect (depth 1/2/3, no normalisation, one-pass
+  instance norm, bf16); and the 100-client pass itself in each variant
+  (``bench.measure_client_config``, the benchmark's own method);
+* ``reference_gpu.json``: ``experiments/reference_bench.py`` on the card
+  (the reference config end to end, GPU-sized embedding batches).
+
+``--quick`` runs every section at toy sizes on whatever backend is there
+(the CPU here), to check the script before spending device time.
+
+One variant is not the library's code: ``onepass`` swaps ConvNet's
+instance norm for one that takes the mean and the mean square in a single
+pass over the activations (``E[x^2] - E[x]^2`` instead of PyTorch's
+centred variance). It measures what that saving is worth before anyone
+changes the networks that define the loss.
+"""
+
+import contextlib
+import glob
+import gzip
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from collabdm_jax import dm
+from collabdm_jax import models
+from collabdm_jax import provenance
+from experiments import bench
+
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the JSON files go.")
+_QUICK = flags.DEFINE_bool("quick", False, "Toy sizes, any backend.")
+_CLIENTS = flags.DEFINE_integer("clients", 100, "Clients of the pass.")
+_SKIP_REFERENCE = flags.DEFINE_bool(
+    "skip_reference", False, "Leave out the end-to-end reference run.")
+_REFERENCE_TIMEOUT = flags.DEFINE_integer(
+    "reference_timeout_s", 240, "Limit of the end-to-end reference run.")
+
+# Variants of the pass: name -> (embed batch, compute dtype, instance norm).
+PASS_VARIANTS = {
+    "tf32_eb1024": (1024, "float32", "centred"),
+    "bf16_eb1024": (1024, "bfloat16", "centred"),
+    "tf32_eb4096": (4096, "float32", "centred"),
+    "bf16_eb4096": (4096, "bfloat16", "centred"),
+    "bf16_eb4096_onepass": (4096, "bfloat16", "onepass"),
+}
+VARIANT_PEAK = {"float32": "tf32", "bfloat16": "bf16"}
+
+
+def log(msg):
+  print(f"[gpu_profile {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr,
+        flush=True)
+
+
+class OnePassInstanceNorm(nn.Module):
+  """Instance norm from one reduction pass: var = E[x^2] - E[x]^2.
+
+  Same parameters (``scale``, ``bias``) and eps as ``models.InstanceNorm``;
+  differs from it by float rounding only where the variance is not tiny
+  against the squared mean (as for the random networks' activations).
+  """
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (channels,))
+    bias = self.param("bias", nn.initializers.zeros, (channels,))
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=(1, 2), keepdims=True)
+    mean_sq = jnp.mean(jnp.square(xf), axis=(1, 2), keepdims=True)
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    out = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return out.astype(x.dtype)
+
+
+@contextlib.contextmanager
+def instance_norm(kind):
+  """ConvNet builds ``models.InstanceNorm`` by name: swap it for a variant."""
+  original = models.InstanceNorm
+  if kind == "onepass":
+    models.InstanceNorm = OnePassInstanceNorm
+  try:
+    yield
+  finally:
+    models.InstanceNorm = original
+
+
+def kernel_table(trace_root, top=15):
+  """Top GPU kernels and XLA ops of the newest perfetto trace under a dir.
+
+  Device events are those of processes whose name mentions a GPU; kernel
+  events sit on threads named ``Stream ...``, XLA's op-level view on threads
+  named ``XLA Ops``. Shares are of the summed durations of that kind; the
+  busy fraction is the union of kernel intervals over the span from the
+  first kernel's start to the last one's end.
+  """
+  paths = sorted(glob.glob(os.path.join(trace_root, "**",
+                                        "perfetto_trace.json.gz"),
+                           recursive=True))
+  if not paths:
+    return {"error": f"no perfetto trace under {trace_root}"}
+  with gzip.open(paths[-1], "rt") as f:
+    events = json.load(f)["traceEvents"]
+  procs, threads = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      procs[e["pid"]] = e["args"]["name"]
+    elif e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e["pid"], e["tid"])] = e["args"]["name"]
+  device_pids = {p for p, n in procs.items()
+                 if "gpu" in n.lower() and "host" not in n.lower()}
+  groups = {"kernels": {}, "xla_ops": {}}
+  intervals = []
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") not in device_pids:
+      continue
+    thread = threads.get((e["pid"], e.get("tid")), "")
+    kind = ("kernels" if thread.startswith("Stream") else
+            "xla_ops" if thread.startswith("XLA Ops") else "other")
+    if kind == "other":  # named by thread, in case the names differ
+      groups.setdefault(kind, {})
+      e = dict(e, name=f"{thread}: {e['name']}")
+    dur = float(e.get("dur", 0.0))
+    entry = groups[kind].setdefault(e["name"], {"us": 0.0, "calls": 0,
+                                                "hlo_op": None})
+    entry["us"] += dur
+    entry["calls"] += 1
+    args = e.get("args") or {}
+    entry["hlo_op"] = entry["hlo_op"] or args.get("hlo_op")
+    if kind == "kernels":
+      intervals.append((float(e["ts"]), float(e["ts"]) + dur))
+  if os.path.getsize(paths[-1]) < 15 << 20:  # comes back from the lease
+    shutil.copy(paths[-1], os.path.join(os.path.dirname(trace_root),
+                                        "pass_trace.json.gz"))
+  out = {"trace_file": os.path.relpath(paths[-1], trace_root),
+         "processes": sorted(procs.values()),
+         "thread_names": sorted({threads[k] for k in threads
+                                 if k[0] in device_pids})}
+  for kind, table in groups.items():
+    total = sum(v["us"] for v in table.values())
+    rows = sorted(table.items(), key=lambda kv: -kv[1]["us"])[:top]
+    out[kind] = {"total_ms": total / 1e3, "distinct": len(table), "top": [
+        {"name": k[:200], "ms": v["us"] / 1e3, "calls": v["calls"],
+         "share": v["us"] / total if total else None, "hlo_op": v["hlo_op"]}
+        for k, v in rows]}
+  if intervals:
+    intervals.sort()
+    busy, (lo, hi) = 0.0, intervals[0]
+    for a, b in intervals[1:]:
+      if a > hi:
+        busy += hi - lo
+        lo, hi = a, b
+      else:
+        hi = max(hi, b)
+    busy += hi - lo
+    span = max(b for _, b in intervals) - intervals[0][0]
+    out["gpu_busy_fraction"] = busy / span if span else None
+    out["kernel_span_ms"] = span / 1e3
+  return out
+
+
+def pass_sizes(quick, embed_batch, timed_chunks=None):
+  """Sizes for ``bench.measure_client_config`` on the accelerator."""
+  base = dict(bench.QUICK if quick else bench.FULL)
+  accel = dict(bench.ACCEL_QUICK if quick else bench.ACCEL)
+  sizes = dict(base, **accel)
+  sizes["embed_batch"] = embed_batch
+  if timed_chunks is not None:
+    sizes["timed_chunks"] = timed_chunks
+  return sizes
+
+
+def measure_pass(name, quick, clients, device, peaks):
+  embed_batch, dtype, norm = PASS_VARIANTS[name]
+  if quick:
+    embed_batch = max(8, embed_batch // 64)
+  variant = "_bf16" if dtype == "bfloat16" else ""
+  sizes = pass_sizes(quick, embed_batch)
+  peak = peaks[VARIANT_PEAK[dtype]]["gflops"]
+  with instance_norm(norm):
+    entry = bench.measure_client_config("fmnist", clients, (100,), "gpu",
+                                        sizes, [device], peak, variant)[0]
+  entry.update(variant=name, instance_norm=norm,
+               matmul_peak_kind=VARIANT_PEAK[dtype],
+               fraction_of_tf32_matmul_peak=entry["gflops"]
+               / peaks["tf32"]["gflops"])
+  entry.pop("measurement", None)
+  return entry
+
+
+def profile_pass(quick, clients, device, peaks, trace_dir):
+  """The default-precision pass run twice inside a profiler trace.
+
+  The first measurement compiles (kept out of the trace by the persistent
+  compilation cache the script turns on); the traced one times a few calls.
+  """
+  name = "tf32_eb1024"
+  measure_pass(name, quick, clients, device, peaks)
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    entry = measure_pass(name, quick, clients, device, peaks)
+  return entry, kernel_table(trace_dir)
+
+
+def bare_forward(quick, device, peaks):
+  """The ConvNet forward alone, in variants that isolate each suspect."""
+  batch = 64 if quick else 4096
+  width = 8 if quick else 128
+  rows = []
+  cases = [("depth3", 3, "instancenorm", "centred", "float32"),
+           ("depth2", 2, "instancenorm", "centred", "float32"),
+           ("depth1", 1, "instancenorm", "centred", "float32"),
+           ("depth3_no_norm", 3, "none", "centred", "float32"),
+           ("depth3_onepass", 3, "instancenorm", "onepass", "float32"),
+           ("depth3_bf16", 3, "instancenorm", "centred", "bfloat16"),
+           ("depth3_no_norm_bf16", 3, "none", "centred", "bfloat16"),
+           ("depth3_onepass_bf16", 3, "instancenorm", "onepass", "bfloat16")]
+  for ds, shape in (("fmnist", (28, 28, 1)), ("cifar10", (32, 32, 3))):
+    x = jax.device_put(np.random.default_rng(2).standard_normal(
+        (batch,) + shape, np.float32), device)
+    for name, depth, norm, impl, dtype in cases:
+      model = models.make_model("convnet", 10, width=width, depth=depth,
+                                norm=norm)
+      params = jax.device_put(dm.network_params(model, jax.random.key(0), 0,
+                                                shape), device)
+      with instance_norm(impl):
+        f = jax.jit(models.embed_fn(model, dtype))
+        cpu = jax.devices("cpu")[0]
+        flops = bench.flops_of(jax.jit(models.embed_fn(model)).lower(
+            jax.device_put(params, cpu), jax.device_put(x[:1], cpu)
+        ).compile()) * batch
+        times = bench.call_times(f, (params, x), 3 if quick else 20)
+        ref = np.asarray(jax.jit(models.embed_fn(model))(params, x[:64]))
+        got = np.asarray(f(params, x[:64]))
+      best = float(np.median(times))
+      kind = VARIANT_PEAK[dtype]
+      rows.append({"dataset": ds, "case": name, "batch": batch,
+                   "compute_dtype": dtype, "median_s": best,
+                   "times_s": times, "images_per_s": batch / best,
+                   "gflops": flops / best / 1e9,
+                   "fraction_of_matmul_peak": flops / best / 1e9
+                   / peaks[kind]["gflops"], "matmul_peak_kind": kind,
+                   "relative_error_vs_default_precision": float(
+                       np.linalg.norm(got - ref) / np.linalg.norm(ref))})
+      log(f"bare {ds} {name}: {best * 1e3:.2f} ms, "
+          f"{rows[-1]['gflops']:.0f} GFLOP/s")
+  return rows
+
+
+def reference_run(out_dir, quick, timeout_s):
+  config = "smoke" if quick else "reference"
+  # --config before its overrides (absl's rule).
+  cmd = [sys.executable, "-m", "experiments.reference_bench",
+         f"--config=experiments/configs/{config}.py",
+         "--config.stats.embed_batch=1024",
+         f"--out={out_dir}/reference_gpu.json",
+         "--matmul_n=" + ("512" if quick else "8192")]
+  log(" ".join(cmd))
+  t0 = time.perf_counter()
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          timeout=timeout_s, check=False)
+  except subprocess.TimeoutExpired:
+    return {"command": " ".join(cmd), "status": f"timed out ({timeout_s} s)"}
+  pathlib.Path(out_dir, "reference_gpu.log").write_text(proc.stderr[-200000:])
+  return {"command": " ".join(cmd), "returncode": proc.returncode,
+          "wall_s": time.perf_counter() - t0}
+
+
+def main(argv):
+  del argv
+  out_dir = pathlib.Path(_OUT_DIR.value or tempfile.mkdtemp())
+  out_dir.mkdir(parents=True, exist_ok=True)
+  quick = _QUICK.value
+  # Recompiling a program already compiled in this run reads it back.
+  cache = tempfile.mkdtemp(prefix="jax_cache_")
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  device = jax.devices()[0]
+  doc = {"provenance": provenance.start(["experiments/gpu_profile.py"]
+                                        + sys.argv[1:]),
+         "environment": bench.environment(), "device": str(device),
+         "device_kind": device.device_kind, "quick": quick}
+  path = out_dir / "gpu_profile.json"
+
+  def flush():
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
+  n = 512 if quick else 8192
+  doc["matmul_peak"] = peaks = {
+      "tf32": bench.matmul_peak(device, n, 10),
+      "fp32": bench.matmul_peak(device, n, 10, precision="highest"),
+      "bf16": bench.matmul_peak(device, n, 10, dtype="bfloat16")}
+  doc["copy_bandwidth"] = bench.copy_bandwidth(
+      device, (1 << 20) if quick else (1 << 29), 10)
+  log({k: round(v["gflops"]) for k, v in peaks.items()})
+  flush()
+  clients = 3 if quick else _CLIENTS.value
+  entry, table = profile_pass(quick, clients, device, peaks,
+                              str(out_dir / "trace"))
+  doc["profiled_pass"] = {"entry": entry, "trace": table}
+  flush()
+  for kind in ("kernels", "xla_ops"):
+    for row in table.get(kind, {}).get("top", [])[:10]:
+      log(f"{kind}: {row['share']:.1%} {row['calls']:6d}x {row['name'][:90]}")
+  doc["bare_forward"] = bare_forward(quick, device, peaks)
+  flush()
+  if not _SKIP_REFERENCE.value:
+    doc["reference"] = reference_run(out_dir, quick,
+                                     _REFERENCE_TIMEOUT.value)
+    flush()
+  doc["pass_variants"] = []
+  for name in PASS_VARIANTS:
+    doc["pass_variants"].append(measure_pass(name, quick, clients, device,
+                                             peaks))
+    e = doc["pass_variants"][-1]
+    log(f"pass {name}: {e['client_pass_s']:.2f} s per 100 iterations, "
+        f"{e['fraction_of_tf32_matmul_peak']:.1%} of TF32 peak")
+    flush()
+  doc["provenance"] = provenance.finish(doc["provenance"])
+  flush()
+  print(json.dumps({"pass": {e["variant"]: round(
+      e["fraction_of_tf32_matmul_peak"], 4) for e in doc["pass_variants"]},
+      "busy": table.get("gpu_busy_fraction")}))
+
+
+if __name__ == "__main__":
+  app.run(main)
