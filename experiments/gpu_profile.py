@@ -60,14 +60,40 @@ _SKIP_REFERENCE = flags.DEFINE_bool(
 _REFERENCE_TIMEOUT = flags.DEFINE_integer(
     "reference_timeout_s", 240, "Limit of the end-to-end reference run.")
 
-# Variants of the pass: name -> (embed batch, compute dtype, instance norm).
+# Variants of the pass: name -> (embed batch, compute dtype, instance norm
+# of blocks 2-3, first block fused). "conv" names the unfused first block.
 PASS_VARIANTS = {
-    "tf32_eb1024": (1024, "float32", "centred"),
-    "bf16_eb1024": (1024, "bfloat16", "centred"),
-    "tf32_eb4096": (4096, "float32", "centred"),
-    "bf16_eb4096": (4096, "bfloat16", "centred"),
-    "bf16_eb4096_onepass": (4096, "bfloat16", "onepass"),
+    "tf32_eb1024": (1024, "float32", "centred", False),
+    "bf16_eb1024": (1024, "bfloat16", "centred", False),
+    "tf32_eb4096": (4096, "float32", "centred", False),
+    "bf16_eb4096": (4096, "bfloat16", "centred", False),
+    "bf16_eb4096_onepass": (4096, "bfloat16", "onepass", False),
+    "tf32_eb1024_fused": (1024, "float32", "centred", True),
+    "tf32_eb4096_fused": (4096, "float32", "centred", True),
+    "bf16_eb4096_fused": (4096, "bfloat16", "centred", True),
+    "bf16_eb4096_fused_onepass": (4096, "bfloat16", "onepass", True),
 }
+# Bare forward: name -> (depth, norm, instance norm, dtype, fused).
+BARE_CASES = {
+    "depth3": (3, "instancenorm", "centred", "float32", False),
+    "depth2": (2, "instancenorm", "centred", "float32", False),
+    "depth1": (1, "instancenorm", "centred", "float32", False),
+    "depth3_no_norm": (3, "none", "centred", "float32", False),
+    "depth3_onepass": (3, "instancenorm", "onepass", "float32", False),
+    "depth3_bf16": (3, "instancenorm", "centred", "bfloat16", False),
+    "depth3_no_norm_bf16": (3, "none", "centred", "bfloat16", False),
+    "depth3_onepass_bf16": (3, "instancenorm", "onepass", "bfloat16", False),
+    "depth1_fused": (1, "instancenorm", "centred", "float32", True),
+    "depth3_fused": (3, "instancenorm", "centred", "float32", True),
+    "depth3_fused_bf16": (3, "instancenorm", "centred", "bfloat16", True),
+    "depth3_fused_onepass_bf16": (3, "instancenorm", "onepass", "bfloat16",
+                                  True),
+}
+_VARIANTS = flags.DEFINE_list("variants", list(PASS_VARIANTS),
+                              "Pass variants to time.")
+_BARE = flags.DEFINE_list("bare", list(BARE_CASES), "Bare-forward cases.")
+_PROFILE = flags.DEFINE_string("profile", "tf32_eb1024",
+                               "The pass variant traced by the profiler.")
 VARIANT_PEAK = {"float32": "tf32", "bfloat16": "bf16"}
 
 
@@ -99,15 +125,17 @@ class OnePassInstanceNorm(nn.Module):
 
 
 @contextlib.contextmanager
-def instance_norm(kind):
-  """ConvNet builds ``models.InstanceNorm`` by name: swap it for a variant."""
-  original = models.InstanceNorm
-  if kind == "onepass":
+def network_variant(norm_kind, fused):
+  """Swaps ConvNet's instance norm (built by name) and sets whether its
+  first block runs fused, for the duration of a case."""
+  original, original_fused = models.InstanceNorm, models.FUSE_FIRST_BLOCK
+  if norm_kind == "onepass":
     models.InstanceNorm = OnePassInstanceNorm
+  models.FUSE_FIRST_BLOCK = fused
   try:
     yield
   finally:
-    models.InstanceNorm = original
+    models.InstanceNorm, models.FUSE_FIRST_BLOCK = original, original_fused
 
 
 def kernel_table(trace_root, top=15):
@@ -196,16 +224,19 @@ def pass_sizes(quick, embed_batch, timed_chunks=None):
 
 
 def measure_pass(name, quick, clients, device, peaks):
-  embed_batch, dtype, norm = PASS_VARIANTS[name]
+  embed_batch, dtype, norm, fused = PASS_VARIANTS[name]
   if quick:
     embed_batch = max(8, embed_batch // 64)
   variant = "_bf16" if dtype == "bfloat16" else ""
   sizes = pass_sizes(quick, embed_batch)
   peak = peaks[VARIANT_PEAK[dtype]]["gflops"]
-  with instance_norm(norm):
+  # FLOPs are the unfused network's, whatever the variant runs (cached).
+  with network_variant("centred", False):
+    bench.flops_per_image(bench.make_spec("fmnist", sizes, dtype))
+  with network_variant(norm, fused):
     entry = bench.measure_client_config("fmnist", clients, (100,), "gpu",
                                         sizes, [device], peak, variant)[0]
-  entry.update(variant=name, instance_norm=norm,
+  entry.update(variant=name, instance_norm=norm, first_block_fused=fused,
                matmul_peak_kind=VARIANT_PEAK[dtype],
                fraction_of_tf32_matmul_peak=entry["gflops"]
                / peaks["tf32"]["gflops"])
@@ -213,52 +244,47 @@ def measure_pass(name, quick, clients, device, peaks):
   return entry
 
 
-def profile_pass(quick, clients, device, peaks, trace_dir):
+def profile_pass(name, quick, clients, device, peaks, trace_dir):
   """The default-precision pass run twice inside a profiler trace.
 
   The first measurement compiles (kept out of the trace by the persistent
   compilation cache the script turns on); the traced one times a few calls.
   """
-  name = "tf32_eb1024"
   measure_pass(name, quick, clients, device, peaks)
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     entry = measure_pass(name, quick, clients, device, peaks)
   return entry, kernel_table(trace_dir)
 
 
-def bare_forward(quick, device, peaks):
+def bare_forward(quick, device, peaks, names):
   """The ConvNet forward alone, in variants that isolate each suspect."""
   batch = 64 if quick else 4096
   width = 8 if quick else 128
   rows = []
-  cases = [("depth3", 3, "instancenorm", "centred", "float32"),
-           ("depth2", 2, "instancenorm", "centred", "float32"),
-           ("depth1", 1, "instancenorm", "centred", "float32"),
-           ("depth3_no_norm", 3, "none", "centred", "float32"),
-           ("depth3_onepass", 3, "instancenorm", "onepass", "float32"),
-           ("depth3_bf16", 3, "instancenorm", "centred", "bfloat16"),
-           ("depth3_no_norm_bf16", 3, "none", "centred", "bfloat16"),
-           ("depth3_onepass_bf16", 3, "instancenorm", "onepass", "bfloat16")]
   for ds, shape in (("fmnist", (28, 28, 1)), ("cifar10", (32, 32, 3))):
     x = jax.device_put(np.random.default_rng(2).standard_normal(
         (batch,) + shape, np.float32), device)
-    for name, depth, norm, impl, dtype in cases:
+    for name in names:
+      depth, norm, impl, dtype, fused = BARE_CASES[name]
       model = models.make_model("convnet", 10, width=width, depth=depth,
                                 norm=norm)
       params = jax.device_put(dm.network_params(model, jax.random.key(0), 0,
                                                 shape), device)
-      with instance_norm(impl):
-        f = jax.jit(models.embed_fn(model, dtype))
-        cpu = jax.devices("cpu")[0]
+      cpu = jax.devices("cpu")[0]
+      with network_variant("centred", False):  # the network's own FLOPs
         flops = bench.flops_of(jax.jit(models.embed_fn(model)).lower(
             jax.device_put(params, cpu), jax.device_put(x[:1], cpu)
         ).compile()) * batch
+      with network_variant(impl, fused):
+        f = jax.jit(models.embed_fn(model, dtype))
         times = bench.call_times(f, (params, x), 3 if quick else 20)
-        ref = np.asarray(jax.jit(models.embed_fn(model))(params, x[:64]))
         got = np.asarray(f(params, x[:64]))
+      with network_variant("centred", False):
+        ref = np.asarray(jax.jit(models.embed_fn(model))(params, x[:64]))
       best = float(np.median(times))
       kind = VARIANT_PEAK[dtype]
       rows.append({"dataset": ds, "case": name, "batch": batch,
+                   "first_block_fused": fused, "instance_norm": impl,
                    "compute_dtype": dtype, "median_s": best,
                    "times_s": times, "images_per_s": batch / best,
                    "gflops": flops / best / 1e9,
@@ -321,21 +347,21 @@ def main(argv):
   log({k: round(v["gflops"]) for k, v in peaks.items()})
   flush()
   clients = 3 if quick else _CLIENTS.value
-  entry, table = profile_pass(quick, clients, device, peaks,
+  entry, table = profile_pass(_PROFILE.value, quick, clients, device, peaks,
                               str(out_dir / "trace"))
   doc["profiled_pass"] = {"entry": entry, "trace": table}
   flush()
   for kind in ("kernels", "xla_ops"):
     for row in table.get(kind, {}).get("top", [])[:10]:
       log(f"{kind}: {row['share']:.1%} {row['calls']:6d}x {row['name'][:90]}")
-  doc["bare_forward"] = bare_forward(quick, device, peaks)
+  doc["bare_forward"] = bare_forward(quick, device, peaks, _BARE.value)
   flush()
   if not _SKIP_REFERENCE.value:
     doc["reference"] = reference_run(out_dir, quick,
                                      _REFERENCE_TIMEOUT.value)
     flush()
   doc["pass_variants"] = []
-  for name in PASS_VARIANTS:
+  for name in _VARIANTS.value:
     doc["pass_variants"].append(measure_pass(name, quick, clients, device,
                                              peaks))
     e = doc["pass_variants"][-1]
