@@ -322,10 +322,14 @@ def first_block_fused(x, kernel, scale, bias, padding: int, activation,
   and its three reads by the norm never happen. Equal to the unfused block
   up to float rounding (relative 3e-7 on Fashion-MNIST shapes).
 
-  On an H200 the unfused first block was 65 % of the ConvNet forward for
-  2 % of its FLOPs (``experiments/results/gpu_profile.json``). On the CPU,
-  where the convolution is not memory-bound, ``K = 27`` taps (3 input
-  channels) ran 3x slower fused, so the CPU keeps the convolution.
+  Measured on an H200 (``experiments/results/gpu_profile/``): the unfused
+  first block is 65 % of the ConvNet forward on 28x28x1 inputs for 1 % of
+  its FLOPs; fused, the forward of 4,096 images takes 3.50 ms instead of
+  5.01 and the 100-client statistics pass 4.55 s instead of 5.78 per 100
+  iterations. With 3 input channels (27 taps) it is slower (5.75 ms against
+  4.71), and so it is on the CPU; and its programs took longer to compile,
+  which made the small reference config slower end to end on the GPU (73 s
+  against 45). Hence off by default (``ConvNet.fused_first_block``).
   """
   n, h, w, _ = x.shape
   kh, kw, ci, co = kernel.shape
@@ -351,20 +355,6 @@ def first_block_fused(x, kernel, scale, bias, padding: int, activation,
   return z.astype(x.dtype)
 
 
-# Whether ConvNet's first block runs fused (``first_block_fused``): None
-# decides by backend (fused on GPUs, where the block is memory-bound);
-# benchmarks set it to compare both ways on one machine.
-FUSE_FIRST_BLOCK = None
-
-
-def _fuse_first_block(x, norm: str, depth_index: int) -> bool:
-  if depth_index != 0 or norm != "instancenorm" or x.shape[1] < 2:
-    return False
-  if FUSE_FIRST_BLOCK is not None:
-    return FUSE_FIRST_BLOCK
-  return jax.default_backend() == "gpu"
-
-
 class ConvNet(nn.Module):
   """DM's ConvNet: ``depth`` x [3x3 conv, norm, activation, 2x2 pool].
 
@@ -380,6 +370,10 @@ class ConvNet(nn.Module):
       element-wise affine, as PyTorch ``LayerNorm([C, H, W])``) or "none".
     activation: "relu", "leakyrelu" (slope 0.01), "sigmoid" or "gelu" (erf).
     pooling: "avgpool" (DM default), "maxpool" or "none".
+    fused_first_block: run the first block (with instance norm) as
+      ``first_block_fused``: the same function up to float rounding and the
+      same parameters, faster for 1-channel inputs on a GPU's long passes
+      (see that function for the measurements).
   """
   num_classes: int
   width: int = 128
@@ -387,6 +381,7 @@ class ConvNet(nn.Module):
   norm: str = "instancenorm"
   activation: str = "relu"
   pooling: str = "avgpool"
+  fused_first_block: bool = False
 
   def __post_init__(self):
     _check_positive(self.num_classes, "num_classes")
@@ -395,6 +390,9 @@ class ConvNet(nn.Module):
     _check_choice(self.norm, "norm", _CONV_NORMS)
     _check_choice(self.activation, "activation", _ACTIVATIONS)
     _check_choice(self.pooling, "pooling", _POOLINGS)
+    if not isinstance(self.fused_first_block, bool):
+      raise ValueError("fused_first_block must be a bool, got "
+                       f"{self.fused_first_block!r}")
     super().__post_init__()
 
   @nn.compact
@@ -403,7 +401,8 @@ class ConvNet(nn.Module):
     act = _activation(self.activation)
     first_padding = 3 if x.shape[-1] == 1 else 1
     for d in range(self.depth):
-      if _fuse_first_block(x, self.norm, d):
+      if (d == 0 and self.fused_first_block and self.norm == "instancenorm"
+          and min(x.shape[1], x.shape[2]) >= 2):
         kernel, _ = _ConvWeights(self.width, 3, x.shape[-1], name="conv0")()
         scale, bias = _NormWeights(name="norm0")(self.width)
         x = first_block_fused(x, kernel, scale, bias, first_padding, act,

@@ -94,6 +94,9 @@ _VARIANTS = flags.DEFINE_list("variants", list(PASS_VARIANTS),
 _BARE = flags.DEFINE_list("bare", list(BARE_CASES), "Bare-forward cases.")
 _PROFILE = flags.DEFINE_string("profile", "tf32_eb1024",
                                "The pass variant traced by the profiler.")
+_SUMMARISE = flags.DEFINE_string(
+    "summarise_trace", None, "Only summarise the perfetto trace(s) under "
+    "this folder (kernels, busy fraction per call) into --out_dir.")
 VARIANT_PEAK = {"float32": "tf32", "bfloat16": "bf16"}
 
 
@@ -125,17 +128,15 @@ class OnePassInstanceNorm(nn.Module):
 
 
 @contextlib.contextmanager
-def network_variant(norm_kind, fused):
-  """Swaps ConvNet's instance norm (built by name) and sets whether its
-  first block runs fused, for the duration of a case."""
-  original, original_fused = models.InstanceNorm, models.FUSE_FIRST_BLOCK
-  if norm_kind == "onepass":
+def instance_norm(kind):
+  """ConvNet builds ``models.InstanceNorm`` by name: swap it for a variant."""
+  original = models.InstanceNorm
+  if kind == "onepass":
     models.InstanceNorm = OnePassInstanceNorm
-  models.FUSE_FIRST_BLOCK = fused
   try:
     yield
   finally:
-    models.InstanceNorm, models.FUSE_FIRST_BLOCK = original, original_fused
+    models.InstanceNorm = original
 
 
 def kernel_table(trace_root, top=15):
@@ -143,9 +144,8 @@ def kernel_table(trace_root, top=15):
 
   Device events are those of processes whose name mentions a GPU; kernel
   events sit on threads named ``Stream ...``, XLA's op-level view on threads
-  named ``XLA Ops``. Shares are of the summed durations of that kind; the
-  busy fraction is the union of kernel intervals over the span from the
-  first kernel's start to the last one's end.
+  named ``XLA Ops``. Shares are of the summed durations of that kind; how
+  busy the GPU was is measured per call (``busy_within_calls``).
   """
   paths = sorted(glob.glob(os.path.join(trace_root, "**",
                                         "perfetto_trace.json.gz"),
@@ -182,9 +182,6 @@ def kernel_table(trace_root, top=15):
     entry["hlo_op"] = entry["hlo_op"] or args.get("hlo_op")
     if kind == "kernels":
       intervals.append((float(e["ts"]), float(e["ts"]) + dur))
-  if os.path.getsize(paths[-1]) < 15 << 20:  # comes back from the lease
-    shutil.copy(paths[-1], os.path.join(os.path.dirname(trace_root),
-                                        "pass_trace.json.gz"))
   out = {"trace_file": os.path.relpath(paths[-1], trace_root),
          "processes": sorted(procs.values()),
          "thread_names": sorted({threads[k] for k in threads
@@ -197,27 +194,51 @@ def kernel_table(trace_root, top=15):
          "share": v["us"] / total if total else None, "hlo_op": v["hlo_op"]}
         for k, v in rows]}
   if intervals:
-    intervals.sort()
-    busy, (lo, hi) = 0.0, intervals[0]
-    for a, b in intervals[1:]:
+    out.update(busy_within_calls(intervals))
+  return out
+
+
+def busy_within_calls(intervals, gap_us=2000.0):
+  """How busy the GPU was while it worked on each call.
+
+  Kernel intervals (start, end in us) are split into calls wherever the GPU
+  idled longer than ``gap_us`` (host work between calls: building blocks,
+  tracing); per call, busy = union of kernel time / span of the call.
+  """
+  intervals = sorted(intervals)
+  calls, cur = [], [intervals[0]]
+  for a, b in intervals[1:]:
+    if a - max(e for _, e in cur) > gap_us:
+      calls.append(cur)
+      cur = []
+    cur.append((a, b))
+  calls.append(cur)
+  rows = []
+  for c in calls:
+    busy, (lo, hi) = 0.0, c[0]
+    for a, b in c[1:]:
       if a > hi:
         busy += hi - lo
         lo, hi = a, b
       else:
         hi = max(hi, b)
     busy += hi - lo
-    span = max(b for _, b in intervals) - intervals[0][0]
-    out["gpu_busy_fraction"] = busy / span if span else None
-    out["kernel_span_ms"] = span / 1e3
-  return out
+    span = max(b for _, b in c) - c[0][0]
+    rows.append({"kernels": len(c), "span_ms": span / 1e3,
+                 "busy_ms": busy / 1e3, "busy_fraction": busy / span
+                 if span else None})
+  main = [r for r in rows if r["kernels"] >= 100]
+  return {"calls": rows, "busy_fraction_within_calls": float(np.median(
+      [r["busy_fraction"] for r in main])) if main else None}
 
 
-def pass_sizes(quick, embed_batch, timed_chunks=None):
+def pass_sizes(quick, embed_batch, fused, timed_chunks=None):
   """Sizes for ``bench.measure_client_config`` on the accelerator."""
   base = dict(bench.QUICK if quick else bench.FULL)
   accel = dict(bench.ACCEL_QUICK if quick else bench.ACCEL)
   sizes = dict(base, **accel)
   sizes["embed_batch"] = embed_batch
+  sizes["model"] = dict(sizes["model"], fused_first_block=fused)
   if timed_chunks is not None:
     sizes["timed_chunks"] = timed_chunks
   return sizes
@@ -228,12 +249,15 @@ def measure_pass(name, quick, clients, device, peaks):
   if quick:
     embed_batch = max(8, embed_batch // 64)
   variant = "_bf16" if dtype == "bfloat16" else ""
-  sizes = pass_sizes(quick, embed_batch)
+  sizes = pass_sizes(quick, embed_batch, fused)
   peak = peaks[VARIANT_PEAK[dtype]]["gflops"]
-  # FLOPs are the unfused network's, whatever the variant runs (cached).
-  with network_variant("centred", False):
-    bench.flops_per_image(bench.make_spec("fmnist", sizes, dtype))
-  with network_variant(norm, fused):
+  # FLOPs are the plain network's, whatever the variant runs.
+  plain = bench.make_spec("fmnist", pass_sizes(quick, embed_batch, False),
+                          dtype)
+  bench._FLOPS_CACHE[bench._flops_key(bench.make_spec("fmnist", sizes,
+                                                      dtype))] = (
+      bench.flops_per_image(plain))
+  with instance_norm(norm):
     entry = bench.measure_client_config("fmnist", clients, (100,), "gpu",
                                         sizes, [device], peak, variant)[0]
   entry.update(variant=name, instance_norm=norm, first_block_fused=fused,
@@ -253,7 +277,12 @@ def profile_pass(name, quick, clients, device, peaks, trace_dir):
   measure_pass(name, quick, clients, device, peaks)
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     entry = measure_pass(name, quick, clients, device, peaks)
-  return entry, kernel_table(trace_dir)
+  table = kernel_table(trace_dir)
+  trace = os.path.join(trace_dir, table["trace_file"])
+  if os.path.getsize(trace) < 15 << 20:  # small enough to leave the lease
+    shutil.copy(trace, os.path.join(os.path.dirname(trace_dir),
+                                    "pass_trace.json.gz"))
+  return entry, table
 
 
 def bare_forward(quick, device, peaks, names):
@@ -267,20 +296,21 @@ def bare_forward(quick, device, peaks, names):
     for name in names:
       depth, norm, impl, dtype, fused = BARE_CASES[name]
       model = models.make_model("convnet", 10, width=width, depth=depth,
+                                norm=norm, fused_first_block=fused)
+      plain = models.make_model("convnet", 10, width=width, depth=depth,
                                 norm=norm)
       params = jax.device_put(dm.network_params(model, jax.random.key(0), 0,
                                                 shape), device)
       cpu = jax.devices("cpu")[0]
-      with network_variant("centred", False):  # the network's own FLOPs
-        flops = bench.flops_of(jax.jit(models.embed_fn(model)).lower(
-            jax.device_put(params, cpu), jax.device_put(x[:1], cpu)
-        ).compile()) * batch
-      with network_variant(impl, fused):
+      # FLOPs of the plain network, whatever the variant runs.
+      flops = bench.flops_of(jax.jit(models.embed_fn(plain)).lower(
+          jax.device_put(params, cpu), jax.device_put(x[:1], cpu)
+      ).compile()) * batch
+      with instance_norm(impl):
         f = jax.jit(models.embed_fn(model, dtype))
         times = bench.call_times(f, (params, x), 3 if quick else 20)
         got = np.asarray(f(params, x[:64]))
-      with network_variant("centred", False):
-        ref = np.asarray(jax.jit(models.embed_fn(model))(params, x[:64]))
+      ref = np.asarray(jax.jit(models.embed_fn(plain))(params, x[:64]))
       best = float(np.median(times))
       kind = VARIANT_PEAK[dtype]
       rows.append({"dataset": ds, "case": name, "batch": batch,
@@ -321,6 +351,12 @@ def main(argv):
   del argv
   out_dir = pathlib.Path(_OUT_DIR.value or tempfile.mkdtemp())
   out_dir.mkdir(parents=True, exist_ok=True)
+  if _SUMMARISE.value:
+    (out_dir / "trace_summary.json").write_text(json.dumps(
+        dict(kernel_table(_SUMMARISE.value), provenance=provenance.finish(
+            provenance.start(["experiments/gpu_profile.py"] + sys.argv[1:]))),
+        indent=2) + "\n")
+    return
   quick = _QUICK.value
   # Recompiling a program already compiled in this run reads it back.
   cache = tempfile.mkdtemp(prefix="jax_cache_")
@@ -372,7 +408,7 @@ def main(argv):
   flush()
   print(json.dumps({"pass": {e["variant"]: round(
       e["fraction_of_tf32_matmul_peak"], 4) for e in doc["pass_variants"]},
-      "busy": table.get("gpu_busy_fraction")}))
+      "busy": table.get("busy_fraction_within_calls")}))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ parameters map one to one onto DM's PyTorch parameters.
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -315,6 +316,40 @@ def test_convnet_matches_numpy(shape, depth, norm, activation, pooling):
   assert emb.shape == ref_emb.shape
   np.testing.assert_allclose(emb, ref_emb, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,depth,activation,pooling", [
+    ((10, 10, 1), 2, "relu", "avgpool"),  # pad-3 first conv
+    ((7, 9, 3), 1, "leakyrelu", "maxpool"),  # odd, non-square
+    ((6, 6, 2), 1, "gelu", "none"),
+])
+def test_fused_first_block_is_the_same_network(shape, depth, activation,
+                                               pooling):
+  kwargs = dict(width=4, depth=depth, activation=activation, pooling=pooling)
+  plain = M.make_model("convnet", 3, **kwargs)
+  fused = M.make_model("convnet", 3, fused_first_block=True, **kwargs)
+  # Same parameters from the same key, structure and values.
+  p_plain = M.init_params(plain, jax.random.key(4), shape)
+  p_fused = M.init_params(fused, jax.random.key(4), shape)
+  chex.assert_trees_all_equal(p_plain, p_fused)
+  params = numpy_filled_params(fused, shape, seed=depth)
+  x = jax.random.normal(jax.random.key(1), (3,) + shape)
+  with jax.default_matmul_precision("float32"):
+    emb, logits = jitted(fused)(params, x)
+    grad = lambda m: jax.grad(lambda x: jnp.sum(jnp.sin(
+        m.apply({"params": params}, x, method=m.embed))))(x)
+    g_plain, g_fused = grad(plain), grad(fused)
+  ref_emb, ref_logits = np_convnet(x, torch_layout(params, depth,
+                                                   "instancenorm"),
+                                   depth, "instancenorm", activation, pooling)
+  np.testing.assert_allclose(emb, ref_emb, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(g_fused, g_plain, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_first_block_must_be_bool():
+  with pytest.raises(ValueError, match="fused_first_block"):
+    M.make_model("convnet", 3, fused_first_block="yes")
 
 
 def test_mlp_matches_numpy_with_nchw_flatten():
