@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 
 from collabdm_jax import dm
 from collabdm_jax import losses
+from collabdm_jax import protocol
 from collabdm_jax import server as server_lib
 
 log = logging.getLogger("collabdm_jax")
@@ -83,7 +84,6 @@ def synthesis_config_hash(config) -> str:
   Returns:
     A 64-character sha256 hex string (``protocol.config_hash``).
   """
-  from collabdm_jax import protocol  # local: keeps this module light to import
   d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   return protocol.config_hash(
       {k: v for k, v in d.items() if k not in _HASH_EXCLUDED})

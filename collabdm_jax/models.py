@@ -40,7 +40,7 @@ Params = Any
 _NORM_EPS = 1e-5  # PyTorch GroupNorm / LayerNorm default (Flax uses 1e-6).
 
 
-def _torch_kernel_init(key, shape, dtype=jnp.float32):
+def torch_kernel_init(key, shape, dtype=jnp.float32):
   """Weight initialiser U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as PyTorch's.
 
   PyTorch's ``kaiming_uniform_(a=sqrt(5))`` has exactly this bound. fan_in of
@@ -191,13 +191,13 @@ def _conv(x, features: int, kernel: int, padding: int, name: str,
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride),
       padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-      kernel_init=_torch_kernel_init, bias_init=_torch_bias_init(fan_in),
+      kernel_init=torch_kernel_init, bias_init=_torch_bias_init(fan_in),
       conv_general_dilated=conv_matmul_grads, name=name)(x)
 
 
 def _dense(x, features: int, name: str):
   """PyTorch-initialised fully connected layer on the last axis."""
-  return nn.Dense(features, kernel_init=_torch_kernel_init,
+  return nn.Dense(features, kernel_init=torch_kernel_init,
                   bias_init=_torch_bias_init(x.shape[-1]), name=name)(x)
 
 

@@ -37,7 +37,7 @@ How the client pass is measured. Client data is random (throughput does not
 depend on pixel values) with the datasets' shapes and training-set sizes,
 split evenly over K clients with uniform labels; the statistics are those of
 the default config (ConvNet-3, batch_real 32, embed_batch 64, DM's DSA).
-One *chunk* is one call of ``client._block_stats_fn`` (the jitted function
+One *chunk* is one call of ``client.block_stats_fn`` (the jitted function
 ``iter_client_stats`` calls) on one block of clients already on the devices,
 for one iteration (``t_chunk`` on a GPU), followed by the device-to-host
 copy ``iter_client_stats`` does. The host-to-device copy of a block is timed
@@ -468,7 +468,7 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
   samples = [n] * num_clients
   layout = client_lib.plan_layout(spec, samples, real_slots, n_dev)
   eb = layout.embed_batch
-  shards = client_lib._pack_shards(samples, real_slots, layout)
+  shards = client_lib.pack_shards(samples, real_slots, layout)
   shards += [[]] * (-len(shards) % n_dev)
   per_block = [sum(shards[b:b + n_dev], [])
                for b in range(0, len(shards), n_dev)]
@@ -498,7 +498,7 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
   block_size = n_dev * cpd
   blk_arrays = [tuple(b[:-1]) for b in blocks]
 
-  fn = client_lib._block_stats_fn(spec, mesh, t_chunk, eb)
+  fn = client_lib.block_stats_fn(spec, mesh, t_chunk, eb)
   root = jax.random.key(0)
   # iter_client_stats copies a block onto the devices (to_global) once per
   # call of pipeline_t_chunk iterations, or once per pass when the pass has
@@ -560,7 +560,7 @@ def measure_client_config(dataset, num_clients, iterations, where, sizes,
   fpi, embed_fpi = flops_per_image(spec)
   full_block = blocks[main]
   measurement = {
-      "chunk": f"one call of client._block_stats_fn(t_chunk={t_chunk}) on "
+      "chunk": f"one call of client.block_stats_fn(t_chunk={t_chunk}) on "
                f"one block for {t_chunk} iteration(s), plus the "
                "device-to-host copy",
       "warmup_s_including_compile": warm_s,

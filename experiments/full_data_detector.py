@@ -32,8 +32,9 @@ from ml_collections import config_flags
 
 from collabdm_jax import evaluate
 from collabdm_jax import keys as keys_lib
-from collabdm_jax import pipeline
+from collabdm_jax import outputs
 from collabdm_jax import provenance
+from collabdm_jax import setup as setup_lib
 
 METHOD = "full_data"
 
@@ -55,7 +56,7 @@ def eval_config(config, dataset_kind: str, epochs: int) -> evaluate.EvalConfig:
   e = config.eval
   strategy = ""
   if e.dsa and dataset_kind == "image":
-    strategy = pipeline.dsa_strategy(config, config.dataset)
+    strategy = setup_lib.dsa_strategy(config, config.dataset)
   return evaluate.EvalConfig(
       arch=e.arch, num_nets=e.num_nets, epochs=epochs, lr=e.lr,
       momentum=e.momentum, weight_decay=e.weight_decay,
@@ -88,7 +89,7 @@ def run(config, workdir, epochs: int = 30) -> Dict:
   workdir.mkdir(parents=True, exist_ok=True)
   timings = {}
   t0 = time.perf_counter()
-  s = pipeline.setup(config)
+  s = setup_lib.setup(config)
   timings["setup"] = time.perf_counter() - t0
   ecfg = eval_config(config, s.dataset.kind, epochs)
   t1 = time.perf_counter()
@@ -123,7 +124,7 @@ def run(config, workdir, epochs: int = 30) -> Dict:
       "upload_bytes_per_client": upload,
       "upload_bytes_total": int(sum(upload.values())),
   }
-  results.update(pipeline.detection_metrics(s, res.predictions))
+  results.update(outputs.detection_metrics(s, res.predictions))
   tmp = workdir / "results.json.tmp"
   tmp.write_text(json.dumps(results, indent=2, default=str))
   os.replace(tmp, workdir / "results.json")

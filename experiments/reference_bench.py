@@ -23,7 +23,7 @@ times the number of times the phase runs them:
   sampling, DSA, embedding and sums) x samples embedded (per client and
   iteration, ``min(class count, batch_real)`` per class) x iterations;
 * local DM on the shared networks: one class step of all clients
-  (``client._shared_local_step`` on a one-class set) x classes x
+  (``client.shared_local_step`` on a one-class set) x classes x
   iterations;
 * server: one class step (``server.make_step`` on a one-class set) x
   classes x iterations;
@@ -59,6 +59,7 @@ from collabdm_jax import losses
 from collabdm_jax import models
 from collabdm_jax import pipeline
 from collabdm_jax import server as server_lib
+from collabdm_jax import setup as setup_lib
 from experiments import bench
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -102,8 +103,8 @@ def server_class_step_flops(s, cfg: server_lib.ServerConfig):
 
 def shared_local_class_step_flops(s, lcfg, num_clients):
   """FLOPs of one class step of local DM on the shared networks, all clients."""
-  optimizer, step = client_lib._shared_local_step(s.model, s.input_shape, 1,
-                                                  lcfg)
+  optimizer, step = client_lib.shared_local_step(s.model, s.input_shape, 1,
+                                                 lcfg)
   d = models.feature_dim(s.model, s.input_shape)
   images = jnp.zeros((num_clients, 1, lcfg.ipc) + s.input_shape)
   states = jax.vmap(lambda im: dm.init_state(im, optimizer))(images)
@@ -122,8 +123,9 @@ def eval_flops(s, num_train):
   strategy = "_".join(augment.parse_strategy(s.dsa_strategy)) if cfg.dsa \
       else ""
   kwargs = tuple(sorted(cfg.model_kwargs.to_dict().items()))
-  programs = evaluate._compiled(cfg.arch, s.dataset.num_classes, kwargs,
-                                strategy, cfg.batch_size, 1, 1, None)
+  programs = evaluate.compiled_programs(
+      cfg.arch, s.dataset.num_classes, kwargs, strategy, cfg.batch_size, 1, 1,
+      None)
   x = jnp.zeros((num_train,) + s.input_shape)
   y = jnp.zeros((num_train,), jnp.int32)
   key = jax.random.key(0)
@@ -148,11 +150,11 @@ def phase_flops(s, results):
   slots = int(s.stats_spec.slots_per_class(counts).sum())
   per_image = bench.flops_per_image(s.stats_spec)[0]
   out = {"client_stats": per_image * slots * T}
-  lcfg = pipeline.local_config(cfg, s.dsa_strategy)
+  lcfg = setup_lib.local_config(cfg, s.dsa_strategy)
   if cfg.local.enabled and cfg.local.networks == "shared":
     out["local_distill"] = (shared_local_class_step_flops(
         s, lcfg, cfg.partition.num_clients) * C * lcfg.iterations)
-  out["server"] = (server_class_step_flops(s, pipeline.server_config(s))
+  out["server"] = (server_class_step_flops(s, setup_lib.server_config(s))
                    * C * T)
   n_syn = C * cfg.server.ipc * (4 if cfg.server.pae else 1)
   step, logit = eval_flops(s, n_syn)
@@ -176,7 +178,7 @@ def main(argv):
   wall = time.perf_counter() - t0
   peak_end = bench.matmul_peak(device, 2048, 10)
   peak = max(peak_start["gflops"], peak_end["gflops"])
-  s = pipeline.setup(config)
+  s = setup_lib.setup(config)
   flops = phase_flops(s, results)
   phases = {}
   for name, seconds in results["wall_s"].items():

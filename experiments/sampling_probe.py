@@ -55,15 +55,15 @@ def probe(dataset, num_clients, sizes, t_chunk, reps):
   (x, y, sample_client, client_offset, class_start, client_ids, slot_client,
    slot_class, slot_rank) = arrays
 
-  # The block function's own steps (client._block_stats_fn), one at a time.
+  # The block function's own steps (client.block_stats_fn), one at a time.
   def priorities(t):
-    return client_lib._block_priorities(root, t, sample_client,
-                                        client_offset, client_ids)
+    return client_lib.block_priorities(root, t, sample_client,
+                                       client_offset, client_ids)
 
   def slot_index(prio):  # the 3-key sort, then each slot's sample
-    return client_lib._block_slot_indices(prio, y, sample_client,
-                                          client_offset, class_start,
-                                          slot_client, slot_class, slot_rank)
+    return client_lib.block_slot_indices(prio, y, sample_client,
+                                         client_offset, class_start,
+                                         slot_client, slot_class, slot_rank)
 
   ts = jnp.arange(t_chunk)
   prio0 = priorities(0)
@@ -84,7 +84,7 @@ def probe(dataset, num_clients, sizes, t_chunk, reps):
          "seconds_per_call": {}}
   for name, (f, args) in steps.items():
     out["seconds_per_call"][name] = best_time(f, args, reps)
-  fn = client_lib._block_stats_fn(spec, mesh, t_chunk, layout.embed_batch)
+  fn = client_lib.block_stats_fn(spec, mesh, t_chunk, layout.embed_batch)
   out["seconds_per_call"]["block_function"] = best_time(
       lambda: fn(root, jnp.int32(0), *arrays), (), reps)
   share = out["seconds_per_call"]["draw_and_gather"] / out[

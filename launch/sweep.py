@@ -70,6 +70,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from collabdm_jax import outputs
 from collabdm_jax import pipeline
 from collabdm_jax import plots
 from collabdm_jax import provenance
@@ -336,7 +337,7 @@ def _error_payload(config, cell: Cell, error: BaseException) -> Dict:
       "cell": cell.name,
       "index": cell.index,
       "overrides": dict(cell.labels),
-      "method": pipeline.method_name(config),
+      "method": outputs.method_name(config),
       "dataset": config.dataset,
       "num_clients": part.num_clients,
       "alpha": part.alpha,
