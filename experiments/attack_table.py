@@ -40,7 +40,8 @@ from collabdm_jax import stages
 from experiments import provenance
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/default.py", "Experiment config file.")
+    "config", "experiments/configs/default.py", "Experiment config file.",
+    lock_config=True)
 _F = flags.DEFINE_list("f", ["0", "1", "3"], "Numbers of malicious clients.")
 _ATTACKS = flags.DEFINE_list("attacks", ["scaled", "sign_flip", "noise",
                                          "label_swap"], "Attacks to run.")

@@ -137,7 +137,8 @@ def define_flags():
   """This program's absl flags, defined only when it runs as a program so
   that importing ``run`` leaves the global flags alone."""
   config_flags.DEFINE_config_file(
-      "config", "experiments/configs/ids_5g.py", "Run config file.")
+      "config", "experiments/configs/ids_5g.py", "Run config file.",
+      lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory.", required=True)
   flags.DEFINE_integer("epochs", 30,
                        "Training epochs over the full pooled training set.")

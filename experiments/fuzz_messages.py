@@ -46,7 +46,8 @@ from collabdm_jax import stages
 from experiments import provenance
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/smoke.py", "Config of the real client pass.")
+    "config", "experiments/configs/smoke.py", "Config of the real client pass.",
+    lock_config=True)
 _NUM = flags.DEFINE_integer("num_mutations", 10000, "Mutated messages to decode.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the mutations.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON document here.")

@@ -63,7 +63,8 @@ from collabdm_jax import setup as setup_lib
 from experiments import bench
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/reference.py", "Run config.")
+    "config", "experiments/configs/reference.py", "Run config.",
+    lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON document.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: a temporary one, removed).")

@@ -12,7 +12,6 @@ import pathlib
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -54,7 +53,7 @@ def tiny_config():
   c.num_iterations = 5
   c.local.iterations = 2
   c.local.batch_real = 16
-  c.baseline = ml_collections.ConfigDict({
+  c.baseline.update({
       "local_epochs": 5, "local_batch": 32,
       "dense_epochs": 6, "dense_g_steps": 5, "dense_synthesis_batch": 16,
       "dense_kd_batch": 16, "dense_ngf": 8, "dense_kd_lr": 0.05,
@@ -80,17 +79,20 @@ def with_config(s, **changes):
 # --------------------------------------------------------------------------
 
 
-def test_default_config_needs_no_baseline_section(s):
+def test_default_baseline_settings(s):
   c = default_config()
-  assert c.get("baseline") is None
-  assert common.option(c, "local_epochs", 5) == 5
   plain = dataclasses.replace(s, config=c)
   assert fedavg.local_train_config(plain) == fedavg.LocalTrainConfig(
       epochs=5, dsa_strategy=s.dsa_strategy)
-  d = dense.dense_config(plain)
-  assert (d.epochs, d.g_steps, d.ngf, d.aug_strategy) == (
-      5, 5, 64, "crop_flip")
-  assert central_dm.local_dm_config(plain).lr == 1.0
+  # default.py's block holds the dataclasses' defaults.
+  assert dense.dense_config(plain) == dense.DenseConfig()
+  central = central_dm.local_dm_config(plain)
+  assert central.lr == 1.0
+  # None: as the CollabDM field (local DM's momentum and real batch).
+  assert (central.momentum, central.batch_real) == (
+      c.local.momentum, c.local.batch_real)
+  c.baseline.central_batch_real = 7
+  assert central_dm.local_dm_config(plain).batch_real == 7
 
 
 @pytest.mark.parametrize("name,value", [("local_epochs", -1), ("local_lr", 0.0),

@@ -19,11 +19,11 @@ return ``{"accuracies": [n], "accuracy_mean", "accuracy_std",
 "predictions": [n, N_test], ...}`` computed on ``s.test_x`` /
 ``s.dataset.test_y``. Wall seconds of each phase are added to ``timings``.
 
-Baseline-specific settings live in an optional ``config.baseline``
-ConfigDict and are read with defaults (``option``), so the default CollabDM
-config runs every baseline unchanged.
+Baseline-specific settings are the ``config.baseline`` block that
+``experiments/configs/default.py`` declares (a None there means "as the
+CollabDM field its comment names", ``common.unless_none``).
 
-Randomness: each baseline draws from its own stream ``baseline_key(root,
+Randomness: each baseline draws from its own stream ``common.baseline_key(root,
 name)``, folded from the shared root key, so results are a pure function of
 the config and never collide with the protocol's streams in ``keys``.
 """

@@ -25,22 +25,21 @@ from collabdm_jax import client as client_lib
 
 def local_dm_config(s) -> client_lib.LocalDMConfig:
   """The DM settings of the central baseline (see the module docstring)."""
-  cfg = s.config
-  lr = common.check_positive(common.option(cfg, "central_lr", 1.0),
-                             "baseline.central_lr")
+  cfg, b = s.config, s.config.baseline
+  lr = common.check_positive(b.central_lr, "baseline.central_lr")
   iterations = common.check_positive(cfg.num_iterations, "num_iterations",
                                      integer=True, allow_zero=True)
   ipc = common.check_positive(cfg.server.ipc, "server.ipc", integer=True)
   return client_lib.LocalDMConfig(
       ipc=ipc, iterations=iterations, lr=lr,
-      momentum=float(common.option(cfg, "central_momentum",
-                                   cfg.local.momentum)),
+      momentum=float(common.unless_none(b.central_momentum,
+                                        cfg.local.momentum)),
       batch_real=common.check_positive(
-          common.option(cfg, "central_batch_real", cfg.local.batch_real),
+          common.unless_none(b.central_batch_real, cfg.local.batch_real),
           "baseline.central_batch_real", integer=True),
       dsa_strategy=s.dsa_strategy, pae=bool(cfg.server.pae),
       std_weight=float(cfg.server.std_weight),
-      init=common.option(cfg, "central_init", "real"),
+      init=b.central_init,
       compute_dtype=cfg.compute_dtype)
 
 

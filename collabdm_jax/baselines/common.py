@@ -31,12 +31,8 @@ def baseline_key(root, name: str):
                             _STREAMS[name])
 
 
-def option(config, name: str, default):
-  """``config.baseline.<name>`` if set (not None), else ``default``."""
-  b = config.get("baseline", None)
-  if b is None:
-    return default
-  value = b.get(name, None)
+def unless_none(value, default):
+  """``value``, or ``default`` where the config leaves it None (derived)."""
   return default if value is None else value
 
 

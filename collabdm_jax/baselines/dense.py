@@ -88,32 +88,31 @@ class DenseConfig:
 
 
 def dense_config(s) -> DenseConfig:
-  """``DenseConfig`` from ``config.baseline`` with the defaults above."""
-  opt = functools.partial(common.option, s.config)
+  """``DenseConfig`` from ``config.baseline`` (checked)."""
+  b = s.config.baseline
   pos = common.check_positive
-  d = DenseConfig()
-  kd_momentum = float(opt("dense_kd_momentum", d.kd_momentum))
+  kd_momentum = float(b.dense_kd_momentum)
   if not 0 <= kd_momentum < 1:
     raise ValueError(
         f"baseline.dense_kd_momentum must be in [0, 1), got {kd_momentum}")
   return DenseConfig(
-      epochs=pos(opt("dense_epochs", d.epochs), "baseline.dense_epochs",
+      epochs=pos(b.dense_epochs, "baseline.dense_epochs",
                  integer=True),
-      g_steps=pos(opt("dense_g_steps", d.g_steps), "baseline.dense_g_steps",
+      g_steps=pos(b.dense_g_steps, "baseline.dense_g_steps",
                   integer=True),
-      synthesis_batch=pos(opt("dense_synthesis_batch", d.synthesis_batch),
+      synthesis_batch=pos(b.dense_synthesis_batch,
                           "baseline.dense_synthesis_batch", integer=True),
-      kd_batch=pos(opt("dense_kd_batch", d.kd_batch), "baseline.dense_kd_batch",
+      kd_batch=pos(b.dense_kd_batch, "baseline.dense_kd_batch",
                    integer=True),
-      nz=pos(opt("dense_nz", d.nz), "baseline.dense_nz", integer=True),
-      ngf=pos(opt("dense_ngf", d.ngf), "baseline.dense_ngf", integer=True),
-      lr_g=pos(opt("dense_lr_g", d.lr_g), "baseline.dense_lr_g"),
-      kd_lr=pos(opt("dense_kd_lr", d.kd_lr), "baseline.dense_kd_lr"),
+      nz=pos(b.dense_nz, "baseline.dense_nz", integer=True),
+      ngf=pos(b.dense_ngf, "baseline.dense_ngf", integer=True),
+      lr_g=pos(b.dense_lr_g, "baseline.dense_lr_g"),
+      kd_lr=pos(b.dense_kd_lr, "baseline.dense_kd_lr"),
       kd_momentum=kd_momentum,
-      temperature=pos(opt("dense_T", d.temperature), "baseline.dense_T"),
-      oh=pos(opt("dense_oh", d.oh), "baseline.dense_oh", allow_zero=True),
-      adv=pos(opt("dense_adv", d.adv), "baseline.dense_adv", allow_zero=True),
-      div=pos(opt("dense_div", d.div), "baseline.dense_div", allow_zero=True),
+      temperature=pos(b.dense_T, "baseline.dense_T"),
+      oh=pos(b.dense_oh, "baseline.dense_oh", allow_zero=True),
+      adv=pos(b.dense_adv, "baseline.dense_adv", allow_zero=True),
+      div=pos(b.dense_div, "baseline.dense_div", allow_zero=True),
       aug_strategy=common.augment_strategy(s.dsa_strategy))
 
 

@@ -55,23 +55,22 @@ class LocalTrainConfig:
 
 def local_train_config(s) -> LocalTrainConfig:
   """``LocalTrainConfig`` from ``config.baseline`` (module docstring)."""
-  cfg = s.config
-  opt = functools.partial(common.option, cfg)
-  momentum = float(opt("local_momentum", 0.9))
+  cfg, b = s.config, s.config.baseline
+  momentum = float(b.local_momentum)
   if not 0 <= momentum < 1:
     raise ValueError(
         f"baseline.local_momentum must be in [0, 1), got {momentum}")
-  dsa = bool(opt("local_dsa", cfg.eval.dsa))
+  dsa = bool(common.unless_none(b.local_dsa, cfg.eval.dsa))
   return LocalTrainConfig(
-      epochs=common.check_positive(opt("local_epochs", 5),
+      epochs=common.check_positive(b.local_epochs,
                                    "baseline.local_epochs", integer=True,
                                    allow_zero=True),
-      lr=common.check_positive(opt("local_lr", 0.01), "baseline.local_lr"),
+      lr=common.check_positive(b.local_lr, "baseline.local_lr"),
       momentum=momentum,
       weight_decay=common.check_positive(
-          opt("local_weight_decay", 5e-4), "baseline.local_weight_decay",
+          b.local_weight_decay, "baseline.local_weight_decay",
           allow_zero=True),
-      batch_size=common.check_positive(opt("local_batch", 256),
+      batch_size=common.check_positive(b.local_batch,
                                        "baseline.local_batch", integer=True),
       dsa_strategy="_".join(augment.parse_strategy(s.dsa_strategy)) if dsa
       else "")
