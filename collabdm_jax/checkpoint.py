@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 
 from collabdm_jax import dm
 from collabdm_jax import losses
+from collabdm_jax import protocol
 from collabdm_jax import server as server_lib
 
 log = logging.getLogger("collabdm_jax")
@@ -47,8 +48,9 @@ FORMAT_VERSION = 1
 
 _STATE, _TARGETS, _META = "state", "targets", "meta"
 # Config entries that cannot change the synthetic set: evaluation, where the
-# data files live, and how often/how many checkpoints are kept.
-_HASH_EXCLUDED = ("eval", "data_dir", "checkpoint")
+# data files live, how often/how many checkpoints are kept, the baselines'
+# settings and a sweep's name for the variant.
+_HASH_EXCLUDED = ("eval", "data_dir", "checkpoint", "baseline", "variant")
 
 
 class CheckpointError(ValueError):
@@ -76,14 +78,13 @@ def synthesis_config_hash(config) -> str:
 
   Args:
     config: the run's ``ml_collections.ConfigDict`` (or a plain mapping).
-      Top-level ``eval``, ``data_dir`` and ``checkpoint`` are left out: they
-      do not affect what the server synthesises, so changing them must not
-      invalidate a checkpoint.
+      Top-level ``eval``, ``data_dir``, ``checkpoint``, ``baseline`` and
+      ``variant`` are left out: they do not affect what the server
+      synthesises, so changing them must not invalidate a checkpoint.
 
   Returns:
     A 64-character sha256 hex string (``protocol.config_hash``).
   """
-  from collabdm_jax import protocol  # local: keeps this module light to import
   d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   return protocol.config_hash(
       {k: v for k, v in d.items() if k not in _HASH_EXCLUDED})

@@ -231,7 +231,7 @@ def plan_layout(spec: StatsSpec, sample_counts: Sequence[int],
                         for f in (1.0, 1.25, 1.5, 2.0)}):
     for slack in _SLACKS:
       layout = layout_for(shards, slack)
-      used = len(_pack_shards(sample_counts, slot_counts, layout))
+      used = len(pack_shards(sample_counts, slot_counts, layout))
       if used <= shards:
         cost = (shards * layout.slots_per_shard,
                 shards * layout.samples_per_shard)
@@ -273,8 +273,17 @@ def _padded_slots(class_counts, per_class, embed_batch=64, min_slots=0):
           np.concatenate([sr, np.zeros(pad, np.int32)]))
 
 
-def _pack_shards(sample_counts, slot_counts, layout: BlockLayout):
-  """First-fit decreasing: lists of client indices, one list per shard."""
+def pack_shards(sample_counts, slot_counts, layout: BlockLayout):
+  """Packs clients into shards of ``layout``: first-fit decreasing.
+
+  A shard holds at most ``layout.clients_per_shard`` clients,
+  ``layout.samples_per_shard`` samples and ``layout.slots_per_shard`` slots;
+  clients go in order of decreasing slots (then samples, then index).
+  ``make_blocks`` places shards on devices in this order.
+
+  Returns:
+    lists of client indices (positions in ``sample_counts``), one per shard.
+  """
   shards, room = [], []
   order = sorted(range(len(slot_counts)),
                  key=lambda i: (-slot_counts[i], -sample_counts[i], i))
@@ -324,7 +333,7 @@ def make_blocks(client_x: Sequence[np.ndarray], client_y: Sequence[np.ndarray],
       raise ValueError(
           f"client {client_ids[i]} has {samples[i]} samples and {slots[i]} "
           f"slots, more than the layout's {N} and {L} per shard")
-  shards = _pack_shards(samples, slots, layout)
+  shards = pack_shards(samples, slots, layout)
   shards += [[]] * (-len(shards) % S)
   if num_blocks is not None:
     if num_blocks * S < len(shards):
@@ -467,7 +476,7 @@ def class_moments(spec, embed, params, class_keys, sample_key, x, y,
   return s[0], (q[0] if spec.second_moments else q), n[0]
 
 
-def _block_priorities(root, t, sample_client, client_offset, client_ids):
+def block_priorities(root, t, sample_client, client_offset, client_ids):
   """Every sample's priority at iteration ``t`` in one shard of a block.
 
   Each client's own draw, exactly as ``sample_class_slots`` makes it on the
@@ -483,8 +492,8 @@ def _block_priorities(root, t, sample_client, client_offset, client_ids):
       sample_keys[owner], local_index)
 
 
-def _block_slot_indices(prio, y, sample_client, client_offset, class_start,
-                        slot_client, slot_class, slot_rank):
+def block_slot_indices(prio, y, sample_client, client_offset, class_start,
+                       slot_client, slot_class, slot_rank):
   """Which sample fills each slot: order by (client, class, priority)."""
   order = jnp.lexsort((prio, y, sample_client))
   g = jnp.maximum(slot_client, 0)
@@ -492,8 +501,14 @@ def _block_slot_indices(prio, y, sample_client, client_offset, class_start,
   return order[client_offset[g] + class_start[g, c] + slot_rank]
 
 
-def _block_stats_fn(spec: StatsSpec, mesh, t_chunk: int, embed_batch: int):
-  """Jitted ``(root, t0, block arrays) -> per-client stats of t0..t0+t_chunk``."""
+def block_stats_fn(spec: StatsSpec, mesh, t_chunk: int, embed_batch: int):
+  """Jitted ``(root, t0, block arrays) -> per-client stats of t0..t0+t_chunk``.
+
+  The client pass's compute: ``iter_client_stats`` calls it once per block
+  of clients (``make_blocks``, sharded over ``mesh``) and chunk of
+  ``t_chunk`` iterations; benchmarks call it alone to time the pass. The
+  block arrays are the fields of a ``ClientBlock`` but ``members``.
+  """
   embed = models.embed_fn(spec.model, spec.compute_dtype)
 
   def local(root, t0, x, y, sample_client, client_offset, class_start,
@@ -501,11 +516,11 @@ def _block_stats_fn(spec: StatsSpec, mesh, t_chunk: int, embed_batch: int):
     def per_t(t):
       params = dm.network_params(spec.model, root, t, spec.input_shape)
       class_keys = dm.class_aug_keys(root, t, spec.num_classes)
-      prio = _block_priorities(root, t, sample_client, client_offset,
-                               client_ids)
-      idx = _block_slot_indices(prio, y, sample_client, client_offset,
-                                class_start, slot_client, slot_class,
-                                slot_rank)
+      prio = block_priorities(root, t, sample_client, client_offset,
+                              client_ids)
+      idx = block_slot_indices(prio, y, sample_client, client_offset,
+                               class_start, slot_client, slot_class,
+                               slot_rank)
       return slot_moments(spec, embed, params, class_keys, x[idx],
                           slot_client, slot_class, client_ids.shape[0],
                           embed_batch)
@@ -582,7 +597,7 @@ def iter_client_stats(root, client_x, client_y, client_ids, spec: StatsSpec,
   blocks += make_blocks([], [], [], spec, layout,
                         num_blocks=int(num_blocks) - len(blocks))
   t_chunk = max(1, min(t_chunk, num_iterations))
-  fn = _block_stats_fn(spec, mesh, t_chunk, layout.embed_batch)
+  fn = block_stats_fn(spec, mesh, t_chunk, layout.embed_batch)
   K, C = len(client_x), spec.num_classes
   class_counts = np.zeros((K, C), np.int32)
   for k, y in enumerate(client_y):
@@ -696,7 +711,7 @@ def _local_dm_step(model, input_shape, num_classes, cfg: LocalDMConfig):
 
 
 @functools.lru_cache(maxsize=16)
-def _shared_local_step(model, input_shape, num_classes, cfg: LocalDMConfig):
+def shared_local_step(model, input_shape, num_classes, cfg: LocalDMConfig):
   """Jitted ``(states, root, t, means, stds, valid) -> (states, losses)``.
 
   The per-class DM steps of several parties at iteration t, vmapped over
@@ -754,11 +769,11 @@ def shared_local_distill(root, client_x, client_y, client_ids, stats,
     y = np.asarray(y, np.int32)
     order = np.argsort(y, kind="stable")
     key = jax.random.fold_in(keys_lib.local_distill_key(root, k), 0)
-    inits.append(initial_images(key, np.asarray(x, np.float32)[order],
-                                y[order], num_classes, cfg.ipc, cfg.init,
-                                cfg.pae))
-  optimizer, step = _shared_local_step(model, tuple(input_shape), num_classes,
-                                       cfg)
+    inits.append(dm.initial_images(key, np.asarray(x, np.float32)[order],
+                                   y[order], num_classes, cfg.ipc, cfg.init,
+                                   cfg.pae))
+  optimizer, step = shared_local_step(model, tuple(input_shape), num_classes,
+                                      cfg)
   states = jax.vmap(lambda im: dm.init_state(im, optimizer))(
       jnp.asarray(np.stack(inits)))
   for it in range(cfg.iterations):
@@ -781,40 +796,6 @@ def shared_local_distill(root, client_x, client_y, client_ids, stats,
     imgs = images[k][valid]
     out.append((imgs.reshape((-1,) + imgs.shape[2:]),
                 np.repeat(np.flatnonzero(valid), cfg.ipc).astype(np.int32)))
-  return out
-
-
-def initial_images(key, x, y, num_classes, ipc, init, pae):
-  """Per-class starting images ``[C, ipc, ...]`` drawn from ``(x, y)``.
-
-  ``real`` draws ipc distinct real images per class; when the class has
-  fewer, the remaining slots start from Gaussian noise. With ``pae`` each
-  starting image is a 2x2 mosaic of four real images, as IDM initialises.
-  Classes absent from ``y`` start from noise.
-  """
-  x = np.asarray(x, np.float32)
-  y = np.asarray(y)
-  shape = x.shape[1:]
-  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
-  out = rng.standard_normal((num_classes, ipc) + shape).astype(np.float32)
-  if init == "noise":
-    return out
-  if init != "real":
-    raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
-  per = 4 * ipc if pae else ipc
-  for c in range(num_classes):
-    pool = np.flatnonzero(y == c)
-    if pool.size == 0:
-      continue
-    if pae:  # mosaics of 4: tiles may repeat, whole mosaics rarely do
-      pick = rng.choice(pool, per, replace=pool.size < per)
-      out[c] = np.asarray(augment.mosaic_init(jnp.asarray(x[pick])))
-    else:
-      # Distinct images only: a duplicate would get the same gradient as its
-      # twin (the augmentation is Siamese) and never separate from it, so
-      # slots the pool cannot fill keep their noise start.
-      pick = rng.permutation(pool)[:per]
-      out[c, :len(pick)] = x[pick]
   return out
 
 
@@ -855,8 +836,8 @@ def local_distill(key, x, y, num_classes, model, input_shape,
   y = np.asarray(y, np.int32)
   counts = np.bincount(y, minlength=num_classes)
   order = np.argsort(y, kind="stable")
-  images = initial_images(jax.random.fold_in(key, 0), x[order], y[order],
-                          num_classes, cfg.ipc, cfg.init, cfg.pae)
+  images = dm.initial_images(jax.random.fold_in(key, 0), x[order], y[order],
+                             num_classes, cfg.ipc, cfg.init, cfg.pae)
   # Pad to a bucketed length (labels C sort last) so parties of similar
   # size share one compiled step.
   n = _bucket(max(len(y), pad_to[0]))

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from collabdm_jax import augment
@@ -140,3 +141,37 @@ def iteration_inputs_fn(model, input_shape, num_classes):
             class_aug_keys(root, t, num_classes))
 
   return jax.jit(f)
+
+
+def initial_images(key, x, y, num_classes, ipc, init, pae):
+  """Per-class starting images ``[C, ipc, ...]`` drawn from ``(x, y)``.
+
+  ``real`` draws ipc distinct real images per class; when the class has
+  fewer, the remaining slots start from Gaussian noise. With ``pae`` each
+  starting image is a 2x2 mosaic of four real images, as IDM initialises.
+  Classes absent from ``y`` start from noise.
+  """
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y)
+  shape = x.shape[1:]
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+  out = rng.standard_normal((num_classes, ipc) + shape).astype(np.float32)
+  if init == "noise":
+    return out
+  if init != "real":
+    raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
+  per = 4 * ipc if pae else ipc
+  for c in range(num_classes):
+    pool = np.flatnonzero(y == c)
+    if pool.size == 0:
+      continue
+    if pae:  # mosaics of 4: tiles may repeat, whole mosaics rarely do
+      pick = rng.choice(pool, per, replace=pool.size < per)
+      out[c] = np.asarray(augment.mosaic_init(jnp.asarray(x[pick])))
+    else:
+      # Distinct images only: a duplicate would get the same gradient as its
+      # twin (the augmentation is Siamese) and never separate from it, so
+      # slots the pool cannot fill keep their noise start.
+      pick = rng.permutation(pool)[:per]
+      out[c, :len(pick)] = x[pick]
+  return out

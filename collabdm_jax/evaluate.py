@@ -246,18 +246,18 @@ def weighted_loss_and_grad(loss_sum, params, x, y, w,
   return total, grads
 
 
-class _Programs(NamedTuple):
-  """Jitted pieces of one static configuration (see ``_compiled``)."""
+class Programs(NamedTuple):
+  """Jitted pieces of one static configuration (see ``compiled_programs``)."""
   train_nets: Callable  # (net_keys, x, y, lr, momentum, wd) -> all nets at once
   train_net: Callable   # (net_key, x, y, lr, momentum, wd) -> one net
   predict: Callable     # (stacked params, test_x) -> [nets, M] int32
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(arch: str, num_classes: int, model_kwargs: tuple,
-              dsa_strategy: str, batch_size: int, epochs: int,
-              test_batch_size: int,
-              micro_batch: Optional[int] = None) -> _Programs:
+def compiled_programs(arch: str, num_classes: int, model_kwargs: tuple,
+                      dsa_strategy: str, batch_size: int, epochs: int,
+                      test_batch_size: int,
+                      micro_batch: Optional[int] = None) -> Programs:
   """Jitted programs for one static configuration.
 
   Cached so repeated calls reuse the same jitted callables, whose own caches
@@ -355,11 +355,11 @@ def _compiled(arch: str, num_classes: int, model_kwargs: tuple,
 
     return jax.lax.map(one_net, params)
 
-  return _Programs(train_nets=train_nets, train_net=jax.jit(train_one),
-                   predict=predict)
+  return Programs(train_nets=train_nets, train_net=jax.jit(train_one),
+                  predict=predict)
 
 
-def _train_in_turn(programs: _Programs, net_keys, train_x, train_y, lr,
+def _train_in_turn(programs: Programs, net_keys, train_x, train_y, lr,
                    momentum, wd, on_net_done=None):
   """``train_nets``'s result, one compiled training per network in turn.
 
@@ -531,9 +531,10 @@ def evaluate_synthetic(key, train_x, train_y, test_x, test_y, *,
   train_x, train_y = prepare_training_set(train_x, train_y, pae=config.pae)
 
   loop = _resolve_loop(config.loop)
-  programs = _compiled(config.arch.lower(), num_classes, config.model_kwargs,
-                       strategy, int(config.batch_size), int(config.epochs),
-                       int(config.test_batch_size), default_micro_batch())
+  programs = compiled_programs(
+      config.arch.lower(), num_classes, config.model_kwargs, strategy,
+      int(config.batch_size), int(config.epochs), int(config.test_batch_size),
+      default_micro_batch())
   net_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
       key, jnp.arange(config.num_nets))
   # Hyper-parameters go in as fixed-dtype arrays: new values reuse the

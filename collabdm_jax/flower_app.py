@@ -7,13 +7,13 @@ Message API (flwr >= 1.42) without a strategy:
    instruction carrying the run config as JSON (``ConfigRecord``
    ``"instruction"``: ``config-json``).
 2. The ``ClientApp`` on each node computes its one-shot message from its own
-   partition (``pipeline.client_messages``, as ``launch.client`` does),
+   partition (``stages.client_messages``, as ``launch.client`` does),
    encodes it with ``protocol.encode_message`` and replies with those exact
    bytes: ``ArrayRecord`` ``"message"`` holding one 1-D uint8 ``Array``
    (Flower chunks large arrays in transit), plus ``ConfigRecord``
    ``"client"``: ``client-id`` and ``bytes``.
 3. The ``ServerApp`` validates every reply with our decoder
-   (``pipeline.accept_messages``: corrupt, truncated, foreign-key or
+   (``wire.accept_messages``: corrupt, truncated, foreign-key or
    foreign-config messages are rejected and logged with their reason; a
    node's error reply is logged and recorded too), tolerates clients that
    never answer, then aggregates, distils and evaluates through
@@ -53,9 +53,13 @@ from flwr.app import RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from collabdm_jax import outputs
 from collabdm_jax import pipeline
 from collabdm_jax import plots
 from collabdm_jax import protocol
+from collabdm_jax import setup as setup_lib
+from collabdm_jax import stages
+from collabdm_jax import wire
 
 log = logging.getLogger("collabdm_jax")
 
@@ -143,18 +147,18 @@ def client_reply(config, client_id: int, workdir=None) -> RecordDict:
   """A client's whole job: its encoded one-shot message as a Flower record.
 
   Writes ``config.json`` and the local-DM ``metrics.jsonl`` to ``workdir``
-  when given (see ``pipeline.run_outputs``).
+  when given (see ``outputs.run_outputs``).
   """
   K = config.partition.num_clients
   if not 0 <= client_id < K:
     raise ValueError(f"partition-id must be in [0, {K}), got {client_id}")
   if workdir is None:
-    s = pipeline.setup(config)
-    (msg,) = pipeline.client_messages(s, [client_id])
+    s = setup_lib.setup(config)
+    (msg,) = stages.client_messages(s, [client_id])
   else:
-    with pipeline.run_outputs(config, workdir) as metrics:
-      s = pipeline.setup(config)
-      (msg,) = pipeline.client_messages(s, [client_id], metrics=metrics)
+    with outputs.run_outputs(config, workdir) as metrics:
+      s = setup_lib.setup(config)
+      (msg,) = stages.client_messages(s, [client_id], metrics=metrics)
   blob = protocol.encode_message(
       msg, transport_dtype=config.message.transport_dtype)
   log.info("client %d: message of %d bytes", client_id, len(blob))
@@ -212,7 +216,7 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float,
 
 def collect_round(grid: Grid, config, workdir, connect_timeout_s: float,
                   reply_timeout_s: float, spec: protocol.MessageSpec
-                  ) -> pipeline.Received:
+                  ) -> wire.Received:
   """The one round: instruct every node, validate what comes back.
 
   Nodes that fail (error replies) or send a message that does not validate
@@ -264,7 +268,7 @@ def collect_round(grid: Grid, config, workdir, connect_timeout_s: float,
   for k in range(K):
     if k not in blobs:
       log.warning("no message from client %d: continuing without it", k)
-  received = pipeline.accept_messages(
+  received = wire.accept_messages(
       blobs, spec, source=lambda k: f"node {node_of[k]}")
   received.rejected.update(rejected)
   if not received.messages:
@@ -284,7 +288,7 @@ def serve_round(grid: Grid, config, workdir,
 
   def receive(s):
     return collect_round(grid, config, workdir, connect_timeout_s,
-                         reply_timeout_s, pipeline.message_spec(s))
+                         reply_timeout_s, setup_lib.message_spec(s))
 
   results = pipeline.serve(config, workdir, receive)
   plots.run_figures(workdir, overwrite=True)

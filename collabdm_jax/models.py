@@ -40,7 +40,7 @@ Params = Any
 _NORM_EPS = 1e-5  # PyTorch GroupNorm / LayerNorm default (Flax uses 1e-6).
 
 
-def _torch_kernel_init(key, shape, dtype=jnp.float32):
+def torch_kernel_init(key, shape, dtype=jnp.float32):
   """Weight initialiser U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as PyTorch's.
 
   PyTorch's ``kaiming_uniform_(a=sqrt(5))`` has exactly this bound. fan_in of
@@ -191,13 +191,13 @@ def _conv(x, features: int, kernel: int, padding: int, name: str,
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride),
       padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-      kernel_init=_torch_kernel_init, bias_init=_torch_bias_init(fan_in),
+      kernel_init=torch_kernel_init, bias_init=_torch_bias_init(fan_in),
       conv_general_dilated=conv_matmul_grads, name=name)(x)
 
 
 def _dense(x, features: int, name: str):
   """PyTorch-initialised fully connected layer on the last axis."""
-  return nn.Dense(features, kernel_init=_torch_kernel_init,
+  return nn.Dense(features, kernel_init=torch_kernel_init,
                   bias_init=_torch_bias_init(x.shape[-1]), name=name)(x)
 
 
@@ -292,7 +292,7 @@ class _ConvWeights(nn.Module):
   @nn.compact
   def __call__(self):
     fan_in = self.in_channels * self.kernel * self.kernel
-    k = self.param("kernel", _torch_kernel_init,
+    k = self.param("kernel", torch_kernel_init,
                    (self.kernel, self.kernel, self.in_channels, self.features))
     b = self.param("bias", _torch_bias_init(fan_in), (self.features,))
     return k, b
@@ -355,7 +355,40 @@ def first_block_fused(x, kernel, scale, bias, padding: int, activation,
   return z.astype(x.dtype)
 
 
-class ConvNet(nn.Module):
+class _Classifier(nn.Module):
+  """Features (``features``, defined by each network) and a linear classifier.
+
+  ``embed(x)`` is the features, ``__call__(x)`` the logits; both run one
+  compact ``_forward``, so the features' layers and the ``classifier`` are
+  this module's own parameters.
+  """
+  num_classes: int
+
+  def __post_init__(self):
+    _check_positive(self.num_classes, "num_classes")
+    super().__post_init__()
+
+  def features(self, x, output: str):
+    """``[N, ...] -> [N, D]`` features (NHWC maps when ``output == "map"``)."""
+    raise NotImplementedError
+
+  @nn.compact
+  def _forward(self, x, output: str):
+    x = self.features(x, output)
+    if output != "logits":
+      return x
+    return _dense(x, self.num_classes, "classifier")
+
+  def embed(self, x):
+    """Features before the classifier: x [N, ...] -> [N, D]."""
+    return self._forward(x, "embed")
+
+  def __call__(self, x):
+    """Logits: x [N, ...] -> [N, num_classes]."""
+    return self._forward(x, "logits")
+
+
+class ConvNet(_Classifier):
   """DM's ConvNet: ``depth`` x [3x3 conv, norm, activation, 2x2 pool].
 
   The first conv pads by 3 instead of 1 on single-channel inputs (DM's rule;
@@ -375,7 +408,6 @@ class ConvNet(nn.Module):
       same parameters, faster for 1-channel inputs on a GPU's long passes
       (see that function for the measurements).
   """
-  num_classes: int
   width: int = 128
   depth: int = 3
   norm: str = "instancenorm"
@@ -384,7 +416,6 @@ class ConvNet(nn.Module):
   fused_first_block: bool = False
 
   def __post_init__(self):
-    _check_positive(self.num_classes, "num_classes")
     _check_positive(self.width, "width")
     _check_positive(self.depth, "depth")
     _check_choice(self.norm, "norm", _CONV_NORMS)
@@ -395,8 +426,8 @@ class ConvNet(nn.Module):
                        f"{self.fused_first_block!r}")
     super().__post_init__()
 
-  @nn.compact
-  def _forward(self, x, output: str):
+  def features(self, x, output: str):
+    """Flattened last block (NCHW order): [N, H, W, C] -> [N, width*H'*W']."""
     _check_images(x, "ConvNet")
     act = _activation(self.activation)
     first_padding = 3 if x.shape[-1] == 1 else 1
@@ -423,27 +454,14 @@ class ConvNet(nn.Module):
               f"to pool for depth={self.depth}; use larger images or a "
               "smaller depth")
         x = _pool(x, self.pooling)
-    if output == "map":
-      return x
-    x = _flatten_nchw(x)
-    if output == "embed":
-      return x
-    return _dense(x, self.num_classes, "classifier")
+    return x if output == "map" else _flatten_nchw(x)
 
   def feature_map(self, x):
     """Last block's output as NHWC maps [N, H', W', width] (before flatten)."""
     return self._forward(x, "map")
 
-  def embed(self, x):
-    """Features before the classifier: x [N, H, W, C] -> [N, width*H'*W']."""
-    return self._forward(x, "embed")
 
-  def __call__(self, x):
-    """Logits: x [N, H, W, C] -> [N, num_classes]."""
-    return self._forward(x, "logits")
-
-
-class MLP(nn.Module):
+class MLP(_Classifier):
   """Fully connected net: ``depth`` x [Linear(width), norm, activation], then
   a linear classifier.
 
@@ -458,22 +476,21 @@ class MLP(nn.Module):
     activation: "relu", "leakyrelu", "sigmoid" or "gelu".
     norm: "none" or "layernorm" (per hidden layer, eps 1e-5).
   """
-  num_classes: int
   width: int = 256
   depth: int = 3
   activation: str = "relu"
   norm: str = "none"
 
   def __post_init__(self):
-    _check_positive(self.num_classes, "num_classes")
     _check_positive(self.width, "width")
     _check_positive(self.depth, "depth")
     _check_choice(self.norm, "norm", _MLP_NORMS)
     _check_choice(self.activation, "activation", _ACTIVATIONS)
     super().__post_init__()
 
-  @nn.compact
-  def _forward(self, x, output: str):
+  def features(self, x, output: str):
+    """Last hidden layer's output: [N, ...] -> [N, width]."""
+    del output
     if x.ndim < 2:
       raise ValueError(
           f"x must have a batch axis and at least one feature axis, got "
@@ -486,20 +503,10 @@ class MLP(nn.Module):
         x = nn.LayerNorm(epsilon=_NORM_EPS, use_fast_variance=False,
                          name=f"norm{d}")(x)
       x = act(x)
-    if output == "embed":
-      return x
-    return _dense(x, self.num_classes, "classifier")
-
-  def embed(self, x):
-    """Last hidden layer's output: x [N, ...] -> [N, width]."""
-    return self._forward(x, "embed")
-
-  def __call__(self, x):
-    """Logits: x [N, ...] -> [N, num_classes]."""
-    return self._forward(x, "logits")
+    return x
 
 
-class AlexNet(nn.Module):
+class AlexNet(_Classifier):
   """DM's 'AlexNet' (no normalisation): five convs, three 2x2 max pools.
 
   conv5x5(128) [padding 4 on single-channel inputs, else 2], relu, maxpool;
@@ -507,14 +514,10 @@ class AlexNet(nn.Module):
   conv3x3(192), relu, maxpool. Embedding 192*4*4 = 3072 for 28x28x1 and
   32x32x3 inputs.
   """
-  num_classes: int
 
-  def __post_init__(self):
-    _check_positive(self.num_classes, "num_classes")
-    super().__post_init__()
-
-  @nn.compact
-  def _forward(self, x, output: str):
+  def features(self, x, output: str):
+    """Flattened features: [N, H, W, C] -> [N, 3072] for 32x32 maps."""
+    del output
     _check_images(x, "AlexNet")
     x = nn.relu(_conv(x, 128, 5, 4 if x.shape[-1] == 1 else 2, "conv0"))
     x = _pool(x, "maxpool")
@@ -523,38 +526,23 @@ class AlexNet(nn.Module):
     x = nn.relu(_conv(x, 256, 3, 1, "conv2"))
     x = nn.relu(_conv(x, 192, 3, 1, "conv3"))
     x = nn.relu(_conv(x, 192, 3, 1, "conv4"))
-    x = _flatten_nchw(_pool(x, "maxpool"))
-    if output == "embed":
-      return x
-    return _dense(x, self.num_classes, "classifier")
-
-  def embed(self, x):
-    """Flattened features: x [N, H, W, C] -> [N, 3072] for 32x32 maps."""
-    return self._forward(x, "embed")
-
-  def __call__(self, x):
-    """Logits: x [N, H, W, C] -> [N, num_classes]."""
-    return self._forward(x, "logits")
+    return _flatten_nchw(_pool(x, "maxpool"))
 
 
 # Channels of VGG11's convs; "M" is a 2x2 max pool.
 _VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
-class VGG11(nn.Module):
+class VGG11(_Classifier):
   """DM's 'VGG11' with instance norm: [conv3x3, instance norm, relu] blocks
   and five 2x2 max pools; the first conv pads by 3 on single-channel inputs.
 
   Embedding 512 for 28x28x1 and 32x32x3 inputs.
   """
-  num_classes: int
 
-  def __post_init__(self):
-    _check_positive(self.num_classes, "num_classes")
-    super().__post_init__()
-
-  @nn.compact
-  def _forward(self, x, output: str):
+  def features(self, x, output: str):
+    """Flattened features: [N, H, W, C] -> [N, 512] for 32x32 maps."""
+    del output
     _check_images(x, "VGG11")
     first_padding = 3 if x.shape[-1] == 1 else 1
     conv_index = 0
@@ -567,18 +555,7 @@ class VGG11(nn.Module):
       x = nn.relu(InstanceNorm(name=f"norm{conv_index}")(x))
       conv_index += 1
     # DM's trailing AvgPool2d(kernel_size=1, stride=1) is the identity.
-    x = _flatten_nchw(x)
-    if output == "embed":
-      return x
-    return _dense(x, self.num_classes, "classifier")
-
-  def embed(self, x):
-    """Flattened features: x [N, H, W, C] -> [N, 512] for 32x32 maps."""
-    return self._forward(x, "embed")
-
-  def __call__(self, x):
-    """Logits: x [N, H, W, C] -> [N, num_classes]."""
-    return self._forward(x, "logits")
+    return _flatten_nchw(x)
 
 
 class BasicBlock(nn.Module):
@@ -606,21 +583,17 @@ class BasicBlock(nn.Module):
     return nn.relu(out + shortcut)
 
 
-class ResNet18(nn.Module):
+class ResNet18(_Classifier):
   """DM's 'ResNet18' with instance norm (strided convs, not the _AP variant).
 
   Stem relu(IN(conv3x3(64, bias-free))), four stages of two basic blocks
   (64, 128, 256, 512 channels; strides 1, 2, 2, 2), 4x4 average pooling.
   Embedding 512 for 28x28x1 and 32x32x3 inputs.
   """
-  num_classes: int
 
-  def __post_init__(self):
-    _check_positive(self.num_classes, "num_classes")
-    super().__post_init__()
-
-  @nn.compact
-  def _forward(self, x, output: str):
+  def features(self, x, output: str):
+    """Pooled features: [N, H, W, C] -> [N, 512] for 32x32 inputs."""
+    del output
     _check_images(x, "ResNet18")
     x = _conv(x, 64, 3, 1, "conv1", use_bias=False)
     x = nn.relu(InstanceNorm(name="norm1")(x))
@@ -632,18 +605,7 @@ class ResNet18(nn.Module):
       raise ValueError(
           f"ResNet18 needs inputs of at least 25x25 pixels (final maps "
           f"4x4), got final maps {x.shape[1:3]}")
-    x = _flatten_nchw(_pool(x, "avgpool", window=4))
-    if output == "embed":
-      return x
-    return _dense(x, self.num_classes, "classifier")
-
-  def embed(self, x):
-    """Pooled features: x [N, H, W, C] -> [N, 512] for 32x32 inputs."""
-    return self._forward(x, "embed")
-
-  def __call__(self, x):
-    """Logits: x [N, H, W, C] -> [N, num_classes]."""
-    return self._forward(x, "logits")
+    return _flatten_nchw(_pool(x, "avgpool", window=4))
 
 
 _ARCHS = {

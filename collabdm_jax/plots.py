@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from collabdm_jax import data as data_lib
 from collabdm_jax import metrics as metrics_lib
 from collabdm_jax import results as results_lib
 
@@ -400,7 +401,6 @@ def accuracy_vs_alpha(rows: Sequence[Dict], path, title: Optional[str] = None,
 
 def _dataset_class_names(dataset: Optional[str], num_classes: int):
   """Class names of a registered image dataset, when the count matches."""
-  from collabdm_jax import data as data_lib  # light: numpy only
   spec = data_lib.IMAGE_SPECS.get(str(dataset))
   if spec is not None and spec.num_classes == num_classes:
     return list(spec.class_names)
@@ -468,7 +468,7 @@ def loss_curves(metrics, path, panel_px=(420, 300)) -> pathlib.Path:
 def run_figures(run_dir, overwrite: bool = False) -> List[pathlib.Path]:
   """The figures of one finished run directory.
 
-  From ``synthetic.npz`` (``pipeline.save_synthetic``): ``synthetic.png``
+  From ``synthetic.npz`` (``outputs.save_synthetic``): ``synthetic.png``
   (``synthetic_grid``). From ``results.json``'s ``client_class_counts``:
   ``client_class_counts.png`` (``count_heatmap``). From ``metrics.jsonl``:
   ``loss_curves.png`` (``loss_curves``). Inputs that are absent are skipped

@@ -547,8 +547,12 @@ def _wire_array(name: str, arr: np.ndarray, transport_dtype: str) -> Tuple[str, 
   return _WIRE_F32, np.ascontiguousarray(arr, dtype="<f4").tobytes()
 
 
-def _encode(msg: ClientMessage, transport_dtype: str) -> bytes:
-  """Serialises ``msg`` without validating it (callers validate first)."""
+def encode_unchecked(msg: ClientMessage, transport_dtype: str) -> bytes:
+  """Serialises ``msg`` without validating it.
+
+  ``encode_message`` validates first; called alone, this writes what a
+  forger could send, for tests and attack tables of the server's checks.
+  """
   entries: List[Dict[str, Any]] = []
   chunks: List[bytes] = []
   for name in _ARRAY_FIELDS:
@@ -600,7 +604,7 @@ def encode_message(msg: ClientMessage, *, transport_dtype: str = "float32") -> b
   """
   _check_transport_dtype(transport_dtype)
   validate_message(msg)
-  return _encode(msg, transport_dtype)
+  return encode_unchecked(msg, transport_dtype)
 
 
 # ----------------------------------------------------------------------------

@@ -90,15 +90,14 @@ def initial_synthetic_set(key, init, num_classes, ipc, input_shape,
   """
   if init not in ("noise", "real", "local"):
     raise ValueError(f"init must be 'noise', 'real' or 'local', got {init!r}")
-  from collabdm_jax import client  # local import: client imports dm too
   if init != "noise" and (pool_x is None or len(pool_x) == 0):
     raise ValueError(f"init={init!r} needs a non-empty pool of images")
   if init == "noise":
-    return client.initial_images(key, np.zeros((0,) + tuple(input_shape)),
-                                 np.zeros((0,), np.int32), num_classes, ipc,
-                                 "noise", False)
-  return client.initial_images(key, pool_x, pool_y, num_classes, ipc, "real",
-                               pae and init == "real")
+    return dm.initial_images(key, np.zeros((0,) + tuple(input_shape)),
+                             np.zeros((0,), np.int32), num_classes, ipc,
+                             "noise", False)
+  return dm.initial_images(key, pool_x, pool_y, num_classes, ipc, "real",
+                           pae and init == "real")
 
 
 def aggregate_messages(messages, weighting="count", with_std=False,

@@ -33,13 +33,15 @@ from ml_collections import config_flags
 
 from collabdm_jax import aggregation
 from collabdm_jax import attacks
-from collabdm_jax import pipeline
 from collabdm_jax import protocol
 from collabdm_jax import server as server_lib
+from collabdm_jax import setup as setup_lib
+from collabdm_jax import stages
 from experiments import provenance
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/default.py", "Experiment config file.")
+    "config", "experiments/configs/default.py", "Experiment config file.",
+    lock_config=True)
 _F = flags.DEFINE_list("f", ["0", "1", "3"], "Numbers of malicious clients.")
 _ATTACKS = flags.DEFINE_list("attacks", ["scaled", "sign_flip", "noise",
                                          "label_swap"], "Attacks to run.")
@@ -64,19 +66,19 @@ def forge(s, honest, f, name, key, claim):
       m = attacks.attack(name, jax.random.fold_in(key, m.client_id), m,
                          honest[f:], factor=_FACTOR.value, std=_STD.value,
                          claim_class_size=claim,
-                         batch_real=pipeline._opt(cfg.stats.batch_real))
+                         batch_real=cfg.stats.batch_real)
     out.append(m)
   return out
 
 
 def receive(s, msgs):
   """What the server accepts of ``msgs``: (decoded messages, {id: reason})."""
-  spec = pipeline.message_spec(s)
+  spec = setup_lib.message_spec(s)
   accepted, rejected = [], {}
   for m in msgs:
     try:
       # A forger skips the encoder's own checks; the server's decode is the gate.
-      blob = protocol._encode(m, s.config.message.transport_dtype)
+      blob = protocol.encode_unchecked(m, s.config.message.transport_dtype)
       accepted.append(protocol.decode_message(blob, spec))
     except protocol.MessageError as e:
       rejected[str(m.client_id)] = str(e)
@@ -87,9 +89,9 @@ def cell(s, msgs, aggregator):
   """Accuracy of the server run on ``msgs`` with ``aggregator``."""
   s.config.server.aggregator = aggregator
   t0 = time.perf_counter()
-  images = pipeline.synthesize_from_messages(s, msgs)
+  images = stages.synthesize_from_messages(s, msgs)
   x, y = server_lib.synthetic_dataset(images)
-  res = pipeline.evaluate_images(s, x, y)
+  res = stages.evaluate_images(s, x, y)
   return {"accuracy_mean": res.mean, "accuracy_std": res.std,
           "accuracies": [float(a) for a in res.accuracies],
           "wall_s": round(time.perf_counter() - t0, 1)}
@@ -128,10 +130,10 @@ def main(argv):
     raise app.UsageError(f"--f must be in [0, {K}), got {fs}")
   claim = _CLAIM.value
   if claim is None:
-    claim = pipeline._opt(config.server.get("max_class_size"))
+    claim = config.server.max_class_size
   t0 = time.perf_counter()
-  s = pipeline.setup(config)
-  honest = pipeline.client_messages(s, list(range(K)))
+  s = setup_lib.setup(config)
+  honest = stages.client_messages(s, list(range(K)))
   client_s = time.perf_counter() - t0
   key = jax.random.key(_SEED.value)
   rows = []

@@ -17,14 +17,12 @@ epochs of one batch each; the full table has thousands of batches per pass,
 hence the separate (much smaller) ``--epochs``.
 """
 
-import json
+import dataclasses
 import logging
-import os
 import pathlib
 import time
 from typing import Dict
 
-import jax
 import numpy as np
 from absl import app
 from absl import flags
@@ -32,8 +30,8 @@ from ml_collections import config_flags
 
 from collabdm_jax import evaluate
 from collabdm_jax import keys as keys_lib
-from collabdm_jax import pipeline
-from collabdm_jax import provenance
+from collabdm_jax import outputs
+from collabdm_jax import setup as setup_lib
 
 METHOD = "full_data"
 
@@ -44,23 +42,12 @@ def _check_epochs(epochs):
     raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
 
 
-def eval_config(config, dataset_kind: str, epochs: int) -> evaluate.EvalConfig:
-  """``config.eval`` as an ``EvalConfig`` with ``epochs`` full passes.
-
-  Augmentation follows the pipeline's evaluator: DSA on images when
-  ``config.eval.dsa``, none on tables; no partition-and-expansion (real rows
-  are not synthetic images).
-  """
+def eval_config(s, epochs: int) -> evaluate.EvalConfig:
+  """The run's evaluator (``setup.eval_config``) with ``epochs`` full passes
+  and no partition-and-expansion (real rows are not synthetic images)."""
   _check_epochs(epochs)
-  e = config.eval
-  strategy = ""
-  if e.dsa and dataset_kind == "image":
-    strategy = pipeline.dsa_strategy(config, config.dataset)
-  return evaluate.EvalConfig(
-      arch=e.arch, num_nets=e.num_nets, epochs=epochs, lr=e.lr,
-      momentum=e.momentum, weight_decay=e.weight_decay,
-      batch_size=e.batch_size, dsa_strategy=strategy, pae=False,
-      model_kwargs=tuple(sorted(e.model_kwargs.to_dict().items())))
+  return dataclasses.replace(setup_lib.eval_config(s), epochs=epochs,
+                             pae=False)
 
 
 def raw_upload_bytes(s) -> Dict[str, int]:
@@ -88,9 +75,9 @@ def run(config, workdir, epochs: int = 30) -> Dict:
   workdir.mkdir(parents=True, exist_ok=True)
   timings = {}
   t0 = time.perf_counter()
-  s = pipeline.setup(config)
+  s = setup_lib.setup(config)
   timings["setup"] = time.perf_counter() - t0
-  ecfg = eval_config(config, s.dataset.kind, epochs)
+  ecfg = eval_config(s, epochs)
   t1 = time.perf_counter()
   # The pipeline's evaluation stream, so net i starts from the same weights
   # as the i-th network trained on a distilled set of the same run.
@@ -99,34 +86,11 @@ def run(config, workdir, epochs: int = 30) -> Dict:
       s.dataset.test_y, num_classes=s.dataset.num_classes, config=ecfg)
   timings["evaluate"] = time.perf_counter() - t1
   timings["total"] = time.perf_counter() - t0
-  upload = raw_upload_bytes(s)
-  results = {
-      "config": config.to_dict(),
-      "method": METHOD,
-      "dataset": config.dataset,
-      "num_clients": config.partition.num_clients,
-      "alpha": config.partition.alpha,
-      "ipc": None,
-      "train_rows": int(len(s.dataset.train_y)),
-      "epochs": int(epochs),
-      "wall_s": {k: round(v, 3) for k, v in timings.items()},
-      "client_class_counts": s.partition.counts.tolist(),
-      "environment": {"backend": jax.default_backend(),
-                      "devices": [str(d) for d in jax.devices()],
-                      "process_count": jax.process_count(),
-                      "jax": jax.__version__},
-      "provenance": provenance.finish(s.provenance),
-      "accuracy_mean": res.mean,
-      "accuracy_std": res.std,
-      "accuracies": [float(a) for a in res.accuracies],
-      "n_eval": int(len(res.accuracies)),
-      "upload_bytes_per_client": upload,
-      "upload_bytes_total": int(sum(upload.values())),
-  }
-  results.update(pipeline.detection_metrics(s, res.predictions))
-  tmp = workdir / "results.json.tmp"
-  tmp.write_text(json.dumps(results, indent=2, default=str))
-  os.replace(tmp, workdir / "results.json")
+  extra = {"method": METHOD, "ipc": None,
+           "train_rows": int(len(s.dataset.train_y)), "epochs": int(epochs)}
+  results = outputs.results_record(s, timings, res.accuracies,
+                                   res.predictions, raw_upload_bytes(s), extra)
+  outputs.write_results(workdir, results)
   logging.info("full-data detector accuracy %.4f +- %.4f over %d nets",
                res.mean, res.std, len(res.accuracies))
   return results
@@ -136,7 +100,8 @@ def define_flags():
   """This program's absl flags, defined only when it runs as a program so
   that importing ``run`` leaves the global flags alone."""
   config_flags.DEFINE_config_file(
-      "config", "experiments/configs/ids_5g.py", "Run config file.")
+      "config", "experiments/configs/ids_5g.py", "Run config file.",
+      lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory.", required=True)
   flags.DEFINE_integer("epochs", 30,
                        "Training epochs over the full pooled training set.")

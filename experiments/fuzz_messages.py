@@ -40,12 +40,14 @@ import numpy as np
 from ml_collections import config_flags
 
 from collabdm_jax import models
-from collabdm_jax import pipeline
 from collabdm_jax import protocol
+from collabdm_jax import setup as setup_lib
+from collabdm_jax import stages
 from experiments import provenance
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/smoke.py", "Config of the real client pass.")
+    "config", "experiments/configs/smoke.py", "Config of the real client pass.",
+    lock_config=True)
 _NUM = flags.DEFINE_integer("num_mutations", 10000, "Mutated messages to decode.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the mutations.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON document here.")
@@ -320,8 +322,8 @@ def real_messages(config):
 
   Each client's message is encoded in both transport dtypes.
   """
-  s = pipeline.setup(config)
-  msgs = pipeline.client_messages(s, list(range(config.partition.num_clients)))
+  s = setup_lib.setup(config)
+  msgs = stages.client_messages(s, list(range(config.partition.num_clients)))
   blobs = [protocol.encode_message(m, transport_dtype=d)
            for m in msgs for d in protocol.TRANSPORT_DTYPES]
   return s, blobs
@@ -404,14 +406,14 @@ def main(argv):
   t0 = time.perf_counter()
   config = _CONFIG.value
   s, blobs = real_messages(config)
-  max_class_size = pipeline._opt(config.server.max_class_size)
+  max_class_size = config.server.max_class_size
   if max_class_size is None:
     # The server's bound on a client's class size; unset, the largest class
     # of the training set (no client can hold more).
     max_class_size = int(np.bincount(s.dataset.train_y).max())
     config.server.max_class_size = max_class_size
-  spec = pipeline.message_spec(s)
-  batch_real = pipeline._opt(config.stats.batch_real)
+  spec = setup_lib.message_spec(s)
+  batch_real = config.stats.batch_real
   emb_range = embedding_range_oracle(s.model, s.input_shape)
   # Every honest message passes the oracle (else it would flag noise).
   for b in blobs:

@@ -14,7 +14,7 @@ and writes, as it goes (a run cut short keeps what it measured):
   the GPU was over the traced calls; the bare ConvNet forward in variants
   that isolate each suspect (depth 1/2/3, no normalisation, one-pass
   instance norm, bf16); and the 100-client pass itself in each variant
-  (``bench.measure_client_config``, the benchmark's own method);
+  (``client_pass.measure_client_config``, the benchmark's own method);
 * ``reference_gpu.json``: ``experiments/reference_bench.py`` on the card
   (the reference config end to end, GPU-sized embedding batches).
 
@@ -50,7 +50,9 @@ import numpy as np
 from collabdm_jax import dm
 from collabdm_jax import models
 from collabdm_jax import provenance
-from experiments import bench
+from experiments.benchlib import cases
+from experiments.benchlib import client_pass
+from experiments.benchlib import measure
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the JSON files go.")
 _QUICK = flags.DEFINE_bool("quick", False, "Toy sizes, any backend.")
@@ -233,9 +235,9 @@ def busy_within_calls(intervals, gap_us=2000.0):
 
 
 def pass_sizes(quick, embed_batch, fused, timed_chunks=None):
-  """Sizes for ``bench.measure_client_config`` on the accelerator."""
-  base = dict(bench.QUICK if quick else bench.FULL)
-  accel = dict(bench.ACCEL_QUICK if quick else bench.ACCEL)
+  """Sizes for ``client_pass.measure_client_config`` on the accelerator."""
+  base = dict(cases.QUICK if quick else cases.FULL)
+  accel = dict(cases.ACCEL_QUICK if quick else cases.ACCEL)
   sizes = dict(base, **accel)
   sizes["embed_batch"] = embed_batch
   sizes["model"] = dict(sizes["model"], fused_first_block=fused)
@@ -252,13 +254,12 @@ def measure_pass(name, quick, clients, device, peaks):
   sizes = pass_sizes(quick, embed_batch, fused)
   peak = peaks[VARIANT_PEAK[dtype]]["gflops"]
   # FLOPs are the plain network's, whatever the variant runs.
-  plain = bench.make_spec("fmnist", pass_sizes(quick, embed_batch, False),
+  plain = cases.make_spec("fmnist", pass_sizes(quick, embed_batch, False),
                           dtype)
-  bench._FLOPS_CACHE[bench._flops_key(bench.make_spec("fmnist", sizes,
-                                                      dtype))] = (
-      bench.flops_per_image(plain))
+  measure.set_flops_per_image(cases.make_spec("fmnist", sizes, dtype),
+                              measure.flops_per_image(plain))
   with instance_norm(norm):
-    entry = bench.measure_client_config("fmnist", clients, (100,), "gpu",
+    entry = client_pass.measure_client_config("fmnist", clients, (100,), "gpu",
                                         sizes, [device], peak, variant)[0]
   entry.update(variant=name, instance_norm=norm, first_block_fused=fused,
                matmul_peak_kind=VARIANT_PEAK[dtype],
@@ -303,12 +304,12 @@ def bare_forward(quick, device, peaks, names):
                                                 shape), device)
       cpu = jax.devices("cpu")[0]
       # FLOPs of the plain network, whatever the variant runs.
-      flops = bench.flops_of(jax.jit(models.embed_fn(plain)).lower(
+      flops = measure.flops_of(jax.jit(models.embed_fn(plain)).lower(
           jax.device_put(params, cpu), jax.device_put(x[:1], cpu)
       ).compile()) * batch
       with instance_norm(impl):
         f = jax.jit(models.embed_fn(model, dtype))
-        times = bench.call_times(f, (params, x), 3 if quick else 20)
+        times = measure.call_times(f, (params, x), 3 if quick else 20)
         got = np.asarray(f(params, x[:64]))
       ref = np.asarray(jax.jit(models.embed_fn(plain))(params, x[:64]))
       best = float(np.median(times))
@@ -366,7 +367,7 @@ def main(argv):
   device = jax.devices()[0]
   doc = {"provenance": provenance.start(["experiments/gpu_profile.py"]
                                         + sys.argv[1:]),
-         "environment": bench.environment(), "device": str(device),
+         "environment": measure.environment(), "device": str(device),
          "device_kind": device.device_kind, "quick": quick}
   path = out_dir / "gpu_profile.json"
 
@@ -375,10 +376,10 @@ def main(argv):
 
   n = 512 if quick else 8192
   doc["matmul_peak"] = peaks = {
-      "tf32": bench.matmul_peak(device, n, 10),
-      "fp32": bench.matmul_peak(device, n, 10, precision="highest"),
-      "bf16": bench.matmul_peak(device, n, 10, dtype="bfloat16")}
-  doc["copy_bandwidth"] = bench.copy_bandwidth(
+      "tf32": measure.matmul_peak(device, n, 10),
+      "fp32": measure.matmul_peak(device, n, 10, precision="highest"),
+      "bf16": measure.matmul_peak(device, n, 10, dtype="bfloat16")}
+  doc["copy_bandwidth"] = measure.copy_bandwidth(
       device, (1 << 20) if quick else (1 << 29), 10)
   log({k: round(v["gflops"]) for k, v in peaks.items()})
   flush()

@@ -14,13 +14,14 @@ Usage (from the repository root, after `apt-get install dataset-fashion-mnist`):
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import shutil
 import subprocess
 from pathlib import Path
 
+from absl import app
+from absl import flags
 import numpy as np
 
 from collabdm_jax.data.images import (
@@ -166,21 +167,23 @@ Licence text (Expat):
   return {name: digest for name, (digest, _) in shipped.items()}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--source", type=Path, default=DEBIAN_FASHION_MNIST_DIR,
-                      help="folder with the four Fashion-MNIST IDX files")
-  parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-  parser.add_argument("--train-per-class", type=int, default=500)
-  parser.add_argument("--test-per-class", type=int, default=100)
-  args = parser.parse_args()
-  for flag in ("train_per_class", "test_per_class"):
-    if getattr(args, flag) < 1:
-      parser.error(f"--{flag.replace('_', '-')} must be >= 1")
-  sums = build(args.source, args.out, args.train_per_class, args.test_per_class)
+_SOURCE = flags.DEFINE_string(
+    "source", str(DEBIAN_FASHION_MNIST_DIR),
+    "folder with the four Fashion-MNIST IDX files")
+_OUT = flags.DEFINE_string("out", str(DEFAULT_OUT), "where the subset goes")
+_TRAIN = flags.DEFINE_integer("train-per-class", 500,
+                              "training images per class", lower_bound=1)
+_TEST = flags.DEFINE_integer("test-per-class", 100, "test images per class",
+                             lower_bound=1)
+
+
+def main(argv) -> None:
+  del argv  # every argument is a flag
+  out = Path(_OUT.value)
+  sums = build(Path(_SOURCE.value), out, _TRAIN.value, _TEST.value)
   for name, digest in sums.items():
-    print(f"{digest}  {args.out / name}")
+    print(f"{digest}  {out / name}")
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

@@ -19,11 +19,12 @@ How FLOPs are counted. XLA's cost analysis counts a loop body once, so each
 phase's count is built from programs in which every loop runs exactly once,
 times the number of times the phase runs them:
 
-* client statistics: FLOPs per embedded sample (``bench.flops_per_image``:
+* client statistics: FLOPs per embedded sample
+  (``benchlib.measure.flops_per_image``:
   sampling, DSA, embedding and sums) x samples embedded (per client and
   iteration, ``min(class count, batch_real)`` per class) x iterations;
 * local DM on the shared networks: one class step of all clients
-  (``client._shared_local_step`` on a one-class set) x classes x
+  (``client.shared_local_step`` on a one-class set) x classes x
   iterations;
 * server: one class step (``server.make_step`` on a one-class set) x
   classes x iterations;
@@ -59,10 +60,12 @@ from collabdm_jax import losses
 from collabdm_jax import models
 from collabdm_jax import pipeline
 from collabdm_jax import server as server_lib
-from experiments import bench
+from collabdm_jax import setup as setup_lib
+from experiments.benchlib import measure
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/reference.py", "Run config.")
+    "config", "experiments/configs/reference.py", "Run config.",
+    lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON document.")
 _MATMUL_N = flags.DEFINE_integer(
     "matmul_n", 2048, "Size of the square float32 matmul whose best time is "
@@ -84,7 +87,7 @@ def git_state():
 
 
 def loop_once_flops(f, *args):
-  return bench.flops_of(jax.jit(f).lower(*args).compile())
+  return measure.flops_of(jax.jit(f).lower(*args).compile())
 
 
 def server_class_step_flops(s, cfg: server_lib.ServerConfig):
@@ -95,7 +98,7 @@ def server_class_step_flops(s, cfg: server_lib.ServerConfig):
   state = dm.init_state(jnp.zeros((1, cfg.ipc) + s.input_shape), optimizer)
   targets = losses.ClassMoments(
       jnp.zeros((1, d)), jnp.zeros((1, d)), jnp.ones((1,), bool))
-  total = bench.flops_of(step.lower(state, s.root, jnp.int32(0), targets)
+  total = measure.flops_of(step.lower(state, s.root, jnp.int32(0), targets)
                          .compile())
   # Take psi_t's initialisation out: it runs once per iteration, not class.
   init = loop_once_flops(lambda r: dm.network_params(s.model, r, 0,
@@ -105,13 +108,13 @@ def server_class_step_flops(s, cfg: server_lib.ServerConfig):
 
 def shared_local_class_step_flops(s, lcfg, num_clients):
   """FLOPs of one class step of local DM on the shared networks, all clients."""
-  optimizer, step = client_lib._shared_local_step(s.model, s.input_shape, 1,
-                                                  lcfg)
+  optimizer, step = client_lib.shared_local_step(s.model, s.input_shape, 1,
+                                                 lcfg)
   d = models.feature_dim(s.model, s.input_shape)
   images = jnp.zeros((num_clients, 1, lcfg.ipc) + s.input_shape)
   states = jax.vmap(lambda im: dm.init_state(im, optimizer))(images)
   z = jnp.zeros((num_clients, 1, d))
-  total = bench.flops_of(step.lower(
+  total = measure.flops_of(step.lower(
       states, s.root, jnp.int32(0), z, z,
       jnp.ones((num_clients, 1), bool)).compile())
   init = loop_once_flops(lambda r: dm.network_params(s.model, r, 0,
@@ -125,8 +128,9 @@ def eval_flops(s, num_train):
   strategy = "_".join(augment.parse_strategy(s.dsa_strategy)) if cfg.dsa \
       else ""
   kwargs = tuple(sorted(cfg.model_kwargs.to_dict().items()))
-  programs = evaluate._compiled(cfg.arch, s.dataset.num_classes, kwargs,
-                                strategy, cfg.batch_size, 1, 1, None)
+  programs = evaluate.compiled_programs(
+      cfg.arch, s.dataset.num_classes, kwargs, strategy, cfg.batch_size, 1, 1,
+      None)
   x = jnp.zeros((num_train,) + s.input_shape)
   y = jnp.zeros((num_train,), jnp.int32)
   key = jax.random.key(0)
@@ -134,7 +138,7 @@ def eval_flops(s, num_train):
            np.float32(cfg.weight_decay))
   if num_train > cfg.batch_size:
     raise ValueError("eval_flops assumes one batch per epoch")
-  step = bench.flops_of(programs.train_net.lower(key, x, y, *hyper).compile())
+  step = measure.flops_of(programs.train_net.lower(key, x, y, *hyper).compile())
   model = models.make_model(cfg.arch, s.dataset.num_classes, **dict(kwargs))
   params = models.init_params(model, key, s.input_shape)
   init = loop_once_flops(
@@ -149,13 +153,13 @@ def phase_flops(s, results):
   T, C = cfg.num_iterations, s.dataset.num_classes
   counts = np.asarray(results["client_class_counts"])
   slots = int(s.stats_spec.slots_per_class(counts).sum())
-  per_image = bench.flops_per_image(s.stats_spec)[0]
+  per_image = measure.flops_per_image(s.stats_spec)[0]
   out = {"client_stats": per_image * slots * T}
-  lcfg = pipeline.local_config(cfg, s.dsa_strategy)
+  lcfg = setup_lib.local_config(cfg, s.dsa_strategy)
   if cfg.local.enabled and cfg.local.networks == "shared":
     out["local_distill"] = (shared_local_class_step_flops(
         s, lcfg, cfg.partition.num_clients) * C * lcfg.iterations)
-  out["server"] = (server_class_step_flops(s, pipeline.server_config(s))
+  out["server"] = (server_class_step_flops(s, setup_lib.server_config(s))
                    * C * T)
   n_syn = C * cfg.server.ipc * (4 if cfg.server.pae else 1)
   step, logit = eval_flops(s, n_syn)
@@ -169,17 +173,17 @@ def main(argv):
   config = _CONFIG.value
   config.checkpoint.every = 0  # time the algorithm, not checkpoint writes
   device = jax.devices()[0]
-  env = bench.environment()
+  env = measure.environment()
   load_start = list(os.getloadavg())
   logging.info("load average at start: %s", load_start)
-  peak_start = bench.matmul_peak(device, _MATMUL_N.value, 10)
+  peak_start = measure.matmul_peak(device, _MATMUL_N.value, 10)
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="collabdm_reference_")
   t0 = time.perf_counter()
   results = pipeline.run_distillation(config, workdir)
   wall = time.perf_counter() - t0
-  peak_end = bench.matmul_peak(device, _MATMUL_N.value, 10)
+  peak_end = measure.matmul_peak(device, _MATMUL_N.value, 10)
   peak = max(peak_start["gflops"], peak_end["gflops"])
-  s = pipeline.setup(config)
+  s = setup_lib.setup(config)
   flops = phase_flops(s, results)
   phases = {}
   for name, seconds in results["wall_s"].items():
@@ -210,7 +214,7 @@ def main(argv):
       "matmul_peak": {"start": peak_start, "end": peak_end},
       "load_average_start": load_start,
       "load_average_end": list(os.getloadavg()),
-      "peak_rss_mb": bench.peak_rss_mb(),
+      "peak_rss_mb": measure.peak_rss_mb(),
       "environment": env,
       "config_values": config.to_dict(),
       "upload_bytes_total": results["upload_bytes_total"],

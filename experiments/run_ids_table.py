@@ -153,19 +153,6 @@ def summarize(runs: Sequence[Run]) -> List[Dict]:
   return rows
 
 
-def _pct(mean, std):
-  return f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
-def _bytes(n):
-  if not n:
-    return "–"
-  for unit, size in (("MB", 1e6), ("kB", 1e3)):
-    if n >= size:
-      return f"{n / size:.1f} {unit}"
-  return f"{n:.0f} B"
-
-
 CLASS_NAMES = {"5g_ids": ("normal", "attack"),
                "nsl_kdd": ("normal", "DoS", "Probe", "R2L", "U2R")}
 
@@ -185,11 +172,13 @@ def to_markdown(rows: Sequence[Dict]) -> str:
     out.append("|---|---|---|---|---|---|---|")
     for r in part:
       recall = ", ".join(f"{100 * m:.1f}" for m in r["per_class_recall_mean"])
+      pct = lambda key: results_lib.format_accuracy(r[f"{key}_mean"],
+                                                    r[f"{key}_std"])
+      # No upload (the references) reads as a dash.
+      upload = results_lib.format_bytes(r["upload_bytes_per_client"] or None)
       out.append(
-          f"| {r['method']} | {_pct(r['accuracy_mean'], r['accuracy_std'])} "
-          f"| {_pct(r['balanced_accuracy_mean'], r['balanced_accuracy_std'])} "
-          f"| {_pct(r['false_positive_rate_mean'], r['false_positive_rate_std'])} "
-          f"| {recall} | {_bytes(r['upload_bytes_per_client'])} "
+          f"| {r['method']} | {pct('accuracy')} | {pct('balanced_accuracy')} "
+          f"| {pct('false_positive_rate')} | {recall} | {upload} "
           f"| {r['wall_s']:.0f} |")
     out.append("")
   commits = sorted({c for r in rows for c in r.get("commits", ())})

@@ -4,18 +4,19 @@ With 10 clients every sample sits in one block, and each iteration draws a
 priority for every sample, sorts all of them by (client, class, priority)
 and gathers the slots it embeds. This times each of those steps alone
 (the client module's own functions; "sort" includes looking up each slot's
-sample), and the whole block function, on the block ``bench.py`` builds,
+sample), and the whole block function, on the blocks the benchmark builds,
 ``t_chunk`` iterations per call. Prints one JSON document.
 
   python experiments/sampling_probe.py --out=experiments/results/sampling_probe_gpu.json
   python experiments/sampling_probe.py --quick     # tiny sizes (CPU check)
 """
 
-import argparse
 import json
 import pathlib
 import sys
 
+from absl import app
+from absl import flags
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -28,20 +29,24 @@ import jax.numpy as jnp  # noqa: E402
 from collabdm_jax import client as client_lib  # noqa: E402
 from collabdm_jax import parallel  # noqa: E402
 from collabdm_jax import provenance  # noqa: E402
-from experiments import bench  # noqa: E402
+from experiments.benchlib import cases  # noqa: E402
+from experiments.benchlib import measure  # noqa: E402
+
+_QUICK = flags.DEFINE_bool("quick", False, "tiny sizes (a CPU check)")
+_OUT = flags.DEFINE_string("out", None, "also write the JSON document here")
 
 
 def best_time(f, args, reps):
-  return min(bench.call_times(f, args, reps))
+  return min(measure.call_times(f, args, reps))
 
 
 def probe(dataset, num_clients, sizes, t_chunk, reps):
-  spec = bench.make_spec(dataset, sizes)
-  shape, train, _ = bench.DATASETS[dataset]
+  spec = cases.make_spec(dataset, sizes)
+  shape, train, _ = cases.DATASETS[dataset]
   train = sizes["train_size"] or train
   n = train // num_clients
   rng = np.random.default_rng(0)
-  ys = [rng.integers(0, bench.NUM_CLASSES, n).astype(np.int32)
+  ys = [rng.integers(0, cases.NUM_CLASSES, n).astype(np.int32)
         for _ in range(num_clients)]
   xs = [rng.standard_normal((n,) + shape, np.float32) for _ in ys]
   slots = [spec.slots_of(y) for y in ys]
@@ -55,15 +60,15 @@ def probe(dataset, num_clients, sizes, t_chunk, reps):
   (x, y, sample_client, client_offset, class_start, client_ids, slot_client,
    slot_class, slot_rank) = arrays
 
-  # The block function's own steps (client._block_stats_fn), one at a time.
+  # The block function's own steps (client.block_stats_fn), one at a time.
   def priorities(t):
-    return client_lib._block_priorities(root, t, sample_client,
-                                        client_offset, client_ids)
+    return client_lib.block_priorities(root, t, sample_client,
+                                       client_offset, client_ids)
 
   def slot_index(prio):  # the 3-key sort, then each slot's sample
-    return client_lib._block_slot_indices(prio, y, sample_client,
-                                          client_offset, class_start,
-                                          slot_client, slot_class, slot_rank)
+    return client_lib.block_slot_indices(prio, y, sample_client,
+                                         client_offset, class_start,
+                                         slot_client, slot_class, slot_rank)
 
   ts = jnp.arange(t_chunk)
   prio0 = priorities(0)
@@ -84,7 +89,7 @@ def probe(dataset, num_clients, sizes, t_chunk, reps):
          "seconds_per_call": {}}
   for name, (f, args) in steps.items():
     out["seconds_per_call"][name] = best_time(f, args, reps)
-  fn = client_lib._block_stats_fn(spec, mesh, t_chunk, layout.embed_batch)
+  fn = client_lib.block_stats_fn(spec, mesh, t_chunk, layout.embed_batch)
   out["seconds_per_call"]["block_function"] = best_time(
       lambda: fn(root, jnp.int32(0), *arrays), (), reps)
   share = out["seconds_per_call"]["draw_and_gather"] / out[
@@ -93,28 +98,23 @@ def probe(dataset, num_clients, sizes, t_chunk, reps):
   return out
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--out", default=None)
-  args = parser.parse_args(argv)
-  if args.quick:
-    sizes, cases, t_chunk, reps = dict(bench.QUICK), [("fmnist", 3)], 2, 2
+def main(argv):
+  del argv  # every argument is a flag
+  if _QUICK.value:
+    sizes, probes, t_chunk, reps = dict(cases.QUICK), [("fmnist", 3)], 2, 2
   else:
-    sizes = dict(bench.FULL, embed_batch=bench.ACCEL["embed_batch"])
-    cases = [("fmnist", 10), ("cifar10", 10)]
-    t_chunk, reps = bench.ACCEL["t_chunk"], 10
-  record = provenance.start(["experiments/sampling_probe.py"]
-                            + list(sys.argv[1:] if argv is None else argv))
-  doc = {"environment": bench.environment(),
-         "cases": [probe(ds, k, sizes, t_chunk, reps) for ds, k in cases]}
+    sizes = dict(cases.FULL, embed_batch=cases.ACCEL["embed_batch"])
+    probes = [("fmnist", 10), ("cifar10", 10)]
+    t_chunk, reps = cases.ACCEL["t_chunk"], 10
+  record = provenance.start(["experiments/sampling_probe.py"] + sys.argv[1:])
+  doc = {"environment": measure.environment(),
+         "cases": [probe(ds, k, sizes, t_chunk, reps) for ds, k in probes]}
   doc["provenance"] = provenance.finish(record)
   text = json.dumps(doc, indent=2)
-  if args.out:
-    pathlib.Path(args.out).write_text(text + "\n")
+  if _OUT.value:
+    pathlib.Path(_OUT.value).write_text(text + "\n")
   print(text)
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -68,7 +68,6 @@ that layout, blocks were padded per client and had one shape each, and
 (31 compiled programs of tens of MiB each, and blocks 3x the data).
 """
 
-import argparse
 import dataclasses
 import json
 import math
@@ -79,6 +78,10 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Optional
+
+from absl import app
+from absl import flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -406,48 +409,71 @@ def summarize(cases):
           "by_clients": by_clients, "by_iterations": by_iterations}
 
 
-def _int_list(text):
+def define_flags(flag_values=flags.FLAGS):
+  """This script's flags (defined only when it runs as a program, so that
+  importing it for its functions leaves the global flags alone)."""
+  f = flag_values
+  flags.DEFINE_bool(
+      "quick", False, "tiny sizes: embedded dataset, K 4,12, T 2,4, width 8",
+      flag_values=f)
+  flags.DEFINE_list("clients", None, "comma-separated K values "
+                    "(default 100,1000)", flag_values=f)
+  flags.DEFINE_list("iterations", None, "comma-separated T values "
+                    "(default 8,32)", flag_values=f)
+  flags.DEFINE_integer("width", None, "ConvNet width (default 32; 8 with "
+                       "--quick)", lower_bound=1, flag_values=f)
+  flags.DEFINE_string("dataset", None, "dataset name (default fashion_mnist)",
+                      flag_values=f)
+  flags.DEFINE_integer("t-chunk", 2, "iterations per streamed chunk",
+                       lower_bound=1, flag_values=f)
+  flags.DEFINE_float("alpha", 0.1, "Dirichlet concentration", flag_values=f)
+  flags.DEFINE_integer("seed", 0, "partition seed", flag_values=f)
+  flags.DEFINE_string("out", None, "also write the JSON here", flag_values=f)
+  flags.DEFINE_string("case", None, "internal: K,T of one child case",
+                      flag_values=f)
+  for name in ("clients", "iterations"):
+    flags.register_validator(
+        name, lambda v: v is None or _positive_ints(v),
+        message=f"--{name} takes comma-separated integers >= 1",
+        flag_values=f)
+  flags.register_validator("alpha", lambda v: v > 0,
+                           message="--alpha must be > 0", flag_values=f)
+
+
+def _positive_ints(values):
   try:
-    values = tuple(int(v) for v in text.split(",") if v.strip())
+    ints = [int(v) for v in values]
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected comma-separated integers, "
-                                     f"got {text!r}") from None
-  if not values or min(values) < 1:
-    raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-  return values
+    return False
+  return bool(ints) and min(ints) >= 1
 
 
-def _parse(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--quick", action="store_true",
-                 help="tiny sizes: embedded dataset, K 4,12, T 2,4, width 8")
-  p.add_argument("--clients", type=_int_list, default=None,
-                 help="comma-separated K values (default 100,1000)")
-  p.add_argument("--iterations", type=_int_list, default=None,
-                 help="comma-separated T values (default 8,32)")
-  p.add_argument("--width", type=int, default=None,
-                 help="ConvNet width (default 32; 8 with --quick)")
-  p.add_argument("--dataset", default=None,
-                 help="dataset name (default fashion_mnist)")
-  p.add_argument("--t-chunk", type=int, default=2,
-                 help="iterations per streamed chunk")
-  p.add_argument("--alpha", type=float, default=0.1)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=None, help="also write the JSON here")
-  p.add_argument("--case", default=None, help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
-  base = QUICK if args.quick else FULL
-  args.clients = args.clients or base["clients"]
-  args.iterations = args.iterations or base["iterations"]
-  args.width = args.width if args.width is not None else base["width"]
-  args.dataset = args.dataset or base["dataset"]
-  for name in ("width", "t_chunk"):
-    if getattr(args, name) < 1:
-      p.error(f"--{name.replace('_', '-')} must be >= 1, got "
-              f"{getattr(args, name)}")
-  if not args.alpha > 0:
-    p.error(f"--alpha must be > 0, got {args.alpha}")
-  return args
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The flags, with the sizes' defaults filled in."""
+  quick: bool
+  clients: tuple
+  iterations: tuple
+  width: int
+  dataset: str
+  t_chunk: int
+  alpha: float
+  seed: int
+  out: Optional[str]
+  case: Optional[str]
+
+
+def settings(f=flags.FLAGS) -> Settings:
+  base = QUICK if f.quick else FULL
+  return Settings(
+      quick=f.quick,
+      clients=tuple(int(v) for v in f.clients) if f.clients
+      else base["clients"],
+      iterations=tuple(int(v) for v in f.iterations) if f.iterations
+      else base["iterations"],
+      width=f.width if f.width is not None else base["width"],
+      dataset=f.dataset or base["dataset"], t_chunk=f["t-chunk"].value,
+      alpha=f.alpha, seed=f.seed, out=f.out, case=f.case)
 
 
 def _child_command(args, k, t):
@@ -457,15 +483,15 @@ def _child_command(args, k, t):
           f"--alpha={args.alpha}", f"--seed={args.seed}"]
 
 
-def main(argv=None):
-  args = _parse(argv)
+def main(argv):
+  del argv  # every argument is a flag
+  args = settings()
   if args.case is not None:
     k, t = (int(v) for v in args.case.split(","))
     print(json.dumps(run_case(args.dataset, k, t, args.width, args.t_chunk,
                               args.alpha, args.seed)))
     return 0
-  record = provenance.start(["experiments/scale_check.py"]
-                            + list(sys.argv[1:] if argv is None else argv))
+  record = provenance.start(["experiments/scale_check.py"] + sys.argv[1:])
   cases = []
   start = time.perf_counter()
   for k in args.clients:
@@ -489,7 +515,7 @@ def main(argv=None):
       "schema_version": SCHEMA_VERSION,
       "sizes": "quick" if args.quick else "full",
       "command": " ".join(["python", "experiments/scale_check.py"]
-                          + (argv if argv is not None else sys.argv[1:])),
+                          + sys.argv[1:]),
       "dataset": args.dataset,
       "clients": list(args.clients),
       "iterations": list(args.iterations),
@@ -515,4 +541,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(main)

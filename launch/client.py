@@ -14,7 +14,8 @@ from collabdm_jax import pipeline
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/default.py", "Experiment config file.")
+    "config", "experiments/configs/default.py", "Experiment config file.",
+    lock_config=True)
 _CLIENT_ID = flags.DEFINE_integer("client_id", None, "This client's id.",
                                   required=True)
 _MESSAGE_DIR = flags.DEFINE_string("message_dir", None,

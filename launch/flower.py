@@ -36,7 +36,8 @@ if _ROOT not in sys.path:
 from collabdm_jax import flower_app  # noqa: E402  (after the path fix)
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/default.py", "Experiment config file.")
+    "config", "experiments/configs/default.py", "Experiment config file.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.",
                                required=True)
 _CLIENT_CPUS = flags.DEFINE_float(

@@ -16,7 +16,8 @@ from collabdm_jax import plots
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/default.py", "Experiment config file.")
+    "config", "experiments/configs/default.py", "Experiment config file.",
+    lock_config=True)
 _MESSAGE_DIR = flags.DEFINE_string("message_dir", None,
                                    "Directory of client messages.",
                                    required=True)

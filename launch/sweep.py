@@ -70,6 +70,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
+from collabdm_jax import outputs
 from collabdm_jax import pipeline
 from collabdm_jax import plots
 from collabdm_jax import provenance
@@ -293,7 +294,8 @@ def make_cells(sweep_config) -> List[Cell]:
 
 def cell_config(sweep_config, cell: Cell):
   """The run config of ``cell``: ``base`` with its overrides, and the
-  variant's name in ``config.variant`` (recorded in ``results.json``)."""
+  variant's name in ``config.variant`` (declared by ``default.py``;
+  recorded in ``results.json``)."""
   config = apply_overrides(sweep_config.base, cell.overrides)
   if cell.variant is not None:
     config[VARIANT_FIELD] = cell.variant
@@ -336,7 +338,7 @@ def _error_payload(config, cell: Cell, error: BaseException) -> Dict:
       "cell": cell.name,
       "index": cell.index,
       "overrides": dict(cell.labels),
-      "method": pipeline.method_name(config),
+      "method": outputs.method_name(config),
       "dataset": config.dataset,
       "num_clients": part.num_clients,
       "alpha": part.alpha,
@@ -531,7 +533,8 @@ def define_flags():
   """Defines this launcher's absl flags (only when run as a program, so
   importing the module for its functions leaves the global flags alone)."""
   config_flags.DEFINE_config_file(
-      "config", None, "Sweep config file (name, base, grid).")
+      "config", None, "Sweep config file (name, base, grid).",
+      lock_config=True)
   flags.DEFINE_string("workdir", None,
                       "Sweep folder: one subfolder per cell.", required=True)
   flags.DEFINE_string(

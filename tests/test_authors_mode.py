@@ -16,6 +16,7 @@ from collabdm_jax import client as client_lib
 from collabdm_jax import losses
 from collabdm_jax import models
 from collabdm_jax import pipeline
+from collabdm_jax import setup as setup_lib
 from experiments.configs import authors
 from experiments.configs import default
 
@@ -33,15 +34,15 @@ def test_config_resolves_to_the_authors_settings():
   assert c.server.weighting == "uniform"
   assert (c.server.lr, c.server.momentum, c.server.init) == (10.0, 0.5, "local")
   assert not c.server.pae and c.server.std_weight == 0
-  lcfg = pipeline.local_config(c, pipeline.dsa_strategy(c, c.dataset))
+  lcfg = setup_lib.local_config(c, setup_lib.dsa_strategy(c, c.dataset))
   assert (lcfg.ipc, lcfg.iterations, lcfg.lr, lcfg.momentum,
           lcfg.batch_real) == (3, 401, 1.0, 0.5, 256)  # ipc // K + 1 = 3
   assert lcfg.std_weight == 0 and not lcfg.pae and lcfg.init == "real"
   # The authors keep flip for every dataset (DM drops it for digits).
   for arg in ("", "mnist", "cifar10"):
     cfg = authors.get_config(arg)
-    assert "flip" in pipeline.dsa_strategy(cfg, cfg.dataset)
-  assert "flip" not in pipeline.dsa_strategy(default.get_config(), "mnist")
+    assert "flip" in setup_lib.dsa_strategy(cfg, cfg.dataset)
+  assert "flip" not in setup_lib.dsa_strategy(default.get_config(), "mnist")
   e = c.eval
   assert (e.arch, e.epochs, e.lr, e.momentum, e.weight_decay, e.batch_size,
           e.dsa) == ("convnet", 1000, 0.01, 0.9, 5e-4, 256, True)
@@ -52,13 +53,13 @@ def test_the_partition_floor_follows_the_server_ipc():
   c = authors.get_config()
   c.server.ipc = 50  # the authors' command-line default
   assert c.partition.ipc == 50
-  assert pipeline.local_ipc(c) == 11
+  assert setup_lib.local_ipc(c) == 11
 
 
 def test_variants():
   aug = authors.get_config("aug")
   assert aug.server.pae and aug.local.std_weight == 1.0
-  lcfg = pipeline.local_config(aug, pipeline.dsa_strategy(aug, aug.dataset))
+  lcfg = setup_lib.local_config(aug, setup_lib.dsa_strategy(aug, aug.dataset))
   assert lcfg.pae and lcfg.std_weight == 1.0 and lcfg.std_ddof == 1
   assert aug.server.std_weight == 0  # no std term at the server
   iid = authors.get_config("iid")

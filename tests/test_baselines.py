@@ -12,19 +12,19 @@ import pathlib
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from collabdm_jax import baselines
-from collabdm_jax import keys
-from collabdm_jax import models
-from collabdm_jax import pipeline
-from collabdm_jax import server
 from collabdm_jax.baselines import central_dm
+from collabdm_jax.baselines import common
 from collabdm_jax.baselines import dense
 from collabdm_jax.baselines import fedavg
 from collabdm_jax.baselines import merged_local_dm
+from collabdm_jax import keys
+from collabdm_jax import models
+from collabdm_jax import server
+from collabdm_jax import setup as setup_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 C = 10
@@ -53,7 +53,7 @@ def tiny_config():
   c.num_iterations = 5
   c.local.iterations = 2
   c.local.batch_real = 16
-  c.baseline = ml_collections.ConfigDict({
+  c.baseline.update({
       "local_epochs": 5, "local_batch": 32,
       "dense_epochs": 6, "dense_g_steps": 5, "dense_synthesis_batch": 16,
       "dense_kd_batch": 16, "dense_ngf": 8, "dense_kd_lr": 0.05,
@@ -63,7 +63,7 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def s():
-  return pipeline.setup(tiny_config())
+  return setup_lib.setup(tiny_config())
 
 
 def with_config(s, **changes):
@@ -79,17 +79,20 @@ def with_config(s, **changes):
 # --------------------------------------------------------------------------
 
 
-def test_default_config_needs_no_baseline_section(s):
+def test_default_baseline_settings(s):
   c = default_config()
-  assert c.get("baseline") is None
-  assert baselines.option(c, "local_epochs", 5) == 5
   plain = dataclasses.replace(s, config=c)
   assert fedavg.local_train_config(plain) == fedavg.LocalTrainConfig(
       epochs=5, dsa_strategy=s.dsa_strategy)
-  d = dense.dense_config(plain)
-  assert (d.epochs, d.g_steps, d.ngf, d.aug_strategy) == (
-      5, 5, 64, "crop_flip")
-  assert central_dm.local_dm_config(plain).lr == 1.0
+  # default.py's block holds the dataclasses' defaults.
+  assert dense.dense_config(plain) == dense.DenseConfig()
+  central = central_dm.local_dm_config(plain)
+  assert central.lr == 1.0
+  # None: as the CollabDM field (local DM's momentum and real batch).
+  assert (central.momentum, central.batch_real) == (
+      c.local.momentum, c.local.batch_real)
+  c.baseline.central_batch_real = 7
+  assert central_dm.local_dm_config(plain).batch_real == 7
 
 
 @pytest.mark.parametrize("name,value", [("local_epochs", -1), ("local_lr", 0.0),
@@ -108,10 +111,10 @@ def test_bad_settings_raise(s, name, value):
 def test_baseline_keys_are_distinct_streams():
   root = jax.random.key(0)
   data = {n: tuple(np.asarray(jax.random.key_data(
-      baselines.baseline_key(root, n)))) for n in baselines.RUNNERS}
+      common.baseline_key(root, n)))) for n in baselines.RUNNERS}
   assert len(set(data.values())) == len(data)
   with pytest.raises(ValueError, match="name"):
-    baselines.baseline_key(root, "fedprox")
+    common.baseline_key(root, "fedprox")
 
 
 # --------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def test_merged_local_dm_budget_per_class(s):
   timings = {}
   out = merged_local_dm.run(s, timings)
   ipc = s.config.server.ipc
-  client_ipc = pipeline.local_ipc(s.config)
+  client_ipc = setup_lib.local_ipc(s.config)
   holders = (s.partition.counts > 0).sum(0)
   expected = np.minimum(ipc, client_ipc * holders)
   assert (expected == ipc).any() and ((expected > 0) & (expected < ipc)).any()
@@ -249,9 +252,9 @@ def test_dense_distils_the_ensemble_into_the_student(s, fedavg_result):
   timings = {}
   r = dense.run(s, timings, client_params=fedavg_result["client_params"])
   check_model_result(s, r, 2)
-  model = baselines.eval_model(s.config, C)
+  model = common.eval_model(s.config, C)
   ens = dense.ensemble_logits(model)
-  apply_fn = baselines.logits_of(model)
+  apply_fn = common.logits_of(model)
   T = dense.dense_config(s).temperature
   kl = jax.jit(lambda teachers, p, x: jnp.mean(
       dense.kl_per_sample(apply_fn(p, x), ens(teachers, x), T)))

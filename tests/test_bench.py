@@ -1,4 +1,4 @@
-"""experiments/bench.py: the quick run's JSON document, and its helpers.
+"""experiments/bench.py: the quick run's JSON document, and benchlib's helpers.
 
 The quick benchmark runs once (module fixture) in a subprocess, as CI would
 run it; the checks are on structure and on numbers being positive and
@@ -9,7 +9,10 @@ import math
 
 import pytest
 
-from experiments import bench
+from experiments.benchlib import cases
+from experiments.benchlib import driver
+from experiments.benchlib import gpu
+from experiments.benchlib import measure
 from tests import test_provenance
 
 
@@ -25,14 +28,14 @@ def quick(quick_script_json):
 @pytest.mark.slow  # runs the benchmark script in subprocesses
 def test_quick_covers_every_case(quick):
   names = {c["name"] for c in quick["client_pass"]}
-  expected = {bench.client_case_name(ds, k, t, d)
-              for ds in bench.DATASETS for k in bench.QUICK["clients"]
-              for t in bench.QUICK["iterations"] for d in (1, 4)}
+  expected = {cases.client_case_name(ds, k, t, d)
+              for ds in cases.DATASETS for k in cases.QUICK["clients"]
+              for t in cases.QUICK["iterations"] for d in (1, 4)}
   assert names == expected
   assert {s["name"] for s in quick["server_step"]} == {
-      f"server_{ds}" for ds in bench.DATASETS}
+      f"server_{ds}" for ds in cases.DATASETS}
   assert quick["sizes"] == "quick"
-  assert quick["schema_version"] == bench.SCHEMA_VERSION
+  assert quick["schema_version"] == cases.SCHEMA_VERSION
   test_provenance.check_record(quick["provenance"])
   assert quick["provenance"]["command"].startswith("experiments/bench.py")
 
@@ -70,7 +73,7 @@ def test_client_cases_are_positive_finite_and_consistent(quick):
     assert m["compiles_after_warmup"] == 0 and m["traces_during_warmup"] >= 1
     # Every block of a pass has the same shapes: one compilation.
     assert m["jit_cache_size"] in (None, 1)
-    assert len(m["chunks"]) >= bench.QUICK["timed_chunks"]
+    assert len(m["chunks"]) >= cases.QUICK["timed_chunks"]
     assert all(_positive(ch["seconds"]) for ch in m["chunks"])
     assert _positive(m["linearity"]["median_s"])
 
@@ -114,26 +117,28 @@ def test_server_end_to_end_rss_and_summary(quick):
 
 
 def test_linearity_flags_a_step_above_trend():
-  flat = bench.linearity([1.0, 1.02, 0.98, 1.0])
+  flat = measure.linearity([1.0, 1.02, 0.98, 1.0])
   assert flat["no_step_above_trend"]
   assert flat["cumulative_fit"]["max_abs_residual_s"] < 0.05
-  step = bench.linearity([1.0, 1.0, 2.0, 1.0])
+  step = measure.linearity([1.0, 1.0, 2.0, 1.0])
   assert not step["no_step_above_trend"]
   assert step["max_over_median"] == pytest.approx(2.0)
 
 
 def test_case_selection():
-  names = bench.all_case_names(bench.FULL)
+  names = cases.all_case_names(cases.FULL)
   assert "fmnist_k1000_t1000_d4" in names and "e2e_default" in names
   assert "cifar10_k10_t100_gpu" in names
-  pats = bench.parse_patterns("fmnist_k10_*, server_*")
-  assert bench.selected("fmnist_k10_t100_d1", pats)
-  assert bench.selected("server_cifar10", pats)
-  assert not bench.selected("fmnist_k100_t100_d1", pats)
+  pats = cases.parse_patterns("fmnist_k10_*, server_*")
+  assert cases.selected("fmnist_k10_t100_d1", pats)
+  assert cases.selected("server_cifar10", pats)
+  assert not cases.selected("fmnist_k100_t100_d1", pats)
   with pytest.raises(ValueError, match="--cases"):
-    bench.parse_patterns(" , ")
+    cases.parse_patterns(" , ")
   with pytest.raises(ValueError, match="selects none"):
-    bench.main(["--quick", "--cases=nothing_matches"])
+    driver.run(driver.Options(quick=True, cases="nothing_matches"))
+  with pytest.raises(ValueError, match="--embed-batch must be >= 1"):
+    driver.resolve_sizes(driver.Options(embed_batch=0))
 
 
 @pytest.mark.slow  # runs the benchmark script in subprocesses
@@ -166,16 +171,16 @@ def test_gpu_cases_compare_each_precision_with_its_own_matmul(accel_dry_run):
       "tf32": "default", "fp32": "highest", "bf16": "default"}
   assert peaks["bf16"]["dtype"] == "bfloat16"
   names = {c["name"] for c in doc["client_pass"]}
-  assert names == {bench.client_case_name("fmnist", k, t, "gpu", v)
-                   for k in bench.ACCEL_QUICK["clients"]
-                   for t in bench.QUICK["iterations"] for v in bench.VARIANTS}
+  assert names == {cases.client_case_name("fmnist", k, t, "gpu", v)
+                   for k in cases.ACCEL_QUICK["clients"]
+                   for t in cases.QUICK["iterations"] for v in cases.VARIANTS}
   for c in doc["client_pass"]:
     variant = c["name"].split("_gpu", 1)[1]
     kind = {"": "tf32", "_fp32": "fp32", "_bf16": "bf16"}[variant]
     assert c["matmul_peak_kind"] == kind
     assert c["matmul_peak_gflops"] == peaks[kind]["gflops"]
-    assert c["workload"]["compute_dtype"] == bench.VARIANTS[variant][0]
-    assert c["workload"]["t_chunk"] == bench.ACCEL_QUICK["t_chunk"]
+    assert c["workload"]["compute_dtype"] == cases.VARIANTS[variant][0]
+    assert c["workload"]["t_chunk"] == cases.ACCEL_QUICK["t_chunk"]
     assert c["measurement"]["single_trace"]
   assert [s["name"] for s in doc["server_step"]] == ["server_fmnist_gpu_bf16"]
   assert doc["server_step"][0]["compute_dtype"] == "bfloat16"
@@ -189,7 +194,7 @@ def test_accuracy_effect_pairs_the_evaluation_nets():
          "accuracy_std": 0.01}
   other = {"name": "b", "accuracies": [0.71, 0.72, 0.73],
            "accuracy_mean": 0.72, "accuracy_std": 0.01}
-  e = bench.accuracy_effect(ref, other)
+  e = gpu.accuracy_effect(ref, other)
   assert e["paired_differences"] == pytest.approx([0.01, 0.0, 0.02])
   assert e["mean_difference"] == pytest.approx(0.01)
   assert e["std_difference"] == pytest.approx(0.01)

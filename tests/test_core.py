@@ -389,19 +389,19 @@ def test_many_clients_compile_the_block_function_once(tiny):
   spec = full_spec(model)
   # 12 clients in several blocks (2 per call): one shape, one compilation.
   many_x, many_y = xs * 4, ys * 4
-  before = client._block_stats_fn
+  before = client.block_stats_fn
   made = []
 
   def spy(*args):
     made.append(before(*args))
     return made[-1]
 
-  client._block_stats_fn = spy
+  client.block_stats_fn = spy
   try:
     stats = client.client_stats(ROOT, many_x, many_y, list(range(12)), spec, 2,
                                 clients_per_device=2)
   finally:
-    client._block_stats_fn = before
+    client.block_stats_fn = before
   assert len(made) == 1 and made[0]._cache_size() == 1
   # Copies of the same data under different ids draw different subsets
   # only through their ids; with full-class statistics they agree.
@@ -453,7 +453,7 @@ def test_shared_local_dm_targets_are_the_uploaded_means(tiny):
   for k in ids:
     y = ys[k]
     order = np.argsort(y, kind="stable")
-    init = client.initial_images(
+    init = dm.initial_images(
         jax.random.fold_in(keys.local_distill_key(ROOT, k), 0), xs[k][order],
         y[order], C, cfg.ipc, "real", False)
     state = dm.init_state(jnp.asarray(init), opt)

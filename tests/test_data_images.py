@@ -6,10 +6,8 @@ import importlib.resources
 import io
 import re
 import socket
-import sys
 import tarfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -93,10 +91,10 @@ def test_bad_per_class_limit_is_rejected(bad):
 
 def test_tabular_names_dispatch_to_tabular_module(monkeypatch):
   calls = []
-  fake = types.ModuleType("collabdm_jax.data.tabular")
-  fake.load_5g_ids = lambda data_dir=None, **kw: calls.append(("5g", data_dir, kw)) or "5g"
-  fake.load_nsl_kdd = lambda data_dir=None, **kw: calls.append(("nsl", data_dir, kw)) or "nsl"
-  monkeypatch.setitem(sys.modules, "collabdm_jax.data.tabular", fake)
+  monkeypatch.setattr(images.tabular, "load_5g_ids", lambda data_dir=None, **kw:
+                      calls.append(("5g", data_dir, kw)) or "5g")
+  monkeypatch.setattr(images.tabular, "load_nsl_kdd", lambda data_dir=None, **kw:
+                      calls.append(("nsl", data_dir, kw)) or "nsl")
   assert load_dataset("5G-IDS", data_dir="/x", seed=3) == "5g"
   assert load_dataset("nsl_kdd") == "nsl"
   assert calls == [("5g", "/x", {"seed": 3}), ("nsl", None, {})]

@@ -114,9 +114,9 @@ def _cache_sizes(programs):
 
 
 def test_no_recompile_for_equal_shapes(trained):
-  programs = ev._compiled("mlp", NUM_BLOBS, MLP_CFG.model_kwargs, "",
-                          MLP_CFG.batch_size, MLP_CFG.epochs,
-                          MLP_CFG.test_batch_size, ev.default_micro_batch())
+  programs = ev.compiled_programs(
+      "mlp", NUM_BLOBS, MLP_CFG.model_kwargs, "", MLP_CFG.batch_size,
+      MLP_CFG.epochs, MLP_CFG.test_batch_size, ev.default_micro_batch())
   for loop in ("fused", "per_net"):
     cfg = dataclasses.replace(MLP_CFG, loop=loop)
     _call(cfg)
@@ -140,9 +140,9 @@ def test_vmapped_nets_train_exactly_as_each_net_alone(trained):
   net_keys = [jax.random.fold_in(jax.random.key(0), i) for i in range(3)]
   for i, k in enumerate(net_keys):
     # Net i trained alone from its own key.
-    alone = ev._compiled("mlp", NUM_BLOBS, MLP_CFG.model_kwargs, "",
-                         MLP_CFG.batch_size, MLP_CFG.epochs,
-                         MLP_CFG.test_batch_size, ev.default_micro_batch())
+    alone = ev.compiled_programs(
+        "mlp", NUM_BLOBS, MLP_CFG.model_kwargs, "", MLP_CFG.batch_size,
+        MLP_CFG.epochs, MLP_CFG.test_batch_size, ev.default_micro_batch())
     _, losses = alone.train_net(k, jnp.asarray(TRAIN_X), jnp.asarray(TRAIN_Y),
                                 np.float32(MLP_CFG.lr),
                                 np.float32(MLP_CFG.momentum),

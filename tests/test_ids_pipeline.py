@@ -18,6 +18,7 @@ from collabdm_jax import keys as keys_lib
 from collabdm_jax import models
 from collabdm_jax import pipeline
 from collabdm_jax import server as server_lib
+from collabdm_jax import setup as setup_lib
 from experiments import full_data_detector
 from experiments.configs import ids_5g
 from experiments.configs import ids_table
@@ -135,7 +136,7 @@ def test_collabdm_without_gtp_learns_from_noise_with_tabular_augmentation(
   assert results["accuracy_mean"] > TEST_MAJORITY + 0.05
 
   # Distillation itself, independent of the detector's training luck.
-  s = pipeline.setup(c)
+  s = setup_lib.setup(c)
   start = server_lib.initial_synthetic_set(
       keys_lib.server_key(s.root), "noise", 2, c.server.ipc, s.input_shape)
   x0, y0 = server_lib.synthetic_dataset(start)

@@ -11,6 +11,9 @@ import pytest
 from collabdm_jax import metrics
 from collabdm_jax import pipeline
 from collabdm_jax import protocol
+from collabdm_jax import setup as setup_lib
+from collabdm_jax import stages
+from collabdm_jax import wire
 from experiments.configs import smoke
 from tests import test_provenance
 
@@ -114,7 +117,7 @@ def test_client_server_processes_reproduce_distill(distilled, tmp_path):
   run("launch.server", f"--message_dir={msgs}", f"--workdir={out}")
   # Each client's config and local DM losses land beside its message.
   for k in range(3):
-    run_dir = pipeline.client_workdir(msgs, k)
+    run_dir = wire.client_workdir(msgs, k)
     assert (run_dir / "config.json").exists()
     assert {r["client"] for r in metrics.read_metrics(run_dir)} == {k}
   assert {r["phase"] for r in metrics.read_metrics(out)} >= {
@@ -127,14 +130,14 @@ def test_client_server_processes_reproduce_distill(distilled, tmp_path):
 
 def test_server_tolerates_missing_and_rejects_invalid(tmp_path, caplog):
   config = smoke.get_config()
-  s = pipeline.setup(config)
-  msgs = pipeline.client_messages(s, [0, 1])
+  s = setup_lib.setup(config)
+  msgs = stages.client_messages(s, [0, 1])
   d = tmp_path / "msgs"
   d.mkdir()
-  protocol.save_message(pipeline.message_path(d, 0), msgs[0])
+  protocol.save_message(wire.message_path(d, 0), msgs[0])
   # Client 1's file is truncated in transit; client 2 never sends.
   blob = protocol.encode_message(msgs[1])
-  pipeline.message_path(d, 1).write_bytes(blob[:len(blob) // 2])
+  wire.message_path(d, 1).write_bytes(blob[:len(blob) // 2])
   config.checkpoint.every = 1
   results = pipeline.run_server(config, d, tmp_path / "out")
   assert results["clients_used"] == [0]
@@ -151,8 +154,8 @@ def test_server_tolerates_missing_and_rejects_invalid(tmp_path, caplog):
   # A message made under another root key is rejected with that reason.
   other = config.copy_and_resolve_references()
   other.seed = 1
-  (foreign,) = pipeline.client_messages(pipeline.setup(other), [0])
-  protocol.save_message(pipeline.message_path(d, 0), foreign)
+  (foreign,) = stages.client_messages(setup_lib.setup(other), [0])
+  protocol.save_message(wire.message_path(d, 0), foreign)
   with pytest.raises(ValueError, match="no valid client message"):
     pipeline.run_server(config, d, tmp_path / "out2")
   assert "root key" in caplog.text
@@ -162,7 +165,7 @@ def test_std_weight_requires_second_moments():
   config = smoke.get_config()
   config.server.std_weight = 1.0
   with pytest.raises(ValueError, match="second_moments"):
-    pipeline.setup(config)
+    setup_lib.setup(config)
 
 
 def test_shared_pass_leaves_the_uploaded_statistics_unchanged():
@@ -172,8 +175,8 @@ def test_shared_pass_leaves_the_uploaded_statistics_unchanged():
   for networks in ("shared", "independent"):
     config = smoke.get_config()
     config.local.networks = networks
-    s = pipeline.setup(config)
-    msgs[networks] = pipeline.client_messages(s, [0, 1, 2])
+    s = setup_lib.setup(config)
+    msgs[networks] = stages.client_messages(s, [0, 1, 2])
   for a, b in zip(msgs["shared"], msgs["independent"]):
     np.testing.assert_array_equal(a.means, b.means)
     np.testing.assert_array_equal(a.counts, b.counts)
@@ -184,4 +187,4 @@ def test_shared_pass_leaves_the_uploaded_statistics_unchanged():
   config = smoke.get_config()
   config.local.networks = "private"
   with pytest.raises(ValueError, match="local.networks"):
-    pipeline.client_messages(pipeline.setup(config), [0])
+    stages.client_messages(setup_lib.setup(config), [0])

@@ -15,8 +15,8 @@ from collabdm_jax import client
 from collabdm_jax import dm
 from collabdm_jax import losses
 from collabdm_jax import models
-from collabdm_jax import pipeline
 from collabdm_jax import server
+from collabdm_jax import setup as setup_lib
 from experiments.configs import smoke
 
 SHAPE = (28, 28, 1)
@@ -126,11 +126,11 @@ def test_bf16_server_step_lowers_the_loss():
 def test_config_compute_dtype_reaches_every_stage():
   config = smoke.get_config()
   config.compute_dtype = "bfloat16"
-  s = pipeline.setup(config)
+  s = setup_lib.setup(config)
   assert s.stats_spec.compute_dtype == "bfloat16"
-  assert pipeline.server_config(s).compute_dtype == "bfloat16"
-  assert pipeline.local_config(config, s.dsa_strategy).compute_dtype == (
+  assert setup_lib.server_config(s).compute_dtype == "bfloat16"
+  assert setup_lib.local_config(config, s.dsa_strategy).compute_dtype == (
       "bfloat16")
   config.compute_dtype = "float16"
   with pytest.raises(ValueError, match="compute_dtype"):
-    pipeline.setup(config)
+    setup_lib.setup(config)

@@ -28,7 +28,8 @@ WORKER = textwrap.dedent("""
     import json, sys
     import numpy as np
     import jax
-    from collabdm_jax import client, parallel, pipeline, server
+    from collabdm_jax import client, parallel, pipeline, server, stages
+    from collabdm_jax import setup as setup_lib
     from experiments.configs import smoke
 
     port, nprocs, pid, workdir = (sys.argv[1], int(sys.argv[2]),
@@ -43,9 +44,9 @@ WORKER = textwrap.dedent("""
     cfg.checkpoint.every = 0
 
     # The aggregated targets, straight from the library.
-    s = pipeline.setup(cfg)
+    s = setup_lib.setup(cfg)
     ids = parallel.process_clients(cfg.partition.num_clients)
-    msgs = pipeline.client_messages(s, ids)
+    msgs = stages.client_messages(s, ids)
     targets = server.aggregate_messages(msgs, cfg.server.weighting)
     # The whole run, as launch/distill.py does it.
     results = pipeline.run(cfg, workdir)

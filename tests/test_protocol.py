@@ -172,7 +172,7 @@ def test_not_a_collabdm_message(data):
 
 
 def test_wrong_protocol_version_names_expected_version():
-  data = protocol._encode(_message(protocol_version=2), "float32")
+  data = protocol.encode_unchecked(_message(protocol_version=2), "float32")
   with pytest.raises(MessageError, match="protocol version 2.*expected protocol version 1"):
     decode_message(data)
   with pytest.raises(MessageError, match="expected protocol version 1"):
@@ -353,7 +353,7 @@ def test_invalid_messages_rejected_by_validate_encode_and_decode(msg_fn, match):
   # problem is the sender's and only shows up before encoding.)
   if "wrong dtype" not in match:
     with pytest.raises(MessageError, match=match):
-      decode_message(protocol._encode(msg, "float32"))
+      decode_message(protocol.encode_unchecked(msg, "float32"))
 
 
 def test_the_valid_message_passes_every_check():

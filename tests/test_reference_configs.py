@@ -3,7 +3,7 @@ resolve (every cell's config is built, nothing runs) to what they promise."""
 
 import pytest
 
-from collabdm_jax import pipeline
+from collabdm_jax import setup as setup_lib
 from experiments.configs import fidelity
 from experiments.configs import reference_table
 from launch import sweep
@@ -66,8 +66,8 @@ def test_fidelity_pairs_differ_in_their_setting_only(setting):
   assert theirs.server.weighting in ("uniform", "count")
   assert theirs.local.batch_real in (256, 64)
   if setting == "flip":
-    assert "flip" not in pipeline.dsa_strategy(ours, ours.dataset)
-    assert "flip" in pipeline.dsa_strategy(theirs, theirs.dataset)
+    assert "flip" not in setup_lib.dsa_strategy(ours, ours.dataset)
+    assert "flip" in setup_lib.dsa_strategy(theirs, theirs.dataset)
 
 
 def test_unknown_parts_are_rejected():

@@ -8,6 +8,7 @@ counts, shapes, peak >= baseline), never on memory or timing thresholds.
 
 import math
 
+from absl import flags
 import msgpack
 import numpy as np
 import pytest
@@ -165,5 +166,17 @@ def test_msgpack_int_width_matches_header_growth():
                                   ["--alpha=0"], ["--clients=0,4"],
                                   ["--iterations=x"]])
 def test_bad_arguments_are_rejected(argv):
-  with pytest.raises(SystemExit):
-    scale_check._parse(argv)
+  f = flags.FlagValues()
+  scale_check.define_flags(f)
+  with pytest.raises(flags.IllegalFlagValueError):
+    f(["scale_check.py", *argv])
+
+
+def test_flags_fill_in_the_sizes_defaults():
+  f = flags.FlagValues()
+  scale_check.define_flags(f)
+  f(["scale_check.py", "--quick", "--clients=5,7", "--t-chunk=3"])
+  s = scale_check.settings(f)
+  assert (s.clients, s.iterations, s.width, s.dataset, s.t_chunk) == (
+      (5, 7), scale_check.QUICK["iterations"], scale_check.QUICK["width"],
+      scale_check.QUICK["dataset"], 3)

@@ -11,8 +11,11 @@ import pytest
 
 from collabdm_jax import pipeline
 from collabdm_jax import protocol
+from collabdm_jax import setup as setup_lib
 from collabdm_jax import signing
 from collabdm_jax.signing import SignatureError
+from collabdm_jax import stages
+from collabdm_jax import wire
 from experiments.configs import smoke
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -112,7 +115,7 @@ def test_server_accepts_only_signed_fresh_uploads(tmp_path, caplog):
   config.partition.num_clients = 5
   config.checkpoint.every = 0
   config.eval.num_nets = 1
-  s = pipeline.setup(config)
+  s = setup_lib.setup(config)
   keydir, pubdir, d = tmp_path / "keys", tmp_path / "pub", tmp_path / "msgs"
   signing.generate_keys(keydir, range(5))
   pubdir.mkdir()
@@ -120,14 +123,14 @@ def test_server_accepts_only_signed_fresh_uploads(tmp_path, caplog):
     name = signing.key_filename(k, private=False)
     (pubdir / name).write_bytes((keydir / name).read_bytes())
   priv = lambda k: signing.load_private_key(keydir / signing.key_filename(k, True))
-  run = pipeline.run_id(s)
+  run = setup_lib.run_id(s)
   other = config.copy_and_resolve_references()
   other.seed = 1
-  other_run = pipeline.run_id(pipeline.setup(other))
+  other_run = setup_lib.run_id(setup_lib.setup(other))
   assert other_run != run
-  msgs = pipeline.client_messages(s, range(4))
+  msgs = stages.client_messages(s, range(4))
   d.mkdir()
-  paths = [pipeline.message_path(d, k) for k in range(5)]
+  paths = [wire.message_path(d, k) for k in range(5)]
   for k in range(4):
     protocol.save_message(paths[k], msgs[k])
   signing.sign_file(paths[0], priv(0), 0, run)              # honest
@@ -155,7 +158,7 @@ def test_run_client_signs_for_this_run(tmp_path):
   signing.generate_keys(tmp_path / "k", [2])
   path = pipeline.run_client(config, 2, tmp_path / "m",
                              signing_key=tmp_path / "k" / "client_00002.key")
-  s = pipeline.setup(config)
+  s = setup_lib.setup(config)
   pub = signing.load_public_key(tmp_path / "k" / "client_00002.pub")
   signing.verify(pub, path.read_bytes(),
-                 signing.signature_path(path).read_bytes(), 2, pipeline.run_id(s))
+                 signing.signature_path(path).read_bytes(), 2, setup_lib.run_id(s))

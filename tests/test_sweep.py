@@ -86,8 +86,8 @@ def test_overrides_are_checked_before_anything_runs():
   assert base.partition.alpha == 0.5  # the base is not modified
   with pytest.raises(ValueError, match="partition has no field 'alpah'"):
     sweep.apply_overrides(base, [("partition.alpah", 0.1)])
-  with pytest.raises(ValueError, match="no field 'baseline'"):
-    sweep.apply_overrides(base, [("baseline.local_epochs", 1)])
+  with pytest.raises(ValueError, match="baseline has no field 'local_epoch'"):
+    sweep.apply_overrides(base, [("baseline.local_epoch", 1)])
   with pytest.raises(ValueError, match="cannot take 'five'"):
     sweep.apply_overrides(base, [("partition.num_clients", "five")])
   c = sweep_config()

@@ -17,6 +17,9 @@ from collabdm_jax import embedding_bounds
 from collabdm_jax import models
 from collabdm_jax import pipeline
 from collabdm_jax import protocol
+from collabdm_jax import setup as setup_lib
+from collabdm_jax import stages
+from collabdm_jax import wire
 from collabdm_jax.protocol import (ClientMessage, MessageError, MessageSpec,
                                    decode_message, encode_message)
 from experiments import fuzz_messages
@@ -95,7 +98,7 @@ def test_statistics_no_honest_client_sends_are_rejected(msg_fn, spec_kw, match):
     protocol.validate_message(msg, _spec(**spec_kw))
   # A hostile client does not run the encoder's checks: re-seal by hand.
   version, header, body = fuzz_messages.split(
-      protocol._encode(msg, "float32"))
+      protocol.encode_unchecked(msg, "float32"))
   with pytest.raises(MessageError, match=match):
     decode_message(fuzz_messages.reseal(version, header, body), _spec(**spec_kw))
 
@@ -146,21 +149,21 @@ def test_no_range_for_unsupported_architectures():
 def test_server_spec_accepts_honest_clients_and_configured_bound():
   config = smoke.get_config()
   config.stats.second_moments = True
-  s = pipeline.setup(config)
-  spec = pipeline.message_spec(s)
+  s = setup_lib.setup(config)
+  spec = setup_lib.message_spec(s)
   lo, hi = spec.embedding_range
   assert lo.shape == hi.shape == (config.num_iterations, 1, spec.embed_dim)
   assert spec.batch_real == config.stats.batch_real
-  msgs = pipeline.client_messages(s, [0, 1, 2])
+  msgs = stages.client_messages(s, [0, 1, 2])
   for m in msgs:
     for dtype in protocol.TRANSPORT_DTYPES:
       decode_message(encode_message(m, transport_dtype=dtype), spec)
   config.server.max_abs_embedding = 1e-3
   with pytest.raises(MessageError, match=r"lies outside \[-0.001, 0.001\]"):
-    decode_message(encode_message(msgs[0]), pipeline.message_spec(s))
+    decode_message(encode_message(msgs[0]), setup_lib.message_spec(s))
   config.server.max_abs_embedding = -1.0
   with pytest.raises(ValueError, match="max_abs_embedding must be > 0"):
-    pipeline.message_spec(s)
+    setup_lib.message_spec(s)
 
 
 def test_run_server_rejects_each_bad_upload_and_goes_on(tmp_path, caplog):
@@ -169,30 +172,30 @@ def test_run_server_rejects_each_bad_upload_and_goes_on(tmp_path, caplog):
   config.checkpoint.every = 0
   config.eval.num_nets = 1
   config.server.max_class_size = 20
-  s = pipeline.setup(config)
-  msgs = pipeline.client_messages(s, [0, 1, 2, 3])
+  s = setup_lib.setup(config)
+  msgs = stages.client_messages(s, [0, 1, 2, 3])
   d = tmp_path / "msgs"
   d.mkdir()
-  protocol.save_message(pipeline.message_path(d, 0), msgs[0])
+  protocol.save_message(wire.message_path(d, 0), msgs[0])
 
   def hostile(msg, **arrays):
     version, header, body = fuzz_messages.split(
-        protocol._encode(dataclasses.replace(msg, **arrays), "float32"))
+        protocol.encode_unchecked(dataclasses.replace(msg, **arrays), "float32"))
     return fuzz_messages.reseal(version, header, body)
 
   c = int(np.argmax(msgs[1].class_counts))
   counts = msgs[1].counts.copy()
   counts[0, c] = 10**6
-  pipeline.message_path(d, 1).write_bytes(hostile(msgs[1], counts=counts))
-  pipeline.message_path(d, 2).write_bytes(hostile(msgs[2], means=msgs[2].means * 1e30))
+  wire.message_path(d, 1).write_bytes(hostile(msgs[1], counts=counts))
+  wire.message_path(d, 2).write_bytes(hostile(msgs[2], means=msgs[2].means * 1e30))
   # The decoder crash of issue 12: a zero-size array of absurd shape.
   version, header, body = fuzz_messages.split(encode_message(msgs[3]))
   header["arrays"].append({"name": "local_labels", "dtype": "<i4",
                            "shape": [2**40, 0, 2**40]})
   header["arrays"] = [e for e in header["arrays"] if e["name"] not in (
       "local_images", "local_labels")] + header["arrays"][-1:]
-  pipeline.message_path(d, 3).write_bytes(fuzz_messages.reseal(version, header, body))
-  pipeline.message_path(d, 4).mkdir()  # unreadable as a file
+  wire.message_path(d, 3).write_bytes(fuzz_messages.reseal(version, header, body))
+  wire.message_path(d, 4).mkdir()  # unreadable as a file
   results = pipeline.run_server(config, d, tmp_path / "out")
   assert results["clients_used"] == [0]
   rej = results["clients_rejected"]

@@ -19,28 +19,27 @@ with the same synthetic budget. It is DM (Zhao & Bilen) as
 
 import time
 
+from collabdm_jax.baselines import common
 from collabdm_jax import client as client_lib
-from collabdm_jax import baselines
 
 
 def local_dm_config(s) -> client_lib.LocalDMConfig:
   """The DM settings of the central baseline (see the module docstring)."""
-  cfg = s.config
-  lr = baselines.check_positive(baselines.option(cfg, "central_lr", 1.0),
-                                "baseline.central_lr")
-  iterations = baselines.check_positive(cfg.num_iterations, "num_iterations",
-                                        integer=True, allow_zero=True)
-  ipc = baselines.check_positive(cfg.server.ipc, "server.ipc", integer=True)
+  cfg, b = s.config, s.config.baseline
+  lr = common.check_positive(b.central_lr, "baseline.central_lr")
+  iterations = common.check_positive(cfg.num_iterations, "num_iterations",
+                                     integer=True, allow_zero=True)
+  ipc = common.check_positive(cfg.server.ipc, "server.ipc", integer=True)
   return client_lib.LocalDMConfig(
       ipc=ipc, iterations=iterations, lr=lr,
-      momentum=float(baselines.option(cfg, "central_momentum",
-                                      cfg.local.momentum)),
-      batch_real=baselines.check_positive(
-          baselines.option(cfg, "central_batch_real", cfg.local.batch_real),
+      momentum=float(common.unless_none(b.central_momentum,
+                                        cfg.local.momentum)),
+      batch_real=common.check_positive(
+          common.unless_none(b.central_batch_real, cfg.local.batch_real),
           "baseline.central_batch_real", integer=True),
       dsa_strategy=s.dsa_strategy, pae=bool(cfg.server.pae),
       std_weight=float(cfg.server.std_weight),
-      init=baselines.option(cfg, "central_init", "real"),
+      init=b.central_init,
       compute_dtype=cfg.compute_dtype)
 
 
@@ -48,7 +47,7 @@ def run(s, timings: dict) -> dict:
   """Distils the pooled training set with DM.
 
   Args:
-    s: ``pipeline.Setup`` (its ``train_x`` / ``dataset.train_y`` are the
+    s: ``setup.Setup`` (its ``train_x`` / ``dataset.train_y`` are the
       union of all clients' data).
     timings: receives ``central_dm`` (wall seconds).
 
@@ -59,7 +58,7 @@ def run(s, timings: dict) -> dict:
   """
   t0 = time.perf_counter()
   images, labels = client_lib.local_distill(
-      baselines.baseline_key(s.root, "central_dm"), s.train_x,
+      common.baseline_key(s.root, "central_dm"), s.train_x,
       s.dataset.train_y, s.dataset.num_classes, s.model, s.input_shape,
       local_dm_config(s))
   timings["central_dm"] = time.perf_counter() - t0

@@ -61,9 +61,9 @@ import numpy as np
 import optax
 
 from collabdm_jax import augment
-from collabdm_jax import baselines
-from collabdm_jax import models
+from collabdm_jax.baselines import common
 from collabdm_jax.baselines import fedavg
+from collabdm_jax import models
 
 _BN_EPS = 1e-5
 
@@ -88,33 +88,32 @@ class DenseConfig:
 
 
 def dense_config(s) -> DenseConfig:
-  """``DenseConfig`` from ``config.baseline`` with the defaults above."""
-  opt = functools.partial(baselines.option, s.config)
-  pos = baselines.check_positive
-  d = DenseConfig()
-  kd_momentum = float(opt("dense_kd_momentum", d.kd_momentum))
+  """``DenseConfig`` from ``config.baseline`` (checked)."""
+  b = s.config.baseline
+  pos = common.check_positive
+  kd_momentum = float(b.dense_kd_momentum)
   if not 0 <= kd_momentum < 1:
     raise ValueError(
         f"baseline.dense_kd_momentum must be in [0, 1), got {kd_momentum}")
   return DenseConfig(
-      epochs=pos(opt("dense_epochs", d.epochs), "baseline.dense_epochs",
+      epochs=pos(b.dense_epochs, "baseline.dense_epochs",
                  integer=True),
-      g_steps=pos(opt("dense_g_steps", d.g_steps), "baseline.dense_g_steps",
+      g_steps=pos(b.dense_g_steps, "baseline.dense_g_steps",
                   integer=True),
-      synthesis_batch=pos(opt("dense_synthesis_batch", d.synthesis_batch),
+      synthesis_batch=pos(b.dense_synthesis_batch,
                           "baseline.dense_synthesis_batch", integer=True),
-      kd_batch=pos(opt("dense_kd_batch", d.kd_batch), "baseline.dense_kd_batch",
+      kd_batch=pos(b.dense_kd_batch, "baseline.dense_kd_batch",
                    integer=True),
-      nz=pos(opt("dense_nz", d.nz), "baseline.dense_nz", integer=True),
-      ngf=pos(opt("dense_ngf", d.ngf), "baseline.dense_ngf", integer=True),
-      lr_g=pos(opt("dense_lr_g", d.lr_g), "baseline.dense_lr_g"),
-      kd_lr=pos(opt("dense_kd_lr", d.kd_lr), "baseline.dense_kd_lr"),
+      nz=pos(b.dense_nz, "baseline.dense_nz", integer=True),
+      ngf=pos(b.dense_ngf, "baseline.dense_ngf", integer=True),
+      lr_g=pos(b.dense_lr_g, "baseline.dense_lr_g"),
+      kd_lr=pos(b.dense_kd_lr, "baseline.dense_kd_lr"),
       kd_momentum=kd_momentum,
-      temperature=pos(opt("dense_T", d.temperature), "baseline.dense_T"),
-      oh=pos(opt("dense_oh", d.oh), "baseline.dense_oh", allow_zero=True),
-      adv=pos(opt("dense_adv", d.adv), "baseline.dense_adv", allow_zero=True),
-      div=pos(opt("dense_div", d.div), "baseline.dense_div", allow_zero=True),
-      aug_strategy=baselines.augment_strategy(s.dsa_strategy))
+      temperature=pos(b.dense_T, "baseline.dense_T"),
+      oh=pos(b.dense_oh, "baseline.dense_oh", allow_zero=True),
+      adv=pos(b.dense_adv, "baseline.dense_adv", allow_zero=True),
+      div=pos(b.dense_div, "baseline.dense_div", allow_zero=True),
+      aug_strategy=common.augment_strategy(s.dsa_strategy))
 
 
 # ---------------------------------------------------------------------------
@@ -125,7 +124,7 @@ def _W_INIT(key, shape, dtype=jnp.float32):
   """N(0, 0.02) weights, as the reference resets its generator every round.
 
   Drawn flat and reshaped: XLA:CPU compiles threefry for rank-4 shapes
-  several times slower (see ``models._torch_kernel_init``).
+  several times slower (see ``models.torch_kernel_init``).
   """
   flat = 0.02 * jax.random.normal(key, (math.prod(shape),), dtype)
   return flat.reshape(shape)
@@ -280,13 +279,13 @@ def _generator_programs(model, generator, num_classes, batch, nz, lr_g, oh,
                         adv, div, aug_strategy):
   """Jitted ``(start_round, generator_step)`` for one static configuration.
 
-  Steps are dispatched from Python (see ``fedavg._client_programs`` for
+  Steps are dispatched from Python (see ``fedavg.client_programs`` for
   why: XLA:CPU convolutions inside loop bodies are slow; for this
   generator a ``lax.scan`` over the steps was ~100x slower per step). Only
   settings that shape the program key the cache, so budgets (rounds,
   steps) can change without recompiling.
   """
-  apply_fn = baselines.logits_of(model)
+  apply_fn = common.logits_of(model)
   ensemble = _ensemble_fn(apply_fn)
   g_opt = optax.adam(lr_g, b1=0.5, b2=0.999)
   B = batch
@@ -329,7 +328,7 @@ def _generator_programs(model, generator, num_classes, batch, nz, lr_g, oh,
 def _kd_programs(model, pool_size, b, kd_lr, kd_momentum, temperature,
                  aug_strategy):
   """Jitted ``(kd_order, kd_step, kd_opt)`` for one static configuration."""
-  apply_fn = baselines.logits_of(model)
+  apply_fn = common.logits_of(model)
   ensemble = _ensemble_fn(apply_fn)
   kd_opt = optax.sgd(kd_lr, momentum=kd_momentum)
 
@@ -432,14 +431,14 @@ def _stack(trees):
 @functools.lru_cache(maxsize=None)
 def ensemble_logits(model):
   """``f(teachers [K, ...], x) -> mean logits``, cached per model."""
-  return _ensemble_fn(baselines.logits_of(model))
+  return _ensemble_fn(common.logits_of(model))
 
 
 def run(s, timings: dict, client_params=None) -> dict:
   """DENSE on the setup's clients; student accuracy over ``num_nets`` seeds.
 
   Args:
-    s: ``pipeline.Setup``.
+    s: ``setup.Setup``.
     client_params: optional ``fedavg.run(s, ...)["client_params"]`` of the
       same config (leaves ``[n, K, ...]``): reused as the teachers instead
       of training the identical client models again.
@@ -457,15 +456,15 @@ def run(s, timings: dict, client_params=None) -> dict:
     inspection (not JSON).
   """
   cfg = s.config
-  n = baselines.check_positive(cfg.eval.num_nets, "eval.num_nets",
-                               integer=True)
+  n = common.check_positive(cfg.eval.num_nets, "eval.num_nets",
+                            integer=True)
   C = s.dataset.num_classes
-  model = baselines.eval_model(cfg, C)
+  model = common.eval_model(cfg, C)
   dcfg = dense_config(s)
   xs, ys = fedavg.client_data(s)
   t0 = time.perf_counter()
   if client_params is None:
-    teachers = fedavg.train_clients(baselines.baseline_key(s.root, "fedavg"),
+    teachers = fedavg.train_clients(common.baseline_key(s.root, "fedavg"),
                                     model, s.input_shape, xs, ys, n,
                                     fedavg.local_train_config(s))
   else:
@@ -476,7 +475,7 @@ def run(s, timings: dict, client_params=None) -> dict:
                        f"K={len(xs)}, ...], got leading shape {shape}")
   jax.block_until_ready(teachers)
   t1 = time.perf_counter()
-  key = baselines.baseline_key(s.root, "dense")
+  key = common.baseline_key(s.root, "dense")
   mean = std = None
   if len(s.input_shape) == 3:
     mean, std = s.dataset.mean, s.dataset.std
@@ -491,11 +490,11 @@ def run(s, timings: dict, client_params=None) -> dict:
   students, inits = _stack(students), _stack(inits)
   jax.block_until_ready(students)
   t2 = time.perf_counter()
-  apply_fn = baselines.logits_of(model)
-  out = baselines.model_metrics(
-      baselines.predict(apply_fn, students, s.test_x), s.dataset.test_y, C)
-  init_preds = baselines.predict(apply_fn, inits, s.test_x)
-  ens_preds = baselines.predict(ensemble_logits(model), teachers, s.test_x)
+  apply_fn = common.logits_of(model)
+  out = common.model_metrics(
+      common.predict(apply_fn, students, s.test_x), s.dataset.test_y, C)
+  init_preds = common.predict(apply_fn, inits, s.test_x)
+  ens_preds = common.predict(ensemble_logits(model), teachers, s.test_x)
   test_y = np.asarray(s.dataset.test_y)
   out["init_accuracies"] = np.mean(init_preds == test_y, -1)
   out["ensemble_accuracies"] = np.mean(ens_preds == test_y, -1)

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from collabdm_jax import augment
-from collabdm_jax import baselines
+from collabdm_jax.baselines import common
 from collabdm_jax import evaluate
 from collabdm_jax import models
 
@@ -55,24 +55,23 @@ class LocalTrainConfig:
 
 def local_train_config(s) -> LocalTrainConfig:
   """``LocalTrainConfig`` from ``config.baseline`` (module docstring)."""
-  cfg = s.config
-  opt = functools.partial(baselines.option, cfg)
-  momentum = float(opt("local_momentum", 0.9))
+  cfg, b = s.config, s.config.baseline
+  momentum = float(b.local_momentum)
   if not 0 <= momentum < 1:
     raise ValueError(
         f"baseline.local_momentum must be in [0, 1), got {momentum}")
-  dsa = bool(opt("local_dsa", cfg.eval.dsa))
+  dsa = bool(common.unless_none(b.local_dsa, cfg.eval.dsa))
   return LocalTrainConfig(
-      epochs=baselines.check_positive(opt("local_epochs", 5),
-                                      "baseline.local_epochs", integer=True,
-                                      allow_zero=True),
-      lr=baselines.check_positive(opt("local_lr", 0.01), "baseline.local_lr"),
+      epochs=common.check_positive(b.local_epochs,
+                                   "baseline.local_epochs", integer=True,
+                                   allow_zero=True),
+      lr=common.check_positive(b.local_lr, "baseline.local_lr"),
       momentum=momentum,
-      weight_decay=baselines.check_positive(
-          opt("local_weight_decay", 5e-4), "baseline.local_weight_decay",
+      weight_decay=common.check_positive(
+          b.local_weight_decay, "baseline.local_weight_decay",
           allow_zero=True),
-      batch_size=baselines.check_positive(opt("local_batch", 256),
-                                          "baseline.local_batch", integer=True),
+      batch_size=common.check_positive(b.local_batch,
+                                       "baseline.local_batch", integer=True),
       dsa_strategy="_".join(augment.parse_strategy(s.dsa_strategy)) if dsa
       else "")
 
@@ -113,14 +112,14 @@ def sgd(lr, momentum, weight_decay):
 # millisecond. Shapes are identical for every client and step, so
 # everything compiles once.
 @functools.lru_cache(maxsize=None)
-def _client_programs(model, input_shape, batch: int, dsa_strategy: str,
-                     micro_batch=None):
+def client_programs(model, input_shape, batch: int, dsa_strategy: str,
+                    micro_batch=None):
   """Jitted ``(init, order, step)`` vmapped over seeds, cached per config.
 
   ``micro_batch`` computes each step's gradient in pieces of that many
   samples (``evaluate.weighted_loss_and_grad``).
   """
-  apply_fn = baselines.logits_of(model)
+  apply_fn = common.logits_of(model)
 
   def loss_sum(p, xb, yb, w):
     ce = optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb)
@@ -191,7 +190,7 @@ def train_clients(key, model, input_shape, client_x, client_y,
   # evaluate.py). Same keys and arithmetic, so the same models up to float
   # summation order.
   on_cpu = jax.default_backend() == "cpu"
-  init, order, step = _client_programs(
+  init, order, step = client_programs(
       model, tuple(input_shape), b, cfg.dsa_strategy,
       evaluate.default_micro_batch())
   hyper = (np.float32(cfg.lr), np.float32(cfg.momentum),
@@ -271,7 +270,7 @@ def run(s, timings: dict) -> dict:
   """One-shot FedAvg of the evaluation architecture, tested per seed.
 
   Args:
-    s: ``pipeline.Setup``.
+    s: ``setup.Setup``.
     timings: receives ``fedavg_client_training`` and ``fedavg_evaluate``.
 
   Returns:
@@ -282,19 +281,19 @@ def run(s, timings: dict) -> dict:
     pytrees for inspection (not JSON).
   """
   cfg = s.config
-  n = baselines.check_positive(cfg.eval.num_nets, "eval.num_nets",
-                               integer=True)
-  model = baselines.eval_model(cfg, s.dataset.num_classes)
+  n = common.check_positive(cfg.eval.num_nets, "eval.num_nets",
+                            integer=True)
+  model = common.eval_model(cfg, s.dataset.num_classes)
   lcfg = local_train_config(s)
   xs, ys = client_data(s)
   t0 = time.perf_counter()
-  client_params = train_clients(baselines.baseline_key(s.root, "fedavg"),
+  client_params = train_clients(common.baseline_key(s.root, "fedavg"),
                                 model, s.input_shape, xs, ys, n, lcfg)
   params = average_params(client_params, [len(y) for y in ys])
   jax.block_until_ready(params)
   t1 = time.perf_counter()
-  preds = baselines.predict(baselines.logits_of(model), params, s.test_x)
-  out = baselines.model_metrics(preds, s.dataset.test_y, s.dataset.num_classes)
+  preds = common.predict(common.logits_of(model), params, s.test_x)
+  out = common.model_metrics(preds, s.dataset.test_y, s.dataset.num_classes)
   timings["fedavg_client_training"] = t1 - t0
   timings["fedavg_evaluate"] = time.perf_counter() - t1
   out["params"] = jax.device_get(params)

@@ -1,7 +1,7 @@
 """Merged local DM: every client distils alone, the server concatenates.
 
 Each client runs exactly CollabDM's optional local distillation
-(``pipeline.local_config``: ipc ``config.server.ipc // K + 1`` per class
+(``setup.local_config``: ipc ``config.server.ipc // K + 1`` per class
 unless ``config.local.ipc`` is set, ``config.local.iterations`` iterations,
 the client's own key ``keys.local_distill_key``), so the merged pool is
 bit-for-bit the pool CollabDM's server starts from with ``init="local"``.
@@ -22,8 +22,8 @@ import numpy as np
 
 from collabdm_jax import client as client_lib
 from collabdm_jax import keys as keys_lib
-from collabdm_jax import pipeline
 from collabdm_jax import server as server_lib
+from collabdm_jax import setup as setup_lib
 
 
 def select_per_class(key, pool_x, pool_y, num_classes, ipc, input_shape):
@@ -60,7 +60,7 @@ def run(s, timings: dict) -> dict:
   """Local DM on every client, pooled and cut to at most ipc per class.
 
   Args:
-    s: ``pipeline.Setup``.
+    s: ``setup.Setup``.
     timings: receives ``merged_local_dm`` (wall seconds).
 
   Returns:
@@ -68,7 +68,7 @@ def run(s, timings: dict) -> dict:
   """
   cfg = s.config
   t0 = time.perf_counter()
-  lcfg = pipeline.local_config(cfg, s.dsa_strategy)
+  lcfg = setup_lib.local_config(cfg, s.dsa_strategy)
   pool_x, pool_y = [], []
   pad_to = client_lib.local_padding(
       [s.dataset.train_y[i] for i in s.partition.client_indices],

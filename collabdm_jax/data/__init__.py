@@ -2,7 +2,7 @@
 
 ``load_dataset(name, data_dir=None, **kw)`` returns a :class:`Dataset` for any
 name in ``list_datasets()``: images (NHWC float32, normalised per channel) or
-tables (dispatched lazily to ``collabdm_jax.data.tabular``).
+tables (``collabdm_jax.data.tabular``).
 """
 
 from collabdm_jax.data.images import (

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import importlib
 import importlib.resources
 import importlib.util
 import io
@@ -39,6 +38,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from collabdm_jax.data import tabular
 from collabdm_jax.data.types import Dataset
 
 PathLike = Union[str, os.PathLike]
@@ -214,8 +214,6 @@ def load_dataset(name: str, data_dir: Optional[PathLike] = None, **kw) -> Datase
   """
   key = _canonical_name(name)
   if key in TABULAR_DATASETS:
-    # Imported here so this module works before/without the tabular loaders.
-    tabular = importlib.import_module("collabdm_jax.data.tabular")
     loader = {"5g_ids": tabular.load_5g_ids, "nsl_kdd": tabular.load_nsl_kdd}[key]
     return loader(data_dir=data_dir, **kw)
   return load_image_dataset(key, data_dir, **kw)

@@ -709,6 +709,17 @@ def _label_mapping(train_labels: Sequence[str], test_labels: Sequence[str]):
   return encode, names
 
 
+def _read_table(what: str, path):
+  """``(path, header, rows)`` of a CSV file with a header and data rows."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{what} {path} does not exist")
+  header, rows = _read_csv_cells(path, header=True)
+  if not rows:
+    raise ValueError(f"{path} holds no data rows")
+  return path, header, rows
+
+
 def load_csv_dataset(train_path, *, label_column: str, test_path=None,
                      test_fraction: float = 0.2, seed: int = 0,
                      feature_columns: Optional[Sequence[str]] = None,
@@ -747,12 +758,7 @@ def load_csv_dataset(train_path, *, label_column: str, test_path=None,
   Returns:
     Dataset with ``kind="tabular"``.
   """
-  train_path = pathlib.Path(train_path)
-  if not train_path.is_file():
-    raise FileNotFoundError(f"train_path {train_path} does not exist")
-  header, rows = _read_csv_cells(train_path, header=True)
-  if not rows:
-    raise ValueError(f"{train_path} holds no data rows")
+  train_path, header, rows = _read_table("train_path", train_path)
   if label_column not in header:
     raise ValueError(f"label_column '{label_column}' is not a column of "
                      f"{train_path} (columns: {header})")
@@ -793,12 +799,7 @@ def load_csv_dataset(train_path, *, label_column: str, test_path=None,
 
   train_cells, train_num = parse(train_path, header, rows)
   if test_path is not None:
-    test_path = pathlib.Path(test_path)
-    if not test_path.is_file():
-      raise FileNotFoundError(f"test_path {test_path} does not exist")
-    test_header, test_rows = _read_csv_cells(test_path, header=True)
-    if not test_rows:
-      raise ValueError(f"{test_path} holds no data rows")
+    test_path, test_header, test_rows = _read_table("test_path", test_path)
     test_cells, test_num = parse(test_path, test_header, test_rows)
   encode_labels, class_names = _label_mapping(
       train_cells[label_column],

@@ -29,6 +29,7 @@ commands above and commits the output.
 
 import ml_collections
 
+from experiments.configs import config_args
 from experiments.configs import fmnist_table
 
 ABLATIONS = ("weighting", "iterations", "batch_real", "transport", "init",
@@ -50,12 +51,11 @@ def _grid(ablation):
     g.server = {"init": ("local", "noise")}
   elif ablation == "pae":
     g.server = {"pae": (False, True)}
-  else:
-    raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
   return g
 
 
 def get_config(ablation="weighting"):
+  ablation = config_args.one_of(ablation, ABLATIONS, "ablation")
   base = fmnist_table.get_config().base
   base.method = "collabdm"
   base.partition.num_clients = 10

@@ -17,14 +17,20 @@ from ml_collections import config_dict
 def get_config():
   c = ml_collections.ConfigDict()
   c.method = "collabdm"  # or a baseline: central_dm, merged_local_dm, fedavg, dense
+  # A sweep's variant name (launch.sweep sets it; recorded in results.json).
+  c.variant = config_dict.placeholder(str)
   c.seed = 0  # the shared root key: clients and server must agree on it
-  c.dataset = "fashion_mnist_embedded"
+  c.dataset = "fashion_mnist_embedded"  # a name of data.list_datasets()
+  # Where the dataset's files are; None: the loader's defaults (embedded
+  # subset, system packages, $COLLABDM_DATA_DIR, downloads).
   c.data_dir = config_dict.placeholder(str)
   # Loader options; None values are not passed. The two below take a
   # class-balanced subset (first k per class) for quick runs.
   c.data_kwargs = ml_collections.ConfigDict()
   c.data_kwargs.max_train_per_class = config_dict.placeholder(int)
   c.data_kwargs.max_test_per_class = config_dict.placeholder(int)
+  # Tabular datasets only: features reshaped into a one-channel square image
+  # (the paper's set-up for intrusion data, with a ConvNet).
   c.tabular_as_image = False
   # Precision of the embedding networks in the client pass, local DM and the
   # server: "float32", or "bfloat16" (mixed precision: bf16 convolutions and
@@ -41,21 +47,21 @@ def get_config():
 
   c.partition = ml_collections.ConfigDict()
   c.partition.method = "dirichlet"  # iid | dirichlet | collabdm | shards
-  c.partition.num_clients = 10
-  c.partition.alpha = 0.1
-  c.partition.min_size = 10
+  c.partition.num_clients = 10  # K
+  c.partition.alpha = 0.1  # Dirichlet concentration (label skew)
+  c.partition.min_size = 10  # redraw until every client holds this many
   c.partition.ipc = config_dict.placeholder(int)  # collabdm variant only
   c.partition.classes_per_client = config_dict.placeholder(int)  # shards only
-  c.partition.seed = 0
+  c.partition.seed = 0  # the partition's own seed (not the root key)
 
   # Every random network psi_t is this architecture (DM's ConvNet-3).
   c.model = ml_collections.ConfigDict()
-  c.model.arch = "convnet"
-  c.model.width = 128
-  c.model.depth = 3
-  c.model.norm = "instancenorm"
-  c.model.activation = "relu"
-  c.model.pooling = "avgpool"
+  c.model.arch = "convnet"  # a name of models.make_model; the rest are its kwargs
+  c.model.width = 128  # channels per conv
+  c.model.depth = 3  # conv blocks
+  c.model.norm = "instancenorm"  # instancenorm | layernorm | none
+  c.model.activation = "relu"  # relu | leakyrelu | sigmoid | gelu
+  c.model.pooling = "avgpool"  # avgpool | maxpool | none
   # The first block from patch moments, without its full-resolution map
   # (models.first_block_fused): same function up to rounding; ~21 % faster
   # client pass for 1-channel images on an H200, slower to compile, slower
@@ -67,15 +73,18 @@ def get_config():
   # mean). 32 is a CPU budget: the authors' code draws a random batch of 100
   # (`--batch_real`; 512 with `--partition iid`).
   c.stats.batch_real = config_dict.FieldReference(32, field_type=int)
+  # Also upload per-class second moments (needed by server.std_weight > 0).
   c.stats.second_moments = False
   # Samples per embedding batch. Small batches stay in cache: on 2 CPU cores
   # ConvNet-3 embeds ~1.5x faster per image in batches of 64 than of 256.
   c.stats.embed_batch = 64
-  c.stats.t_chunk = 8
+  c.stats.t_chunk = 8  # iterations embedded per call of the client pass
   # Most clients one device embeds per call; None = 32 (client.plan_layout).
   c.stats.clients_per_device = config_dict.placeholder(int)
 
   c.local = ml_collections.ConfigDict()
+  # Clients distil a few local images, the server's initialisation
+  # (server.init="local").
   c.local.enabled = True
   # "shared": local DM iteration t runs under psi_t and the Siamese keys of
   # the uploaded statistics, and matches the client's own uploaded means, so
@@ -90,22 +99,25 @@ def get_config():
   c.local.networks = "shared"
   c.local.ipc = config_dict.placeholder(int)  # None: ipc // clients + 1
   c.local.iterations = 20  # authors: 401 (their loop runs range(400 + 1))
-  c.local.lr = 1.0
-  c.local.momentum = 0.5
+  c.local.lr = 1.0  # image learning rate (SGD), DM's lr_img
+  c.local.momentum = 0.5  # image optimiser momentum
   # "independent" only; authors: 256 (fixed in their client code).
   c.local.batch_real = 64
   # Authors: 1 with --aug (PAE), with torch.std's unbiased estimate
   # (local.std_ddof = 1); 0 otherwise.
   c.local.std_weight = 0.0
   c.local.std_ddof = 0  # 0 population std, 1 unbiased (torch.std)
-  c.local.init = "real"
+  c.local.init = "real"  # real | noise: where local images start
 
   c.server = ml_collections.ConfigDict()
-  c.server.ipc = 10
-  c.server.lr = 10.0
-  c.server.momentum = 0.5
+  c.server.ipc = 10  # synthetic images per class
+  c.server.lr = 10.0  # image learning rate (SGD), the authors' --lr_img
+  c.server.momentum = 0.5  # image optimiser momentum
   c.server.init = "local"  # local | noise | real (real = not federated)
+  # Each synthetic image is a 2x2 mosaic of four (PAE, as IDM); evaluation
+  # decodes the mosaics.
   c.server.pae = False
+  # Weight of the per-class embedding std term (needs stats.second_moments).
   c.server.std_weight = 0.0
   # count: the exact pooled class mean; uniform: the plain mean of the
   # clients' means, as the authors' server computes it (docs/fidelity.md).
@@ -128,22 +140,55 @@ def get_config():
   c.server.max_abs_embedding = config_dict.placeholder(float)
 
   c.message = ml_collections.ConfigDict()
-  c.message.transport_dtype = "float32"  # or bfloat16
+  # Float arrays on the wire: float32 (exact) or bfloat16 (half the bytes).
+  c.message.transport_dtype = "float32"
 
   # Server checkpoints in <workdir>/checkpoints: a relaunch with the same
   # --workdir resumes where a killed run stopped. every=0 turns them off.
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 10  # server iterations between checkpoints
-  c.checkpoint.max_to_keep = 2
+  c.checkpoint.max_to_keep = 2  # checkpoints kept on disk
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.arch = "convnet"
+  # Fresh networks trained on the synthetic set and tested on the test split.
+  c.eval.arch = "convnet"  # a name of models.make_model
+  # Keyword arguments of the eval architecture; empty: its defaults.
   c.eval.model_kwargs = ml_collections.ConfigDict()
-  c.eval.num_nets = 3
+  c.eval.num_nets = 3  # networks trained; accuracy is their mean and std
   c.eval.epochs = 100  # authors: 1000
-  c.eval.lr = 0.01
-  c.eval.momentum = 0.9
-  c.eval.weight_decay = 5e-4
-  c.eval.batch_size = 256
-  c.eval.dsa = True
+  c.eval.lr = 0.01  # SGD; a tenth of it from half the epochs on (DM's schedule)
+  c.eval.momentum = 0.9  # SGD momentum
+  c.eval.weight_decay = 5e-4  # added to the gradient (PyTorch SGD)
+  c.eval.batch_size = 256  # training batch
+  c.eval.dsa = True  # train with the run's DSA strategy (images only)
+
+  # Settings of the comparison baselines (config.method != "collabdm";
+  # collabdm_jax/baselines/). None means "as the field named in the comment".
+  c.baseline = ml_collections.ConfigDict()
+  # central_dm: DM on the pooled data, with the server's ipc and iterations.
+  c.baseline.central_lr = 1.0  # DM's lr_img
+  c.baseline.central_momentum = config_dict.placeholder(float)  # local.momentum
+  c.baseline.central_batch_real = config_dict.placeholder(int)  # local.batch_real
+  c.baseline.central_init = "real"  # real | noise
+  # fedavg and dense: how every client trains its copy of the eval network.
+  c.baseline.local_epochs = 5
+  c.baseline.local_lr = 0.01
+  c.baseline.local_momentum = 0.9
+  c.baseline.local_weight_decay = 5e-4
+  c.baseline.local_batch = 256
+  c.baseline.local_dsa = config_dict.placeholder(bool)  # eval.dsa
+  # dense: the server's generator and distillation (DENSE's names).
+  c.baseline.dense_epochs = 5  # reference: 200
+  c.baseline.dense_g_steps = 5  # generator steps per epoch; reference: 30
+  c.baseline.dense_synthesis_batch = 32  # reference: 256
+  c.baseline.dense_kd_batch = 32  # reference: 256
+  c.baseline.dense_nz = 256  # generator noise size
+  c.baseline.dense_ngf = 64  # generator width
+  c.baseline.dense_lr_g = 1e-3  # generator learning rate (Adam)
+  c.baseline.dense_kd_lr = 0.005  # student learning rate (SGD)
+  c.baseline.dense_kd_momentum = 0.9  # student SGD momentum
+  c.baseline.dense_T = 20.0  # distillation temperature
+  c.baseline.dense_oh = 1.0  # weight of the one-hot (cross-entropy) loss
+  c.baseline.dense_adv = 1.0  # weight of the adversarial loss
+  c.baseline.dense_div = 1.0  # weight of the diversity (ensemble entropy) loss
   return c

@@ -30,6 +30,7 @@ Tables go to ``experiments/results/fidelity_<setting>``.
 import ml_collections
 
 from experiments.configs import authors
+from experiments.configs import config_args
 from experiments.configs import reference_table
 
 SEEDS = (0, 1, 2)
@@ -62,8 +63,7 @@ def base_config(dataset, base_variants=()):
 
 
 def get_config(setting="weighting"):
-  if setting not in _PAIRS:
-    raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+  setting = config_args.one_of(setting, SETTINGS, "setting")
   theirs, ours, dataset, base_variants = _PAIRS[setting]
   c = ml_collections.ConfigDict()
   c.name = f"fidelity_{setting}"

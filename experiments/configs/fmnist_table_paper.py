@@ -28,6 +28,7 @@ CIFAR-10 JPEG archive) or tensorflow-datasets when online.
 
 import ml_collections
 
+from experiments.configs import config_args
 from experiments.configs import default
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10")
@@ -50,8 +51,7 @@ def baseline_settings():
 
 
 def get_config(dataset="fashion_mnist"):
-  if dataset not in DATASETS:
-    raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+  dataset = config_args.one_of(dataset, DATASETS, "dataset")
   base = default.get_config()
   base.dataset = dataset
   base.partition.method = "collabdm"
@@ -64,7 +64,7 @@ def get_config(dataset="fashion_mnist"):
   base.eval.epochs = 1000
   base.eval.num_nets = 5
   base.checkpoint.every = 50
-  base.baseline = baseline_settings()
+  base.baseline.update(baseline_settings())
 
   c = ml_collections.ConfigDict()
   c.name = f"paper_{dataset}"

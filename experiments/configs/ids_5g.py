@@ -34,11 +34,6 @@ from experiments.configs import default
 OPTIONS = ("drop_gtp", "tabular_aug", "as_image")
 
 
-def parse_options(arg):
-  """Splits ``"a,b"`` into a set of known options (ValueError otherwise)."""
-  return config_args.parse_arg(arg, OPTIONS)
-
-
 def tabular_model(width=128, depth=2):
   """The MLP every random network psi_t (and the detector) uses."""
   return ml_collections.ConfigDict(dict(
@@ -101,7 +96,7 @@ def apply_tabular_defaults(c, options):
 
 def get_config(arg=""):
   """The 5G-IDS run; ``arg`` as in the module docstring."""
-  options = parse_options(arg)
+  options = config_args.parse_arg(arg, OPTIONS)
   c = default.get_config()
   c.dataset = "5g_ids"
   # Keywords of tabular.load_5g_ids (the image subset options do not apply).

@@ -26,6 +26,7 @@ false-positive rate and per-class recall (mean ± std over the seeds) to
 
 import ml_collections
 
+from experiments.configs import config_args
 from experiments.configs import ids_5g
 from experiments.configs import nsl_kdd
 
@@ -36,10 +37,7 @@ DATASETS = ("5g", "nsl_kdd")
 
 def get_config(arg="5g"):
   """The sweep for one data set (``arg`` in ``DATASETS``)."""
-  arg = (arg or "5g").strip()
-  if arg not in DATASETS:
-    raise ValueError(f"config argument must be one of {list(DATASETS)}, got "
-                     f"{arg!r}")
+  arg = config_args.one_of(arg or "5g", DATASETS)
   c = ml_collections.ConfigDict()
   grid = {"method": list(METHODS), "seed": list(SEEDS)}
   if arg == "5g":

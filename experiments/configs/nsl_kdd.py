@@ -22,6 +22,7 @@ sized for a 2-core CPU (a run takes about a minute).
 
 import ml_collections
 
+from experiments.configs import config_args
 from experiments.configs import default
 from experiments.configs import ids_5g
 
@@ -30,11 +31,7 @@ OPTIONS = ("binary", "tabular_aug", "as_image")
 
 def get_config(arg=""):
   """The NSL-KDD run; ``arg`` as in the module docstring."""
-  chosen = {o.strip() for o in (arg or "").split(",") if o.strip()}
-  unknown = sorted(chosen - set(OPTIONS))
-  if unknown:
-    raise ValueError(f"config argument options {unknown} are unknown; "
-                     f"allowed: {list(OPTIONS)}")
+  chosen = config_args.parse_arg(arg, OPTIONS)
   c = default.get_config()
   c.dataset = "nsl_kdd"
   # Keywords of tabular.load_nsl_kdd.

@@ -45,6 +45,7 @@ import copy
 import ml_collections
 
 from experiments.configs import authors
+from experiments.configs import config_args
 from experiments.configs import default
 from experiments.configs import fmnist_table_paper
 
@@ -75,7 +76,7 @@ def base_config(dataset="fashion_mnist"):
   c.eval.num_nets = 3
   c.eval.epochs = 300
   c.checkpoint.every = 25
-  c.baseline = fmnist_table_paper.baseline_settings()
+  c.baseline.update(fmnist_table_paper.baseline_settings())
   return c
 
 
@@ -122,8 +123,7 @@ def variants(base, names=VARIANTS):
 
 
 def get_config(part="main"):
-  if part not in PARTS:
-    raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+  part = config_args.one_of(part, PARTS, "part")
   base = base_config("cifar10" if part == "cifar10" else "fashion_mnist")
   c = ml_collections.ConfigDict()
   c.name = f"reference_{part}"
