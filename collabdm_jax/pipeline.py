@@ -36,6 +36,7 @@ from collabdm_jax import metrics as metrics_lib
 from collabdm_jax import models
 from collabdm_jax import parallel
 from collabdm_jax import partition as partition_lib
+from collabdm_jax import privacy as privacy_lib
 from collabdm_jax import protocol
 from collabdm_jax import provenance
 from collabdm_jax import server as server_lib
@@ -121,7 +122,7 @@ def dsa_strategy(config, dataset_name):
 
 def protocol_fields(config) -> Dict:
   """The settings a client and the server must share; hashed into messages."""
-  return {
+  fields = {
       "seed": config.seed,
       "dataset": config.dataset,
       "model": config.model.to_dict(),
@@ -131,6 +132,11 @@ def protocol_fields(config) -> Dict:
       "second_moments": bool(config.stats.second_moments),
       "tabular_as_image": bool(config.get("tabular_as_image", False)),
   }
+  dp = privacy_lib.settings(config)
+  if dp is not None:  # absent when off, so non-private messages are unchanged
+    fields["privacy"] = {"epsilon": dp.epsilon, "delta": dp.delta,
+                         "clip_norm": dp.clip_norm}
+  return fields
 
 
 def load_data(config) -> data_lib.Dataset:
@@ -148,6 +154,12 @@ def setup(config, dataset: Optional[data_lib.Dataset] = None) -> Setup:
     raise ValueError("server.std_weight > 0 needs stats.second_moments=True "
                      "(clients must upload second moments for std targets)")
   aggregator_config(config)  # a bad server.aggregator fails before any work
+  dp = privacy_lib.settings(config)  # so does a bad privacy config
+  if dp is not None:
+    log.info("differential privacy on: target epsilon %g at delta %g per "
+             "example over its class's %d releases; clip norm %g; no local "
+             "images, the server starts from noise", dp.epsilon, dp.delta,
+             config.num_iterations, dp.clip_norm)
   dataset = dataset if dataset is not None else load_data(config)
   p = config.partition
   part = partition_lib.make_partition(
@@ -214,6 +226,7 @@ def message_spec(s: Setup) -> protocol.MessageSpec:
   max_class = _opt(s.config.server.get("max_class_size"))
   if max_class is not None and max_class < 1:
     raise ValueError(f"server.max_class_size must be >= 1, got {max_class}")
+  box = embedding_range(s)
   return protocol.MessageSpec(
       root_key_fingerprint=protocol.key_fingerprint(s.root),
       config_hash=protocol.config_hash(protocol_fields(s.config)),
@@ -224,7 +237,29 @@ def message_spec(s: Setup) -> protocol.MessageSpec:
       requires_second_moments=s.config.server.std_weight > 0,
       batch_real=_opt(s.config.stats.batch_real),
       max_class_size=max_class,
-      embedding_range=embedding_range(s))
+      embedding_range=box,
+      noised_range=noised_range(s, box))
+
+
+def noised_range(s: Setup, box):
+  """Under differential privacy, ``class_counts -> (lo, hi)`` of noised means.
+
+  None when privacy is off or psi_t's range is unchecked. Class sizes no
+  accountant can handle are the client's problem: a ``MessageError``.
+  """
+  dp = privacy_lib.settings(s.config)
+  if dp is None or box is None:
+    return None
+  T, dim = s.config.num_iterations, models.feature_dim(s.model, s.input_shape)
+
+  def bounds(class_counts):
+    try:
+      return privacy_lib.noised_mean_range(
+          box[0], box[1], class_counts, s.stats_spec.batch_real, T, dim, dp)
+    except ValueError as e:
+      raise protocol.MessageError(f"class sizes {class_counts.tolist()}: {e}")
+
+  return bounds
 
 
 def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
@@ -243,6 +278,9 @@ def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
     raise ValueError("local.networks must be 'shared' or 'independent', got "
                      f"{cfg.local.networks!r}")
   lcfg = local_config(cfg, s.dsa_strategy)
+  dp = privacy_lib.settings(cfg)
+  if dp is not None:  # local images are not private: none under DP
+    shared = False
   t0 = time.perf_counter()
   def local_dm_reporter(name, owners):
     """Progress, and ``local_dm`` metric rows per owner (client) of the
@@ -267,7 +305,7 @@ def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
 
     return on_iteration
 
-  if cfg.local.enabled and not shared:
+  if cfg.local.enabled and not shared and dp is None:
     pad_to = client_lib.local_padding(ys, s.dataset.num_classes, lcfg)
     for i, k in enumerate(client_ids):
       on_iteration = local_dm_reporter(f"local DM client {k}", [k])
@@ -279,12 +317,18 @@ def client_messages(s: Setup, client_ids: Sequence[int], mesh=None,
   T = cfg.num_iterations
   prog = Progress("client statistics", T)
   parts = []
-  for t0_, chunk in client_lib.iter_client_stats(
-      s.root, xs, ys, list(client_ids), s.stats_spec, T,
-      t_chunk=cfg.stats.t_chunk, mesh=mesh,
-      clients_per_device=cfg.stats.clients_per_device):
-    parts.append(chunk)
-    prog.update(t0_ + chunk.means.shape[1])
+  if dp is not None:
+    parts.append(privacy_lib.private_client_stats(
+        s.root, xs, ys, list(client_ids), s.stats_spec, T, dp,
+        privacy_lib.secret_seed(dp), t_chunk=cfg.stats.t_chunk))
+    prog.update(T)
+  else:
+    for t0_, chunk in client_lib.iter_client_stats(
+        s.root, xs, ys, list(client_ids), s.stats_spec, T,
+        t_chunk=cfg.stats.t_chunk, mesh=mesh,
+        clients_per_device=cfg.stats.clients_per_device):
+      parts.append(chunk)
+      prog.update(t0_ + chunk.means.shape[1])
   t2 = time.perf_counter()
   cat = lambda name: (None if getattr(parts[0], name) is None else
                       np.concatenate([getattr(p, name) for p in parts], 1))
@@ -411,7 +455,10 @@ def synthesize_from_messages(s: Setup, messages, timings=None, ckpt=None,
   if not valid.any():
     raise ValueError("no client holds any class: nothing to distil")
   pool_x = pool_y = None
-  if cfg.server.init == "local":
+  init_mode = cfg.server.init
+  if privacy_lib.settings(cfg) is not None:
+    init_mode = "noise"  # no local images under DP; "real" is refused
+  if init_mode == "local":
     have = [m for m in messages if m.local_images is not None]
     if not have:
       raise ValueError("server.init='local' but no message carries local "
@@ -420,10 +467,10 @@ def synthesize_from_messages(s: Setup, messages, timings=None, ckpt=None,
         np.concatenate([m.local_images for m in have]))
     pool_y = parallel.concat_over_processes(
         np.concatenate([m.local_labels for m in have]))
-  elif cfg.server.init == "real":
+  elif init_mode == "real":
     pool_x, pool_y = s.train_x, s.dataset.train_y
   init = server_lib.initial_synthetic_set(
-      keys_lib.server_key(s.root), cfg.server.init, s.dataset.num_classes,
+      keys_lib.server_key(s.root), init_mode, s.dataset.num_classes,
       cfg.server.ipc, s.input_shape, pool_x, pool_y, pae=bool(cfg.server.pae))
   images = _server_loop(s, [(0, targets)], init, None, targets, ckpt, extra,
                         metrics)
@@ -565,7 +612,7 @@ def _resume(s: Setup, workdir, ckpt, timings, t0, extra_keys, metrics=None):
   images = resume_synthesis(s, restored, ckpt, timings, metrics)
   ckpt.close()
   timings["total"] = time.perf_counter() - t0
-  extra = {k: restored.extra.get(k) for k in extra_keys}
+  extra = {k: restored.extra[k] for k in extra_keys if k in restored.extra}
   extra["resumed_from_t"] = restored.next_t
   return _finish(s, workdir, images, timings,
                  restored.extra.get("upload", {}), extra, metrics)
@@ -610,7 +657,7 @@ def _run_distillation(config, workdir, mesh, metrics) -> Dict:
            partition_lib.format_count_table(s.partition.counts,
                                             s.dataset.class_names))
   ckpt = open_checkpointer(s, workdir)
-  resumed = _resume(s, workdir, ckpt, timings, t0, (), metrics)
+  resumed = _resume(s, workdir, ckpt, timings, t0, ("privacy",), metrics)
   if resumed is not None:
     return resumed
   K = config.partition.num_clients
@@ -636,8 +683,10 @@ def _run_distillation(config, workdir, mesh, metrics) -> Dict:
     upload = {str(k): int(n) for k, n in
               enumerate(parallel.sum_over_processes(sizes))}
   timings["transport"] = time.perf_counter() - t1
+  # Every client of a simulation is used: the accounting covers them all.
+  dp_extra = privacy_record(s, dict(enumerate(s.partition.counts)))
   images = synthesize_from_messages(s, received, timings, ckpt,
-                                    {"upload": upload}, metrics)
+                                    {"upload": upload, **dp_extra}, metrics)
   if ckpt is not None:
     ckpt.close()
   timings["total"] = time.perf_counter() - t0
@@ -646,7 +695,24 @@ def _run_distillation(config, workdir, mesh, metrics) -> Dict:
     # writes the outputs.
     return {"method": method_name(config), "wall_s": timings,
             "upload_bytes_per_client": upload}
-  return _finish(s, workdir, images, timings, upload, metrics=metrics)
+  return _finish(s, workdir, images, timings, upload, dp_extra,
+                 metrics=metrics)
+
+
+def privacy_record(s: Setup, class_counts: Dict[int, np.ndarray]) -> Dict:
+  """``{"privacy": accounting report}`` for results.json; {} when off.
+
+  ``class_counts`` maps each client the server used to its class sizes.
+  """
+  dp = privacy_lib.settings(s.config)
+  if dp is None:
+    return {}
+  report = privacy_lib.accounting_report(
+      class_counts, s.stats_spec.batch_real, s.config.num_iterations, dp)
+  log.info("differential privacy: every example spends epsilon <= %.4f "
+           "(target %g) at delta %g over %d releases", report["epsilon"],
+           dp.epsilon, dp.delta, s.config.num_iterations)
+  return {"privacy": report}
 
 
 def message_path(message_dir, client_id):
@@ -800,13 +866,15 @@ def serve(config, workdir, receive) -> Dict:
     s = setup(config)
     ckpt = open_checkpointer(s, workdir)
     resumed = _resume(s, workdir, ckpt, timings, t0,
-                      ("clients_used", "clients_rejected"), metrics)
+                      ("clients_used", "clients_rejected", "privacy"), metrics)
     if resumed is not None:
       return resumed
     received = receive(s)
     timings["receive"] = time.perf_counter() - t0
     used = sorted(m.client_id for m in received.messages)
     extra = {"clients_used": used, "clients_rejected": received.rejected}
+    extra.update(privacy_record(
+        s, {m.client_id: m.class_counts for m in received.messages}))
     images = synthesize_from_messages(
         s, received.messages, timings, ckpt,
         {"upload": received.upload, **extra}, metrics)
