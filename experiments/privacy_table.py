@@ -131,6 +131,9 @@ def main(argv):
       raise app.UsageError(f"--epsilons: {e!r} is not > 0")
     epsilons.append(None if math.isinf(v) else v)
   init = config.server.init
+  # Taken first: the code that made the rows, whatever happens meanwhile.
+  record = provenance.provenance(
+      ["-m", "experiments.privacy_table", *sys.argv[1:]])
   t0 = time.perf_counter()
   s = pipeline.setup(config)
   rows = []
@@ -144,8 +147,7 @@ def main(argv):
   doc = {
       "what": "test accuracy against the privacy budget epsilon per example "
               "(client-side DP: clipping, Poisson batches, Gaussian noise)",
-      "provenance": provenance.provenance(
-          ["-m", "experiments.privacy_table", *sys.argv[1:]]),
+      "provenance": record,
       "config": config.to_dict(),
       "total_s": round(time.perf_counter() - t0, 1),
       "rows": rows,
