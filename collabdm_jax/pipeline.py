@@ -450,7 +450,9 @@ def synthesize_from_messages(s: Setup, messages, timings=None, ckpt=None,
   # the same (deterministic) server.
   targets = server_lib.aggregate_messages(
       messages, cfg.server.weighting, with_std=cfg.server.std_weight > 0,
-      aggregator=aggregator_config(cfg))
+      aggregator=aggregator_config(cfg),
+      shape=(cfg.num_iterations, s.dataset.num_classes,
+             models.feature_dim(s.model, s.input_shape)))
   valid = np.asarray(targets.valid)
   if not valid.any():
     raise ValueError("no client holds any class: nothing to distil")
@@ -460,13 +462,16 @@ def synthesize_from_messages(s: Setup, messages, timings=None, ckpt=None,
     init_mode = "noise"  # no local images under DP; "real" is refused
   if init_mode == "local":
     have = [m for m in messages if m.local_images is not None]
-    if not have:
+    # A process whose clients sent none still joins the gather.
+    pool_x = parallel.concat_over_processes(
+        np.concatenate([m.local_images for m in have]) if have else
+        np.zeros((0,) + tuple(s.input_shape), np.float32))
+    pool_y = parallel.concat_over_processes(
+        np.concatenate([m.local_labels for m in have]) if have else
+        np.zeros((0,), np.int32))
+    if not len(pool_x):
       raise ValueError("server.init='local' but no message carries local "
                        "images; enable local distillation or use init='noise'")
-    pool_x = parallel.concat_over_processes(
-        np.concatenate([m.local_images for m in have]))
-    pool_y = parallel.concat_over_processes(
-        np.concatenate([m.local_labels for m in have]))
   elif init_mode == "real":
     pool_x, pool_y = s.train_x, s.dataset.train_y
   init = server_lib.initial_synthetic_set(
@@ -628,10 +633,10 @@ def run_outputs(config, workdir):
   only process 0 writes; the others get ``None``.
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() > 0:
     yield None
     return
+  workdir.mkdir(parents=True, exist_ok=True)
   metrics_lib.write_config(workdir, config)
   with metrics_lib.MetricsWriter(workdir) as writer:
     yield writer
@@ -781,13 +786,23 @@ def run_server(config, message_dir, workdir, public_key_dir=None) -> Dict:
   ``launch.keygen``) only messages signed for this run by the slot's client
   are accepted; without it uploads are unsigned (simulations). Either way a
   message received twice is rejected as a duplicate.
+
+  Run in several processes (``jax.distributed``), each process reads only
+  its own share of the clients (``parallel.process_clients``), the targets
+  and the local-image pool are combined across processes, and process 0
+  evaluates and writes the outputs: the same as one process.
   """
 
   def receive(s: Setup):
     spec = message_spec(s)
     verifier = signing.Verifier(public_key_dir, run_id(s))
     blobs, records = {}, {}
-    for k in range(config.partition.num_clients):
+    # Several processes share the clients: each reads only its own.
+    ids = parallel.process_clients(config.partition.num_clients)
+    if jax.process_count() > 1:
+      log.info("process %d of %d reads the messages of clients %s",
+               jax.process_index(), jax.process_count(), ids)
+    for k in ids:
       path = message_path(message_dir, k)
       if not path.exists():
         log.warning("no message from client %d (%s): continuing without it",
@@ -800,7 +815,8 @@ def run_server(config, message_dir, workdir, public_key_dir=None) -> Dict:
     received = accept_messages(
         blobs, spec, source=lambda k: str(message_path(message_dir, k)),
         verifier=verifier, signatures=records)
-    if not received.messages:
+    (total,) = parallel.sum_over_processes([len(received.messages)])
+    if not total:
       raise ValueError(f"no valid client message in {message_dir}")
     return received
 
@@ -871,18 +887,33 @@ def serve(config, workdir, receive) -> Dict:
       return resumed
     received = receive(s)
     timings["receive"] = time.perf_counter() - t0
-    used = sorted(m.client_id for m in received.messages)
-    extra = {"clients_used": used, "clients_rejected": received.rejected}
-    extra.update(privacy_record(
-        s, {m.client_id: m.class_counts for m in received.messages}))
+    # Multi-process: the record covers every process's clients; the
+    # statistics stay with their process (aggregation combines them).
+    upload, rejected, class_counts = {}, {}, {}
+    for part in parallel.allgather_json(
+        [received.upload, received.rejected,
+         {m.client_id: m.class_counts.tolist() for m in received.messages}]):
+      upload.update(part[0])
+      rejected.update(part[1])
+      class_counts.update({int(k): v for k, v in part[2].items()})
+    upload = dict(sorted(upload.items(), key=lambda kv: int(kv[0])))
+    rejected = dict(sorted(rejected.items(), key=lambda kv: int(kv[0])))
+    extra = {"clients_used": sorted(class_counts),
+             "clients_rejected": rejected}
+    extra.update(privacy_record(s, {k: np.asarray(v) for k, v in
+                                    sorted(class_counts.items())}))
     images = synthesize_from_messages(
-        s, received.messages, timings, ckpt,
-        {"upload": received.upload, **extra}, metrics)
+        s, received.messages, timings, ckpt, {"upload": upload, **extra},
+        metrics)
     if ckpt is not None:
       ckpt.close()
     timings["total"] = time.perf_counter() - t0
-    return _finish(s, workdir, images, timings, received.upload, extra,
-                   metrics)
+    if jax.process_index() > 0:
+      # Every process holds the same synthetic set; process 0 evaluates it
+      # and writes the outputs.
+      return {"method": method_name(config), "wall_s": timings,
+              "upload_bytes_per_client": upload, **extra}
+    return _finish(s, workdir, images, timings, upload, extra, metrics)
 
 
 BASELINES = ("central_dm", "merged_local_dm", "fedavg", "dense")
