@@ -887,8 +887,10 @@ def serve(config, workdir, receive) -> Dict:
       return resumed
     received = receive(s)
     timings["receive"] = time.perf_counter() - t0
-    # Multi-process: the record covers every process's clients; the
-    # statistics stay with their process (aggregation combines them).
+    # Multi-process: the record covers every process's clients (merged in
+    # process order, so in client order); the statistics stay with their
+    # process (aggregation combines them). Keys are whatever the transport
+    # names a source by (a client id, or a Flower node).
     upload, rejected, class_counts = {}, {}, {}
     for part in parallel.allgather_json(
         [received.upload, received.rejected,
@@ -896,8 +898,6 @@ def serve(config, workdir, receive) -> Dict:
       upload.update(part[0])
       rejected.update(part[1])
       class_counts.update({int(k): v for k, v in part[2].items()})
-    upload = dict(sorted(upload.items(), key=lambda kv: int(kv[0])))
-    rejected = dict(sorted(rejected.items(), key=lambda kv: int(kv[0])))
     extra = {"clients_used": sorted(class_counts),
              "clients_rejected": rejected}
     extra.update(privacy_record(s, {k: np.asarray(v) for k, v in

@@ -64,8 +64,9 @@ except ImportError:  # only DP mode needs it; the error says how to get it
   dp_accounting = None
 
 # PLD discretisation of the privacy loss. The accountant's estimate is
-# pessimistic (an upper bound on epsilon); 1e-3 gives epsilons within 1e-4
-# of 1e-4's on the settings of tests/test_privacy.py at a tenth of the time.
+# pessimistic (an upper bound on epsilon). Against dp-accounting's default
+# 1e-4, 1e-3 moved calibrated multipliers by under 5e-5 (relative) for
+# q in {0.05, 0.1, 0.5, 1} and T = 40, and calibrated 5-8x faster.
 PLD_DISCRETIZATION = 1e-3
 # Tolerance of the search for sigma: the returned multiplier is at most this
 # far above the smallest one that meets the target.
