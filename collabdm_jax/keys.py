@@ -51,3 +51,25 @@ def eval_key(root):
 def local_distill_key(root, client_id):
   """Private stream of client ``client_id``'s local distillation."""
   return jax.random.fold_in(jax.random.fold_in(root, _LOCAL), client_id)
+
+
+# Differential privacy (collabdm_jax/privacy.py): streams of a client-SECRET
+# seed, never of the shared root. The server holds the root key, so sampling
+# or noise folded from it could be replayed and the noise subtracted.
+_DP_SAMPLE = 0
+_DP_NOISE = 1
+
+
+def dp_client_key(secret_seed: int, client_id):
+  """Client ``client_id``'s private DP stream from the clients' secret seed."""
+  return jax.random.fold_in(jax.random.key(secret_seed), client_id)
+
+
+def dp_sample_key(dp_key):
+  """Which examples each iteration's Poisson sample draws."""
+  return jax.random.fold_in(dp_key, _DP_SAMPLE)
+
+
+def dp_noise_key(dp_key):
+  """The Gaussian noise added to each released sum."""
+  return jax.random.fold_in(dp_key, _DP_NOISE)

@@ -33,10 +33,10 @@ def run_outputs(config, workdir):
   only process 0 writes; the others get ``None``.
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() > 0:
     yield None
     return
+  workdir.mkdir(parents=True, exist_ok=True)
   metrics_lib.write_config(workdir, config)
   with metrics_lib.MetricsWriter(workdir) as writer:
     yield writer

@@ -7,6 +7,7 @@ On several hosts the same mesh spans all processes' devices once
 ``initialize_distributed`` has run.
 """
 
+import json
 import os
 from typing import Optional, Sequence
 
@@ -115,6 +116,25 @@ def concat_over_processes(array) -> np.ndarray:
   padded[:array.shape[0]] = array
   parts = np.asarray(multihost_utils.process_allgather(padded))
   return np.concatenate([parts[i, :n] for i, n in enumerate(lengths)])
+
+
+def allgather_json(obj) -> list:
+  """Every process's JSON-serialisable ``obj``, in process order.
+
+  For small records (which clients a process read, what it rejected);
+  ``[obj]`` on one process.
+  """
+  if jax.process_count() == 1:
+    return [obj]
+  data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+  from jax.experimental import multihost_utils  # multi-process only
+  lengths = np.asarray(multihost_utils.process_allgather(
+      np.asarray([data.size], np.int64))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:data.size] = data
+  parts = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(parts[i, :n]).decode())
+          for i, n in enumerate(lengths)]
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,

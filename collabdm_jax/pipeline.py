@@ -100,7 +100,7 @@ def _resume(s, workdir, ckpt, timings, t0, extra_keys, metrics=None):
     return None
   images = stages.resume_synthesis(s, restored, ckpt, timings, metrics)
   ckpt.close()
-  extra = {k: restored.extra.get(k) for k in extra_keys}
+  extra = {k: restored.extra[k] for k in extra_keys if k in restored.extra}
   extra["resumed_from_t"] = restored.next_t
   return _finish(s, workdir, _synthetic(images), timings, t0,
                  restored.extra.get("upload", {}), extra, metrics)
@@ -126,7 +126,7 @@ def _run_distillation(config, workdir, mesh, metrics) -> Dict:
            partition_lib.format_count_table(s.partition.counts,
                                             s.dataset.class_names))
   ckpt = setup_lib.open_checkpointer(s, workdir)
-  resumed = _resume(s, workdir, ckpt, timings, t0, (), metrics)
+  resumed = _resume(s, workdir, ckpt, timings, t0, ("privacy",), metrics)
   if resumed is not None:
     return resumed
   K = config.partition.num_clients
@@ -141,8 +141,10 @@ def _run_distillation(config, workdir, mesh, metrics) -> Dict:
   # Every message crosses the same wire format as in a real deployment.
   with progress.timed(timings, "transport"):
     received, upload = wire.round_trip(s, msgs, ids)
-  images = stages.synthesize_from_messages(s, received, timings, ckpt,
-                                           {"upload": upload}, metrics)
+  # Every client of a simulation is used: the accounting covers them all.
+  dp_extra = setup_lib.privacy_record(s, dict(enumerate(s.partition.counts)))
+  images = stages.synthesize_from_messages(
+      s, received, timings, ckpt, {"upload": upload, **dp_extra}, metrics)
   if ckpt is not None:
     ckpt.close()
   if jax.process_index() > 0:
@@ -152,7 +154,7 @@ def _run_distillation(config, workdir, mesh, metrics) -> Dict:
     return {"method": outputs.method_name(config), "wall_s": timings,
             "upload_bytes_per_client": upload}
   return _finish(s, workdir, _synthetic(images), timings, t0, upload,
-                 metrics=metrics)
+                 dp_extra, metrics=metrics)
 
 
 def run_client(config, client_id, message_dir, mesh=None, workdir=None,
@@ -190,6 +192,11 @@ def run_server(config, message_dir, workdir, public_key_dir=None) -> Dict:
   ``launch.keygen``) only messages signed for this run by the slot's client
   are accepted; without it uploads are unsigned (simulations). Either way a
   message received twice is rejected as a duplicate.
+
+  Run in several processes (``jax.distributed``), each process reads only
+  its own share of the clients (``parallel.process_clients``), the targets
+  and the local-image pool are combined across processes, and process 0
+  evaluates and writes the outputs: the same as one process.
   """
   return serve(config, workdir, lambda s: wire.receive_files(
       s, message_dir, public_key_dir))
@@ -211,17 +218,36 @@ def serve(config, workdir, receive) -> Dict:
     s = setup_lib.setup(config)
     ckpt = setup_lib.open_checkpointer(s, workdir)
     resumed = _resume(s, workdir, ckpt, timings, t0,
-                      ("clients_used", "clients_rejected"), metrics)
+                      ("clients_used", "clients_rejected", "privacy"), metrics)
     if resumed is not None:
       return resumed
     received = receive(s)
     timings["receive"] = time.perf_counter() - t0
-    used = sorted(m.client_id for m in received.messages)
-    extra = {"clients_used": used, "clients_rejected": received.rejected}
+    # Multi-process: the record covers every process's clients (merged in
+    # process order, so in client order); the statistics stay with their
+    # process (aggregation combines them). Keys are whatever the transport
+    # names a source by (a client id, or a Flower node).
+    upload, rejected, class_counts = {}, {}, {}
+    for part in parallel.allgather_json(
+        [received.upload, received.rejected,
+         {m.client_id: m.class_counts.tolist() for m in received.messages}]):
+      upload.update(part[0])
+      rejected.update(part[1])
+      class_counts.update({int(k): v for k, v in part[2].items()})
+    extra = {"clients_used": sorted(class_counts),
+             "clients_rejected": rejected}
+    extra.update(setup_lib.privacy_record(
+        s, {k: np.asarray(v) for k, v in sorted(class_counts.items())}))
     images = stages.synthesize_from_messages(
-        s, received.messages, timings, ckpt,
-        {"upload": received.upload, **extra}, metrics)
+        s, received.messages, timings, ckpt, {"upload": upload, **extra},
+        metrics)
     if ckpt is not None:
       ckpt.close()
-    return _finish(s, workdir, _synthetic(images), timings, t0,
-                   received.upload, extra, metrics)
+    if jax.process_index() > 0:
+      # Every process holds the same synthetic set; process 0 evaluates it
+      # and writes the outputs.
+      timings["total"] = time.perf_counter() - t0
+      return {"method": outputs.method_name(config), "wall_s": timings,
+              "upload_bytes_per_client": upload, **extra}
+    return _finish(s, workdir, _synthetic(images), timings, t0, upload,
+                   extra, metrics)

@@ -36,7 +36,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Mapping
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import ml_dtypes
@@ -152,6 +152,11 @@ class MessageSpec:
       every embedding entry of psi_t lies in ``[lo, hi]``, so every mean
       does too and every mean of squares lies in ``[0, max(lo**2, hi**2)]``
       (``embedding_bounds.embedding_ranges``, or a configured bound).
+    noised_range: differential privacy (``privacy.noised_mean_range``):
+      ``class_counts -> (lo, hi)`` broadcastable to ``[T, C, D]``, the range
+      an honest client's noised means lie in, replacing ``embedding_range``
+      for the means (they carry Gaussian noise, whose spread depends on the
+      class sizes the message claims).
   """
 
   root_key_fingerprint: Optional[str]
@@ -164,6 +169,7 @@ class MessageSpec:
   batch_real: Optional[int] = None
   max_class_size: Optional[int] = None
   embedding_range: Optional[Tuple[Any, Any]] = None
+  noised_range: Optional[Callable[[np.ndarray], Tuple[Any, Any]]] = None
 
 
 # ----------------------------------------------------------------------------
@@ -482,7 +488,9 @@ def _check_statistics(means, counts, class_counts, second, spec) -> None:
       raise MessageError(
           f"class_counts[{ci}] = {int(class_counts[ci])} exceeds the server's "
           f"bound max_class_size = {spec.max_class_size}")
-  if spec is not None and spec.embedding_range is not None:
+  if spec is not None and spec.noised_range is not None:
+    _check_embedding_range(means, second, *spec.noised_range(class_counts))
+  elif spec is not None and spec.embedding_range is not None:
     _check_embedding_range(means, second, *spec.embedding_range)
   if second is not None:
     with np.errstate(over="ignore"):

@@ -101,7 +101,8 @@ def initial_synthetic_set(key, init, num_classes, ipc, input_shape,
 
 
 def aggregate_messages(messages, weighting="count", with_std=False,
-                       aggregator: Optional[aggregation.AggregatorConfig] = None
+                       aggregator: Optional[aggregation.AggregatorConfig] = None,
+                       shape: Optional[Tuple[int, int, int]] = None
                        ) -> losses.ClassMoments:
   """Server targets from decoded messages, over all processes' messages.
 
@@ -110,8 +111,11 @@ def aggregate_messages(messages, weighting="count", with_std=False,
   processes, so no one gathers the per-client statistics; a robust
   aggregator needs every client's statistics, so those are gathered (all
   processes' messages, in process order) and each process aggregates them.
+  A process may have no message (all its clients missing or rejected) when
+  ``shape`` = (T, C, D) says what the others' look like.
   """
-  means, counts, class_counts, sq = messages_to_stats(messages)
+  means, counts, class_counts, sq = messages_to_stats(messages, shape,
+                                                      with_std)
   sq = sq if with_std else None
   if aggregator is not None and aggregator.name != "mean":
     if jax.process_count() > 1:
@@ -126,8 +130,17 @@ def aggregate_messages(messages, weighting="count", with_std=False,
   return losses.moments_from_sums(sums)
 
 
-def messages_to_stats(messages):
-  """Stacks decoded ``protocol.ClientMessage``s into arrays ``[K, ...]``."""
+def messages_to_stats(messages, shape=None, with_second_moments=False):
+  """Stacks decoded ``protocol.ClientMessage``s into arrays ``[K, ...]``.
+
+  No message and a ``shape`` (T, C, D): empty ``[0, ...]`` arrays (second
+  moments too when ``with_second_moments``).
+  """
+  if not messages and shape is not None:
+    T, C, D = shape
+    return (np.zeros((0, T, C, D), np.float32), np.zeros((0, T, C), np.int32),
+            np.zeros((0, C), np.int32),
+            np.zeros((0, T, C, D), np.float32) if with_second_moments else None)
   means = np.stack([m.means for m in messages])
   counts = np.stack([m.counts for m in messages])
   class_counts = np.stack([m.class_counts for m in messages])

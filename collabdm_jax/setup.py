@@ -27,6 +27,7 @@ from collabdm_jax import embedding_bounds
 from collabdm_jax import evaluate
 from collabdm_jax import models
 from collabdm_jax import partition as partition_lib
+from collabdm_jax import privacy as privacy_lib
 from collabdm_jax import protocol
 from collabdm_jax import provenance
 from collabdm_jax import server as server_lib
@@ -60,7 +61,7 @@ def dsa_strategy(config, dataset_name):
 
 def protocol_fields(config) -> Dict:
   """The settings a client and the server must share; hashed into messages."""
-  return {
+  fields = {
       "seed": config.seed,
       "dataset": config.dataset,
       "model": config.model.to_dict(),
@@ -70,6 +71,11 @@ def protocol_fields(config) -> Dict:
       "second_moments": bool(config.stats.second_moments),
       "tabular_as_image": bool(config.tabular_as_image),
   }
+  dp = privacy_lib.settings(config)
+  if dp is not None:  # absent when off, so non-private messages are unchanged
+    fields["privacy"] = {"epsilon": dp.epsilon, "delta": dp.delta,
+                         "clip_norm": dp.clip_norm}
+  return fields
 
 
 def load_data(config) -> data_lib.Dataset:
@@ -87,6 +93,12 @@ def setup(config, dataset: Optional[data_lib.Dataset] = None) -> Setup:
     raise ValueError("server.std_weight > 0 needs stats.second_moments=True "
                      "(clients must upload second moments for std targets)")
   aggregator_config(config)  # a bad server.aggregator fails before any work
+  dp = privacy_lib.settings(config)  # so does a bad privacy config
+  if dp is not None:
+    log.info("differential privacy on: target epsilon %g at delta %g per "
+             "example over its class's %d releases; clip norm %g; no local "
+             "images, the server starts from noise", dp.epsilon, dp.delta,
+             config.num_iterations, dp.clip_norm)
   dataset = dataset if dataset is not None else load_data(config)
   p = config.partition
   part = partition_lib.make_partition(
@@ -185,6 +197,7 @@ def message_spec(s: Setup) -> protocol.MessageSpec:
   max_class = s.config.server.max_class_size
   if max_class is not None and max_class < 1:
     raise ValueError(f"server.max_class_size must be >= 1, got {max_class}")
+  box = embedding_range(s)
   return protocol.MessageSpec(
       root_key_fingerprint=protocol.key_fingerprint(s.root),
       config_hash=protocol.config_hash(protocol_fields(s.config)),
@@ -195,7 +208,45 @@ def message_spec(s: Setup) -> protocol.MessageSpec:
       requires_second_moments=s.config.server.std_weight > 0,
       batch_real=s.config.stats.batch_real,
       max_class_size=max_class,
-      embedding_range=embedding_range(s))
+      embedding_range=box,
+      noised_range=noised_range(s, box))
+
+
+def noised_range(s: Setup, box):
+  """Under differential privacy, ``class_counts -> (lo, hi)`` of noised means.
+
+  None when privacy is off or psi_t's range is unchecked. Class sizes no
+  accountant can handle are the client's problem: a ``MessageError``.
+  """
+  dp = privacy_lib.settings(s.config)
+  if dp is None or box is None:
+    return None
+  T, dim = s.config.num_iterations, models.feature_dim(s.model, s.input_shape)
+
+  def bounds(class_counts):
+    try:
+      return privacy_lib.noised_mean_range(
+          box[0], box[1], class_counts, s.stats_spec.batch_real, T, dim, dp)
+    except ValueError as e:
+      raise protocol.MessageError(f"class sizes {class_counts.tolist()}: {e}")
+
+  return bounds
+
+
+def privacy_record(s: Setup, class_counts: Dict[int, np.ndarray]) -> Dict:
+  """``{"privacy": accounting report}`` for results.json; {} when off.
+
+  ``class_counts`` maps each client the server used to its class sizes.
+  """
+  dp = privacy_lib.settings(s.config)
+  if dp is None:
+    return {}
+  report = privacy_lib.accounting_report(
+      class_counts, s.stats_spec.batch_real, s.config.num_iterations, dp)
+  log.info("differential privacy: every example spends epsilon <= %.4f "
+           "(target %g) at delta %g over %d releases", report["epsilon"],
+           dp.epsilon, dp.delta, s.config.num_iterations)
+  return {"privacy": report}
 
 
 def run_id(s: Setup) -> str:

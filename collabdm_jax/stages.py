@@ -21,7 +21,9 @@ from collabdm_jax import client as client_lib
 from collabdm_jax import evaluate
 from collabdm_jax import keys as keys_lib
 from collabdm_jax import metrics as metrics_lib
+from collabdm_jax import models
 from collabdm_jax import parallel
+from collabdm_jax import privacy as privacy_lib
 from collabdm_jax import progress
 from collabdm_jax import protocol
 from collabdm_jax import server as server_lib
@@ -58,6 +60,13 @@ def _client_stats(s, xs, ys, client_ids, mesh):
   """``client.ClientStats`` of the clients over all T iterations."""
   cfg = s.config
   prog = progress.Progress("client statistics", cfg.num_iterations)
+  dp = privacy_lib.settings(cfg)
+  if dp is not None:
+    stats = privacy_lib.private_client_stats(
+        s.root, xs, ys, list(client_ids), s.stats_spec, cfg.num_iterations,
+        dp, privacy_lib.secret_seed(dp), t_chunk=cfg.stats.t_chunk)
+    prog.update(cfg.num_iterations)
+    return stats
   parts = []
   for t0, chunk in client_lib.iter_client_stats(
       s.root, xs, ys, list(client_ids), s.stats_spec, cfg.num_iterations,
@@ -85,11 +94,13 @@ def client_messages(s: setup_lib.Setup, client_ids: Sequence[int], mesh=None,
   if cfg.local.networks not in ("shared", "independent"):
     raise ValueError("local.networks must be 'shared' or 'independent', got "
                      f"{cfg.local.networks!r}")
-  shared = cfg.local.enabled and cfg.local.networks == "shared"
+  # Local images are not private: none under differential privacy.
+  private = privacy_lib.settings(cfg) is not None
+  shared = cfg.local.enabled and cfg.local.networks == "shared" and not private
   lcfg = setup_lib.local_config(cfg, s.dsa_strategy)
   C = s.dataset.num_classes
   with progress.timed(timings, "local_distill"):
-    if cfg.local.enabled and not shared:
+    if cfg.local.enabled and not shared and not private:
       pad_to = client_lib.local_padding(ys, C, lcfg)
       for i, k in enumerate(client_ids):
         local[i] = client_lib.local_distill(
@@ -154,19 +165,25 @@ def _initial_set(s, messages):
   """The server's starting images ``[C, ipc, ...]`` (``server.init``)."""
   cfg = s.config
   pool_x = pool_y = None
-  if cfg.server.init == "local":
+  init_mode = cfg.server.init
+  if privacy_lib.settings(cfg) is not None:
+    init_mode = "noise"  # no local images under DP; "real" is refused
+  if init_mode == "local":
     have = [m for m in messages if m.local_images is not None]
-    if not have:
+    # A process whose clients sent none still joins the gather.
+    pool_x = parallel.concat_over_processes(
+        np.concatenate([m.local_images for m in have]) if have else
+        np.zeros((0,) + tuple(s.input_shape), np.float32))
+    pool_y = parallel.concat_over_processes(
+        np.concatenate([m.local_labels for m in have]) if have else
+        np.zeros((0,), np.int32))
+    if not len(pool_x):
       raise ValueError("server.init='local' but no message carries local "
                        "images; enable local distillation or use init='noise'")
-    pool_x = parallel.concat_over_processes(
-        np.concatenate([m.local_images for m in have]))
-    pool_y = parallel.concat_over_processes(
-        np.concatenate([m.local_labels for m in have]))
-  elif cfg.server.init == "real":
+  elif init_mode == "real":
     pool_x, pool_y = s.train_x, s.dataset.train_y
   return server_lib.initial_synthetic_set(
-      keys_lib.server_key(s.root), cfg.server.init, s.dataset.num_classes,
+      keys_lib.server_key(s.root), init_mode, s.dataset.num_classes,
       cfg.server.ipc, s.input_shape, pool_x, pool_y, pae=bool(cfg.server.pae))
 
 
@@ -185,7 +202,9 @@ def synthesize_from_messages(s: setup_lib.Setup, messages, timings=None,
     # the same (deterministic) server.
     targets = server_lib.aggregate_messages(
         messages, cfg.server.weighting, with_std=cfg.server.std_weight > 0,
-        aggregator=setup_lib.aggregator_config(cfg))
+        aggregator=setup_lib.aggregator_config(cfg),
+        shape=(cfg.num_iterations, s.dataset.num_classes,
+               models.feature_dim(s.model, s.input_shape)))
     if not np.asarray(targets.valid).any():
       raise ValueError("no client holds any class: nothing to distil")
     init = _initial_set(s, messages)

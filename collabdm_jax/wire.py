@@ -108,7 +108,12 @@ def receive_files(s: setup_lib.Setup, message_dir,
   """
   verifier = signing.Verifier(public_key_dir, setup_lib.run_id(s))
   blobs, records = {}, {}
-  for k in range(s.config.partition.num_clients):
+  # Several processes share the clients: each reads only its own.
+  ids = parallel.process_clients(s.config.partition.num_clients)
+  if jax.process_count() > 1:
+    log.info("process %d of %d reads the messages of clients %s",
+             jax.process_index(), jax.process_count(), ids)
+  for k in ids:
     path = message_path(message_dir, k)
     if not path.exists():
       log.warning("no message from client %d (%s): continuing without it",
@@ -122,7 +127,8 @@ def receive_files(s: setup_lib.Setup, message_dir,
       blobs, setup_lib.message_spec(s),
       source=lambda k: str(message_path(message_dir, k)),
       verifier=verifier, signatures=records)
-  if not received.messages:
+  (total,) = parallel.sum_over_processes([len(received.messages)])
+  if not total:
     raise ValueError(f"no valid client message in {message_dir}")
   return received
 

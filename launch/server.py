@@ -4,9 +4,13 @@
 
 Missing clients are skipped with a warning; invalid messages are rejected
 with their reason (also recorded in results.json). With --public_key_dir
-only messages signed for this run by their client are accepted.
+only messages signed for this run by their client are accepted. With
+--coordinator_address, --num_processes and --process_id (and
+--cpu_collectives=gloo on CPUs) several processes share the clients: each
+reads its own, process 0 writes the outputs.
 """
 
+import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -35,6 +39,8 @@ def main(argv):
   results = pipeline.run_server(_CONFIG.value, _MESSAGE_DIR.value,
                                 _WORKDIR.value,
                                 public_key_dir=_PUBLIC_KEY_DIR.value)
+  if jax.process_index() > 0:
+    return  # Process 0 evaluates and writes the outputs of a multi-host run.
   plots.run_figures(_WORKDIR.value, overwrite=True)
   print(f"test accuracy {100 * results['accuracy_mean']:.2f} +- "
         f"{100 * results['accuracy_std']:.2f} % from clients "

@@ -123,3 +123,114 @@ def test_two_processes_give_the_single_process_targets_and_set(runs):
             for d in (single, multi))
   assert r2["environment"]["process_count"] == 2
   assert r1["environment"]["process_count"] == 1
+
+
+# --------------------------------------------------------------------------
+# launch.server in two processes: each reads its own clients' files.
+# --------------------------------------------------------------------------
+
+SERVER_FLAGS = ["--config=experiments/configs/smoke.py",
+                "--config.partition.num_clients=4", "--config.eval.num_nets=1",
+                "--config.eval.epochs=1", "--config.checkpoint.every=0"]
+
+
+def _server_config():
+  from experiments.configs import smoke
+  cfg = smoke.get_config()
+  cfg.partition.num_clients = 4
+  cfg.eval.num_nets = 1
+  cfg.eval.epochs = 1
+  cfg.checkpoint.every = 0
+  return cfg
+
+
+def _launch_server(nprocs, message_dir, workdirs, timeout=600):
+  """``python -m launch.server`` in ``nprocs`` processes (one CPU device each);
+  process p writes to ``workdirs[p]``. Returns each process's output."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = str(ROOT)
+  port = _free_port()
+  procs = []
+  for pid in range(nprocs):
+    dist = ([f"--coordinator_address=localhost:{port}",
+             f"--num_processes={nprocs}", f"--process_id={pid}",
+             "--cpu_collectives=gloo"] if nprocs > 1 else [])
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "launch.server", *SERVER_FLAGS, *dist,
+         f"--message_dir={message_dir}", f"--workdir={workdirs[pid]}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  return outs
+
+
+@pytest.fixture(scope="module")
+def server_runs(tmp_path_factory):
+  """Clients 0-3 write their files; then one bad and one missing client.
+
+  ``mixed``: client 1's file is corrupt and client 3's is missing, so each
+  process of two has one good client. ``lopsided``: clients 2 and 3 are
+  missing, so process 1 has no message at all.
+  """
+  from collabdm_jax import pipeline
+  from collabdm_jax import wire
+  cfg = _server_config()
+  base = tmp_path_factory.mktemp("server_msgs")
+  for k in range(4):
+    pipeline.run_client(cfg, k, base)
+  out = {}
+  for name, corrupt, missing in (("mixed", [1], [3]),
+                                 ("lopsided", [], [2, 3])):
+    msg_dir = tmp_path_factory.mktemp(name)
+    for k in range(4):
+      if k in missing:
+        continue
+      data = wire.message_path(base, k).read_bytes()
+      wire.message_path(msg_dir, k).write_bytes(
+          data[:len(data) // 2] if k in corrupt else data)
+    single = tmp_path_factory.mktemp(name + "_single")
+    w0, w1 = (tmp_path_factory.mktemp(name + "_p0"),
+              tmp_path_factory.mktemp(name + "_p1") / "never")
+    _launch_server(1, msg_dir, [single])
+    outs = _launch_server(2, msg_dir, [w0, w1])
+    out[name] = (single, w0, w1, outs)
+  return out
+
+
+@pytest.mark.parametrize("name", ["mixed", "lopsided"])
+def test_two_server_processes_give_the_single_process_outputs(server_runs,
+                                                             name):
+  single, w0, w1, outs = server_runs[name]
+  # Each process read only its own clients' files.
+  assert "process 0 of 2 reads the messages of clients [0, 1]" in outs[0]
+  assert "process 1 of 2 reads the messages of clients [2, 3]" in outs[1]
+  for k in (0, 1):
+    assert f"client_{k:05d}" not in outs[1]
+  for k in (2, 3):
+    assert f"client_{k:05d}" not in outs[0]
+  # Process 0 wrote everything; process 1 nothing.
+  assert not w1.exists()
+  r1, r2 = (json.loads((d / "results.json").read_text()) for d in (single, w0))
+  for key in ("clients_used", "clients_rejected", "upload_bytes_per_client",
+              "accuracies", "n_eval"):
+    assert r2[key] == r1[key], key
+  assert r2["environment"]["process_count"] == 2
+  if name == "mixed":
+    assert r1["clients_used"] == [0, 2] and list(r1["clients_rejected"]) == ["1"]
+  else:
+    assert r1["clients_used"] == [0, 1] and r1["clients_rejected"] == {}
+  s1, s2 = (np.load(d / "synthetic.npz") for d in (single, w0))
+  np.testing.assert_array_equal(s1["labels"], s2["labels"])
+  np.testing.assert_allclose(s2["images"], s1["images"], rtol=1e-5, atol=1e-5)
+  assert (w0 / "config.json").exists() and (w0 / "metrics.jsonl").exists()

@@ -139,6 +139,26 @@ def get_config():
   # from psi_t (ConvNet with instance norm; other nets are then unchecked).
   c.server.max_abs_embedding = config_dict.placeholder(float)
 
+  # Differential privacy of the uploads, per example (collabdm_jax/privacy.py,
+  # docs/privacy.md). Each real embedding is clipped to L2 norm clip_norm,
+  # each class's batch is a Poisson sample (rate stats.batch_real / class
+  # size), and each released per-(t, c) sum gets Gaussian noise whose
+  # multiplier is calibrated so that an example's T releases spend at most
+  # (epsilon, delta) (dp-accounting's PLD accountant). Under privacy no
+  # local images are uploaded and the server starts from noise.
+  c.privacy = ml_collections.ConfigDict()
+  c.privacy.epsilon = config_dict.placeholder(float)  # None or inf: off
+  c.privacy.delta = 1e-5  # the delta of (epsilon, delta)-DP, per example
+  # ConvNet-3 (instance norm) embeddings of Fashion-MNIST have L2 norms of
+  # 24.5-26.5 (5th-95th percentile, psi_0 and psi_1 with DSA), so 27 clips
+  # few of them: clipping below the norms would shrink the targets but not
+  # the synthetic images' embeddings, and the noise scales with the norm.
+  c.privacy.clip_norm = 27.0
+  # The clients' secret seed of the Poisson samples and the noise. None draws
+  # a fresh one from the OS every run; fix it only for reproducible
+  # experiments (whoever knows it can remove the noise).
+  c.privacy.seed = config_dict.placeholder(int)
+
   c.message = ml_collections.ConfigDict()
   # Float arrays on the wire: float32 (exact) or bfloat16 (half the bytes).
   c.message.transport_dtype = "float32"
