@@ -348,21 +348,36 @@ def study_server_passes(seed, held_out_nets) -> List[Dict]:
   return rows
 
 
+# (width, depth, lr scale) of the random MLPs psi_t. DM's loss sums D
+# squared differences, so its gradient grows with the width D: at lr 1 a
+# 2048-wide net diverged (non-finite rows); the scaled rows multiply the
+# local and server lr by 128 / width.
+EMBEDDING_NETS = ((128, 2, 1.0), (128, 1, 1.0), (128, 4, 1.0),
+                  (512, 2, 1.0), (512, 2, 0.25), (1024, 1, 0.125))
+
+
 def study_embedding_net(seed, held_out_nets) -> List[Dict]:
   rows = []
-  for width, depth in ((128, 2), (128, 1), (512, 2), (2048, 1), (128, 4)):
-    s = pipeline.setup(base_config(seed, 200, width, depth))
+  for width, depth, scale in EMBEDDING_NETS:
+    config = base_config(seed, 200, width, depth)
+    config.local.lr *= scale
+    s = pipeline.setup(config)
     clients = client_side(s)
     gap = EmbeddingGap(s, held_out_nets)
     for init, images0 in (("local", local_start(s, clients)),
                           ("real", real_subset_rows(s))):
-      sets = run_server(s, clients, images0, 1.0, (0, 200))
+      sets = run_server(s, clients, images0, 1.0 * scale, (0, 200))
       for t, images in sorted(sets.items()):
         if t == 0 and init == "real":
           continue  # the real subset does not depend on the net
         x, y = flat(images)
-        row = _row("embedding_net", seed, width=width, depth=depth,
-                   init=init, t=int(t), **score(s, x, y), **gap(x, y))
+        fields = dict(width=width, depth=depth, lr_scale=scale, init=init,
+                      t=int(t))
+        if not np.isfinite(x).all():
+          row = _row("embedding_net", seed, **fields, diverged=True)
+        else:
+          row = _row("embedding_net", seed, **fields, diverged=False,
+                     **score(s, x, y), **gap(x, y))
         _log(row)
         rows.append(row)
   return rows
@@ -702,6 +717,57 @@ def summarize(out_dir: pathlib.Path, snapshots, lrs) -> str:
             f"{scipy_stats.spearmanr(gaps[keep], accs[keep])[0]:+.2f}; "
             f"with the gap to the test class means: "
             f"{scipy_stats.spearmanr(tests[keep], accs[keep])[0]:+.2f}.", ""]
+  rows = load_rows(out_dir, "mechanism")
+  if rows:
+    out += ["#### mechanism", "",
+            "DoS recall split by test attack (neptune is 62 % of test DoS; "
+            "'novel' = apache2, processtable, mailbomb, udpstorm, absent "
+            "from training), the share of DoS test rows predicted Probe, "
+            "and per synthetic class the share of rows whose nearest "
+            "training row belongs to another class (normal / DoS / Probe / "
+            "R2L / U2R) and the mean distance to that nearest row "
+            "(standardised units; real rows have norm ≈ 8.6).", "",
+            "| set | seeds | balanced acc. % | DoS recall: neptune / novel / "
+            "other % | DoS → Probe % | off-class nearest row % | nearest-row "
+            "distance |", "|---|---|---|---|---|---|---|"]
+    for name in ("real_subset", "real_t200", "collabdm_start", "collabdm"):
+      got = list(_pick(rows, set=name).values())
+      if not got:
+        continue
+      rec = [np.mean([r[f"dos_recall_{g}"] for r in got]) for g in
+             ("neptune", "novel_dos", "other_seen_dos")]
+      to_probe = np.mean([r["confusion"][1][2] for r in got])
+      off = []
+      for c in range(len(CLASS_NAMES)):
+        off.append(np.mean([1 - np.mean(np.asarray(r["nn_class_agrees"])[
+            np.asarray(r["labels"]) == c]) for r in got]))
+      dist = np.mean([np.mean(r["nn_dist"]) for r in got])
+      out.append(
+          f"| {name} | {len(got)} | "
+          f"{_pct([r['balanced_accuracy'] for r in got])} | "
+          + " / ".join(f"{100 * v:.0f}" for v in rec)
+          + f" | {100 * to_probe:.0f} | "
+          + " / ".join(f"{100 * v:.0f}" for v in off)
+          + f" | {dist:.1f} |")
+    out.append("")
+  rows = load_rows(out_dir, "server_passes")
+  if rows:
+    entries = []
+    for init in ("local", "real"):
+      for steps, passes in ((200, 1), (1000, 1), (1000, 5), (2000, 10)):
+        entries.append((f"{init}, lr 10, {steps} steps over "
+                        f"{steps // passes} uploaded iterations",
+                        {"init": init, "t": steps, "passes": passes}))
+    out += summary_table(rows, entries,
+                         {"init": "local", "t": 200, "passes": 1},
+                         "server_passes (reference: CollabDM start, lr 10, "
+                         "200 steps)")
+    ref = _pick(load_rows(out_dir, "trajectory"), init="real", t=0)
+    if ref:
+      out += ["Against the real subset (trajectory rows, same seeds):", ""]
+      for label, where in entries:
+        out.append(f"* {label}: {_diff(paired(_pick(rows, **where), ref))}")
+      out.append("")
   rows = load_rows(out_dir, "server_start")
   if rows:
     names = [v[0] for v in START_VARIANTS]
@@ -714,13 +780,14 @@ def summarize(out_dir: pathlib.Path, snapshots, lrs) -> str:
   rows = load_rows(out_dir, "embedding_net")
   if rows:
     entries = []
-    for w, d in sorted({(r["width"], r["depth"]) for r in rows}):
+    for w, d, sc in EMBEDDING_NETS:
       for init, t in (("local", 0), ("local", 200), ("real", 200)):
-        entries.append((f"MLP {w}x{d}, {init}, t {t}",
-                        {"width": w, "depth": d, "init": init, "t": t}))
+        entries.append((f"MLP {w}x{d}, lr x{sc:g}, {init}, t {t}",
+                        {"width": w, "depth": d, "lr_scale": sc,
+                         "init": init, "t": t, "diverged": False}))
     out += summary_table(rows, entries,
-                         {"width": 128, "depth": 2, "init": "local",
-                          "t": 200},
+                         {"width": 128, "depth": 2, "lr_scale": 1.0,
+                          "init": "local", "t": 200},
                          "embedding_net (reference: MLP 128x2, local, t 200)")
   rows = load_rows(out_dir, "eval_protocol")
   if rows:
