@@ -67,8 +67,9 @@ from collabdm_jax.data import tabular
 from experiments.configs import nsl_kdd
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-STUDIES = ("trajectory", "mechanism", "server_passes", "embedding_net",
-           "server_start", "eval_protocol", "scaling", "real_draws")
+STUDIES = ("trajectory", "mechanism", "server_passes", "best_server",
+           "embedding_net", "server_start", "eval_protocol", "scaling",
+           "real_draws")
 CLASS_NAMES = ("normal", "DoS", "Probe", "R2L", "U2R")
 # Held-out random networks for the embedding gap: a stream no run uses.
 _HELD_OUT_STREAM = 1_000_003
@@ -437,6 +438,62 @@ def study_server_start(seed) -> List[Dict]:
   return rows
 
 
+def fill_slots(start, pooled, fill, rng, train_x=None, train_y=None,
+               jitter=0.1):
+  """CollabDM's start with the slots its pool cannot fill refilled.
+
+  ``start`` is ``[C, ipc, F]`` whose first ``min(ipc, pooled[c])`` rows of
+  class c come from the pool; ``fill`` is ``"real"`` (rows of the class from
+  ``train_x``: not federated, a diagnostic) or ``"copies"`` (the class's
+  pooled rows again, cycled, plus Gaussian jitter of std ``jitter`` so that
+  copies do not receive identical gradients; uses only uploaded rows).
+  Classes with no pooled row keep their noise.
+  """
+  out = np.array(start)
+  ipc = out.shape[1]
+  for c in range(out.shape[0]):
+    n = int(min(ipc, pooled[c]))
+    if n == ipc or (fill == "copies" and n == 0):
+      continue
+    if fill == "real":
+      idx = np.flatnonzero(train_y == c)
+      out[c, n:] = train_x[rng.choice(idx, ipc - n, replace=False)]
+    elif fill == "copies":
+      src = out[c, np.arange(n, ipc) % n]
+      out[c, n:] = src + jitter * rng.standard_normal(src.shape)
+    else:
+      raise ValueError(f"fill must be 'real' or 'copies', got {fill!r}")
+  return out
+
+
+def study_best_server(seed) -> List[Dict]:
+  """The levers together: filled slots and lr 10 for 1000 steps (5 passes
+  over the 200 uploaded iterations), against the table's server."""
+  s = pipeline.setup(base_config(seed, 200))
+  clients = client_side(s)
+  C = s.dataset.num_classes
+  pooled = np.bincount(clients.pool_y, minlength=C)
+  start = local_start(s, clients)
+  rng = np.random.default_rng(seed)
+  starts = {"local": start,
+            "fill_copies": fill_slots(start, pooled, "copies", rng),
+            "fill_real": fill_slots(start, pooled, "real", rng, s.train_x,
+                                    s.dataset.train_y)}
+  rows = []
+  for name, images0 in starts.items():
+    for lr, steps, passes in ((1.0, 200, 1), (10.0, 1000, 5)):
+      sets = run_server(s, clients, images0, lr, (0, steps), passes)
+      for t, images in sorted(sets.items()):
+        if t == 0 and lr != 1.0:
+          continue
+        x, y = flat(images)
+        row = _row("best_server", seed, start=name, lr=lr if t else None,
+                   t=int(t), passes=passes if t else None, **score(s, x, y))
+        _log(row)
+        rows.append(row)
+  return rows
+
+
 def study_eval_protocol(seed) -> List[Dict]:
   s = pipeline.setup(base_config(seed, 200))
   clients = client_side(s)
@@ -768,6 +825,23 @@ def summarize(out_dir: pathlib.Path, snapshots, lrs) -> str:
       for label, where in entries:
         out.append(f"* {label}: {_diff(paired(_pick(rows, **where), ref))}")
       out.append("")
+  rows = load_rows(out_dir, "best_server")
+  if rows:
+    entries = []
+    for name in ("local", "fill_copies", "fill_real"):
+      entries += [(f"{name}, t 0", {"start": name, "t": 0}),
+                  (f"{name}, lr 1, 200 steps", {"start": name, "t": 200}),
+                  (f"{name}, lr 10, 1000 steps (5 passes)",
+                   {"start": name, "t": 1000})]
+    out += summary_table(rows, entries, {"start": "local", "t": 200},
+                         "best_server (reference: CollabDM, lr 1, 200 "
+                         "steps)")
+    ref = _pick(load_rows(out_dir, "trajectory"), init="real", t=0)
+    if ref:
+      out += ["Against the real subset (trajectory rows, same seeds):", ""]
+      for label, where in entries:
+        out.append(f"* {label}: {_diff(paired(_pick(rows, **where), ref))}")
+      out.append("")
   rows = load_rows(out_dir, "server_start")
   if rows:
     names = [v[0] for v in START_VARIANTS]
@@ -850,6 +924,8 @@ def main(argv):
         rows += study_mechanism(seed)
       elif study == "server_passes":
         rows += study_server_passes(seed, FLAGS.held_out_nets)
+      elif study == "best_server":
+        rows += study_best_server(seed)
       elif study == "embedding_net":
         rows += study_embedding_net(seed, FLAGS.held_out_nets)
       elif study == "server_start":

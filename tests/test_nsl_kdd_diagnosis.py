@@ -68,3 +68,26 @@ def test_cell_formats_lists_for_csv():
   assert diag._cell([[1, 2], [3, 4]]) == "[[1, 2], [3, 4]]"
   assert diag._cell(["neptune", "smurf"]) == "neptune;smurf"
   assert diag._cell(3.0) == 3.0
+
+
+def test_fill_slots_copies_pooled_rows_and_keeps_empty_classes():
+  rng = np.random.default_rng(1)
+  start = rng.standard_normal((3, 4, 2)).astype(np.float32)
+  pooled = np.array([4, 1, 0])  # full, one pooled row, none
+  out = diag.fill_slots(start, pooled, "copies", np.random.default_rng(0),
+                        jitter=0.01)
+  np.testing.assert_array_equal(out[0], start[0])
+  np.testing.assert_array_equal(out[1, 0], start[1, 0])
+  np.testing.assert_allclose(out[1, 1:], np.broadcast_to(start[1, 0], (3, 2)),
+                             atol=0.05)
+  assert not np.allclose(out[1, 1], out[1, 2])  # jitter separates copies
+  np.testing.assert_array_equal(out[2], start[2])
+  train_x = np.arange(20, dtype=np.float32).reshape(10, 2)
+  train_y = np.array([0, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+  real = diag.fill_slots(start, pooled, "real", np.random.default_rng(0),
+                         train_x, train_y)
+  for row in real[1, 1:]:
+    assert any(np.array_equal(row, train_x[i]) for i in (1, 2, 3, 4))
+  assert len({tuple(r) for r in real[1, 1:]}) == 3  # distinct real rows
+  with pytest.raises(ValueError, match="fill must be"):
+    diag.fill_slots(start, pooled, "mean", np.random.default_rng(0))
