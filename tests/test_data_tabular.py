@@ -278,6 +278,20 @@ def test_nsl_test_only_attacks_are_grouped(nsl):
 
 
 @needs_data
+def test_nsl_attack_names_align_with_labels(nsl):
+  train_names, test_names = tabular.load_nsl_kdd_attack_names(NSL)
+  assert train_names.shape == nsl.train_y.shape
+  assert test_names.shape == nsl.test_y.shape
+  # Row i's name groups to row i's label, in both files.
+  for names, y in ((train_names, nsl.train_y), (test_names, nsl.test_y)):
+    groups = np.asarray([nsl.class_names.index(GROUP_OF[n]) for n in names])
+    np.testing.assert_array_equal(groups, y)
+  assert collections.Counter(train_names.tolist())["neptune"] == 8282
+  assert train_names[0] == _nsl_rows("KDDTrain+_20Percent.txt")[0][41]
+  assert test_names[-1] == _nsl_rows("KDDTest+.txt")[-1][41]
+
+
+@needs_data
 def test_nsl_binary_grouping():
   ds = tabular.load_nsl_kdd(NSL, grouping="binary")
   assert ds.class_names == ("normal", "attack")

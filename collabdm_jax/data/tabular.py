@@ -622,6 +622,27 @@ def load_nsl_kdd(data_dir=None, *, grouping: str = "5class",
       kind="tabular", feature_names=tuple(names))
 
 
+def load_nsl_kdd_attack_names(data_dir=None
+                              ) -> Tuple[np.ndarray, np.ndarray]:
+  """The attack name of every NSL-KDD row, aligned with ``load_nsl_kdd``.
+
+  ``load_nsl_kdd`` keeps the files' row order, so entry i names the attack
+  of ``train_y[i]`` (``test_y[i]``); the 5-class labels group these names
+  (``NSL_KDD_ATTACK_GROUPS``). Useful to split a class's recall into the
+  attacks it holds, e.g. DoS test rows of attacks absent from training.
+
+  Args:
+    data_dir: as for ``load_nsl_kdd``.
+
+  Returns:
+    ``(train_names [N], test_names [M])`` string arrays.
+  """
+  folder = _resolve_data_dir(data_dir, _NSL_SUBDIR,
+                             (_NSL_TRAIN_FILE, _NSL_TEST_FILE))
+  return tuple(np.asarray(_read_nsl(folder / f)[2])
+               for f in (_NSL_TRAIN_FILE, _NSL_TEST_FILE))
+
+
 # --------------------------------------------------------------------------
 # Generic CSV
 # --------------------------------------------------------------------------
