@@ -59,10 +59,11 @@ from collabdm_jax import client as client_lib
 from collabdm_jax import evaluate
 from collabdm_jax import keys as keys_lib
 from collabdm_jax import models
-from collabdm_jax import pipeline
 from collabdm_jax import provenance
 from collabdm_jax import server as server_lib
-from collabdm_jax.baselines import baseline_key
+from collabdm_jax import setup as setup_lib
+from collabdm_jax import stages
+from collabdm_jax.baselines.common import baseline_key
 from collabdm_jax.data import tabular
 from experiments.configs import nsl_kdd
 
@@ -124,10 +125,10 @@ class Clients:
   pool_site: np.ndarray  # which site distilled each pooled row
 
 
-def client_side(s: pipeline.Setup) -> Clients:
+def client_side(s: setup_lib.Setup) -> Clients:
   """Every site's message (client pass + local DM), aggregated (count)."""
   K = s.config.partition.num_clients
-  msgs = pipeline.client_messages(s, list(range(K)))
+  msgs = stages.client_messages(s, list(range(K)))
   targets = server_lib.aggregate_messages(msgs, s.config.server.weighting)
   return Clients(
       targets,
@@ -137,7 +138,7 @@ def client_side(s: pipeline.Setup) -> Clients:
                       for m in msgs]))
 
 
-def real_subset_rows(s: pipeline.Setup) -> np.ndarray:
+def real_subset_rows(s: setup_lib.Setup) -> np.ndarray:
   """``[C, ipc, F]``: the table's ``real_subset`` rows for this seed.
 
   ``real_subset`` is central DM with 0 iterations, i.e. the first draw of
@@ -151,20 +152,20 @@ def real_subset_rows(s: pipeline.Setup) -> np.ndarray:
                                    "real", False)
 
 
-def local_start(s: pipeline.Setup, clients: Clients) -> np.ndarray:
+def local_start(s: setup_lib.Setup, clients: Clients) -> np.ndarray:
   """CollabDM's starting set (server init ``local``), ``[C, ipc, F]``."""
   return server_lib.initial_synthetic_set(
       keys_lib.server_key(s.root), "local", s.dataset.num_classes,
       s.config.server.ipc, s.input_shape, clients.pool_x, clients.pool_y)
 
 
-def noise_start(s: pipeline.Setup) -> np.ndarray:
+def noise_start(s: setup_lib.Setup) -> np.ndarray:
   return server_lib.initial_synthetic_set(
       keys_lib.server_key(s.root), "noise", s.dataset.num_classes,
       s.config.server.ipc, s.input_shape)
 
 
-def run_server(s: pipeline.Setup, clients: Clients, init, lr: float,
+def run_server(s: setup_lib.Setup, clients: Clients, init, lr: float,
                snapshots: Sequence[int], passes: int = 1
                ) -> Dict[int, np.ndarray]:
   """The CollabDM server from ``init``; the set after each snapshot count.
@@ -178,7 +179,7 @@ def run_server(s: pipeline.Setup, clients: Clients, init, lr: float,
   if last % passes:
     raise ValueError(f"max snapshot {last} is not a multiple of passes "
                      f"{passes}")
-  cfg = dataclasses.replace(pipeline.server_config(s), lr=float(lr))
+  cfg = dataclasses.replace(setup_lib.server_config(s), lr=float(lr))
   out = {0: np.array(init)} if 0 in snapshots else {}
   targets = jax.tree.map(lambda a: a[:last // passes], clients.targets)
   done = [0]
@@ -204,7 +205,7 @@ def flat(images):
   return np.concatenate(xs), np.concatenate(ys)
 
 
-def predict(s: pipeline.Setup, x, y, epochs=None, lr=None):
+def predict(s: setup_lib.Setup, x, y, epochs=None, lr=None):
   """Trains the table's 5 evaluation MLPs (root's eval key) on ``(x, y)``.
 
   Returns ``evaluate.EvalResult`` (test predictions ``[5, N]`` included).
@@ -222,7 +223,7 @@ def predict(s: pipeline.Setup, x, y, epochs=None, lr=None):
       num_classes=s.dataset.num_classes, config=cfg)
 
 
-def score(s: pipeline.Setup, x, y, epochs=None, lr=None) -> Dict:
+def score(s: setup_lib.Setup, x, y, epochs=None, lr=None) -> Dict:
   """The table's evaluation of a set: detection metrics over the 5 nets."""
   res = predict(s, x, y, epochs, lr)
   m = evaluate.classification_metrics(res.predictions, s.dataset.test_y,
@@ -248,7 +249,7 @@ class EmbeddingGap:
   the test rows (what the detector is scored on).
   """
 
-  def __init__(self, s: pipeline.Setup, num_nets: int):
+  def __init__(self, s: setup_lib.Setup, num_nets: int):
     embed = jax.jit(models.embed_fn(s.model))
     held = jax.random.fold_in(s.root, _HELD_OUT_STREAM)
     self.params = [models.init_params(s.model, jax.random.fold_in(held, j),
@@ -306,7 +307,7 @@ def _log(row):
 
 
 def study_trajectory(seed, snapshots, lrs, held_out_nets) -> List[Dict]:
-  s = pipeline.setup(base_config(seed, max(snapshots)))
+  s = setup_lib.setup(base_config(seed, max(snapshots)))
   clients = client_side(s)
   gap = EmbeddingGap(s, held_out_nets)
   starts = {"local": local_start(s, clients), "real": real_subset_rows(s),
@@ -332,7 +333,7 @@ def study_server_passes(seed, held_out_nets) -> List[Dict]:
   against 1000 uploaded iterations (1 pass) and 200 steps, from the
   CollabDM start and from the real subset. Upload grows with T (T x C x D
   floats per site), so passes are the cheap way to more steps."""
-  s = pipeline.setup(base_config(seed, 1000))
+  s = setup_lib.setup(base_config(seed, 1000))
   clients = client_side(s)
   gap = EmbeddingGap(s, held_out_nets)
   rows = []
@@ -362,7 +363,7 @@ def study_embedding_net(seed, held_out_nets) -> List[Dict]:
   for width, depth, scale in EMBEDDING_NETS:
     config = base_config(seed, 200, width, depth)
     config.local.lr *= scale
-    s = pipeline.setup(config)
+    s = setup_lib.setup(config)
     clients = client_side(s)
     gap = EmbeddingGap(s, held_out_nets)
     for init, images0 in (("local", local_start(s, clients)),
@@ -407,7 +408,7 @@ def study_server_start(seed) -> List[Dict]:
     for path, value in overrides.items():
       section, field = path.split(".")
       config[section][field] = value
-    s = pipeline.setup(config)
+    s = setup_lib.setup(config)
     clients = client_side(s)
     C, ipc = s.dataset.num_classes, s.config.server.ipc
     start = local_start(s, clients)
@@ -469,7 +470,7 @@ def fill_slots(start, pooled, fill, rng, train_x=None, train_y=None,
 def study_best_server(seed) -> List[Dict]:
   """The levers together: filled slots and lr 10 for 1000 steps (5 passes
   over the 200 uploaded iterations), against the table's server."""
-  s = pipeline.setup(base_config(seed, 200))
+  s = setup_lib.setup(base_config(seed, 200))
   clients = client_side(s)
   C = s.dataset.num_classes
   pooled = np.bincount(clients.pool_y, minlength=C)
@@ -495,7 +496,7 @@ def study_best_server(seed) -> List[Dict]:
 
 
 def study_eval_protocol(seed) -> List[Dict]:
-  s = pipeline.setup(base_config(seed, 200))
+  s = setup_lib.setup(base_config(seed, 200))
   clients = client_side(s)
   sets = {"real_subset": real_subset_rows(s)}
   local = run_server(s, clients, local_start(s, clients), 1.0, (0, 200))
@@ -528,10 +529,10 @@ def study_scaling(seed) -> List[Dict]:
   rows = []
   for scaling in ("standard", "minmax"):
     config = base_config(seed, 200)
-    dataset = pipeline.load_data(config)
+    dataset = setup_lib.load_data(config)
     if scaling == "minmax":
       dataset = minmax_dataset(dataset)
-    s = pipeline.setup(config, dataset=dataset)
+    s = setup_lib.setup(config, dataset=dataset)
     clients = client_side(s)
     for init, images0 in (("local", local_start(s, clients)),
                           ("real", real_subset_rows(s))):
@@ -546,7 +547,7 @@ def study_scaling(seed) -> List[Dict]:
 
 
 def study_real_draws(seed, draws) -> List[Dict]:
-  s = pipeline.setup(base_config(seed, 200))
+  s = setup_lib.setup(base_config(seed, 200))
   rows = []
   for d in range(draws):
     key = jax.random.fold_in(jax.random.key(10_000 + seed), d)
@@ -579,7 +580,7 @@ def study_mechanism(seed) -> List[Dict]:
   its distance to it (vs. the median nearest-neighbour distance between
   real training rows of its class).
   """
-  s = pipeline.setup(base_config(seed, 200))
+  s = setup_lib.setup(base_config(seed, 200))
   clients = client_side(s)
   train_names, test_names = tabular.load_nsl_kdd_attack_names(
       _opt_dir(s.config))
