@@ -736,6 +736,18 @@ def summary_table(rows, entries, reference, title) -> List[str]:
   return lines + [""]
 
 
+def against_real_subset(out_dir, rows, entries) -> List[str]:
+  """Markdown lines: each entry's rows paired with the real subset (the
+  trajectory study's iteration 0 of the real start, same seeds)."""
+  ref = _pick(load_rows(out_dir, "trajectory"), init="real", t=0)
+  if not ref:
+    return []
+  out = ["Against the real subset (trajectory rows, same seeds):", ""]
+  for label, where in entries:
+    out.append(f"* {label}: {_diff(paired(_pick(rows, **where), ref))}")
+  return out + [""]
+
+
 def load_rows(out_dir: pathlib.Path, study: str) -> List[Dict]:
   path = out_dir / f"{study}.json"
   return json.loads(path.read_text())["rows"] if path.exists() else []
@@ -820,12 +832,7 @@ def summarize(out_dir: pathlib.Path, snapshots, lrs) -> str:
                          {"init": "local", "t": 200, "passes": 1},
                          "server_passes (reference: CollabDM start, lr 10, "
                          "200 steps)")
-    ref = _pick(load_rows(out_dir, "trajectory"), init="real", t=0)
-    if ref:
-      out += ["Against the real subset (trajectory rows, same seeds):", ""]
-      for label, where in entries:
-        out.append(f"* {label}: {_diff(paired(_pick(rows, **where), ref))}")
-      out.append("")
+    out += against_real_subset(out_dir, rows, entries)
   rows = load_rows(out_dir, "best_server")
   if rows:
     entries = []
@@ -837,12 +844,7 @@ def summarize(out_dir: pathlib.Path, snapshots, lrs) -> str:
     out += summary_table(rows, entries, {"start": "local", "t": 200},
                          "best_server (reference: CollabDM, lr 1, 200 "
                          "steps)")
-    ref = _pick(load_rows(out_dir, "trajectory"), init="real", t=0)
-    if ref:
-      out += ["Against the real subset (trajectory rows, same seeds):", ""]
-      for label, where in entries:
-        out.append(f"* {label}: {_diff(paired(_pick(rows, **where), ref))}")
-      out.append("")
+    out += against_real_subset(out_dir, rows, entries)
   rows = load_rows(out_dir, "server_start")
   if rows:
     names = [v[0] for v in START_VARIANTS]
