@@ -68,6 +68,21 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _wait_all(procs, timeout):
+  """Each process's output; kills stragglers, asserts every one exited 0."""
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  return outs
+
+
 def _run(nprocs, devices_per_process, workdir, timeout=600):
   env = dict(os.environ)
   env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count="
@@ -79,16 +94,7 @@ def _run(nprocs, devices_per_process, workdir, timeout=600):
       [sys.executable, "-c", WORKER, str(port), str(nprocs), str(pid),
        str(workdir)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for pid in range(nprocs)]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=timeout)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-4000:]
+  _wait_all(procs, timeout)
   return json.loads((workdir / "worker.json").read_text())
 
 
@@ -162,17 +168,7 @@ def _launch_server(nprocs, message_dir, workdirs, timeout=600):
          f"--message_dir={message_dir}", f"--workdir={workdirs[pid]}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True))
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=timeout)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-4000:]
-  return outs
+  return _wait_all(procs, timeout)
 
 
 @pytest.fixture(scope="module")
