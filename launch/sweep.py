@@ -42,6 +42,13 @@ Modes:
   (a dry run: every cell's config is built, nothing runs);
 * ``--cell=N``: run only cell N (one process per cell, e.g. a cluster array
   job with ``--cell=$SLURM_ARRAY_TASK_ID``); no tables are written;
+* ``--cells=4,0,7``: run only these cells, in this order;
+* ``--workers=W``: run the cells W at a time, each in its own process
+  (``--cell=N`` with the same flags; its output in ``<cell>/worker.log``),
+  e.g. several small cells sharing one GPU, whose compilation then overlaps
+  (point ``JAX_COMPILATION_CACHE_DIR`` at one folder so the workers share
+  compiled programs); add ``--stop_starting_after_s=S`` to start no cell
+  after S seconds in a time-boxed session;
 * ``--collect_only``: only (re)write the tables from what is on disk.
 
 Tables go to ``--results_dir``: ``results.md`` (one line per cell, then
@@ -61,7 +68,9 @@ import math
 import os
 import pathlib
 import re
+import subprocess
 import sys
+import time
 import traceback
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -429,32 +438,139 @@ def _figures(cell_dir):
     log.exception("figures of %s failed", cell_dir)
 
 
+def chosen_cells(cells: Sequence[Cell],
+                 cell_indices: Optional[Sequence[int]]) -> List[Cell]:
+  """``cells[i]`` for each ``i`` of ``cell_indices`` in that order (all
+  cells when None).
+
+  Raises:
+    ValueError: an index is out of range or given twice.
+  """
+  if cell_indices is None:
+    return list(cells)
+  for i in cell_indices:
+    if not 0 <= i < len(cells):
+      raise ValueError(f"cell must be in [0, {len(cells)}), got {i}")
+  if len(set(cell_indices)) != len(cell_indices):
+    raise ValueError(f"cells given twice in {list(cell_indices)}")
+  return [cells[i] for i in cell_indices]
+
+
 def run_sweep(sweep_config, workdir,
-              cell_indices: Optional[Sequence[int]] = None) -> Dict[str, str]:
-  """Runs the sweep's cells (all, or ``cell_indices``) one after another.
+              cell_indices: Optional[Sequence[int]] = None,
+              stop_starting_after_s: Optional[float] = None) -> Dict[str, str]:
+  """Runs the sweep's cells (all, or ``cell_indices`` in that order) one
+  after another in this process.
+
+  Args:
+    stop_starting_after_s: start no cell after this many seconds; the cells
+      not started are left pending (outcome ``"not started"``) for a rerun.
 
   Returns:
-    ``{cell name: "skipped" | "done" | "failed"}`` for the cells visited.
+    ``{cell name: "skipped" | "done" | "failed" | "not started"}``.
 
   Raises:
     ValueError: an index is out of range (before anything runs), or the
       grid is invalid (``make_cells``).
   """
-  cells = make_cells(sweep_config)
-  if cell_indices is None:
-    chosen = cells
-  else:
-    for i in cell_indices:
-      if not 0 <= i < len(cells):
-        raise ValueError(f"cell must be in [0, {len(cells)}), got {i}")
-    chosen = [cells[i] for i in cell_indices]
+  chosen = chosen_cells(make_cells(sweep_config), cell_indices)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  start = time.monotonic()
   outcome = {}
   for n, cell in enumerate(chosen):
+    if _past(start, stop_starting_after_s):
+      outcome[cell.name] = NOT_STARTED
+      continue
     log.info("sweep %s: cell %d/%d", sweep_name(sweep_config), n + 1,
              len(chosen))
     outcome[cell.name] = run_cell(sweep_config, cell, workdir)
+  return outcome
+
+
+NOT_STARTED = "not started"
+# Flags the parent sets itself for each worker.
+_PARENT_ONLY_FLAGS = ("cell", "cells", "workers", "stop_starting_after_s",
+                      "list_cells", "collect_only")
+
+
+def _past(start: float, limit_s: Optional[float]) -> bool:
+  return limit_s is not None and time.monotonic() - start >= limit_s
+
+
+def worker_command(argv: Sequence[str], index: int) -> List[str]:
+  """The command that runs cell ``index`` alone: this program's ``argv``
+  without the parent-only flags (``--cells``, ``--workers``, ...), plus
+  ``--cell=index``.
+
+  Flags must be written ``--name=value`` (booleans ``--name``/``--noname``),
+  as absl prints them.
+  """
+  def parent_only(arg):
+    name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+    if name.startswith("no") and name[2:] in _PARENT_ONLY_FLAGS:
+      return True
+    return name in _PARENT_ONLY_FLAGS
+  kept = [a for a in argv[1:] if not parent_only(a)]
+  return [sys.executable, "-m", "launch.sweep", *kept, f"--cell={index}"]
+
+
+def run_in_workers(sweep_config, workdir, argv: Sequence[str], workers: int,
+                   cell_indices: Optional[Sequence[int]] = None,
+                   stop_starting_after_s: Optional[float] = None,
+                   poll_s: float = 0.5) -> Dict[str, str]:
+  """Runs cells in up to ``workers`` processes at once, one process per cell.
+
+  For several cells sharing one accelerator or many cores: each cell runs
+  ``worker_command(argv, i)`` (so exactly what ``--cell=i`` runs, with the
+  same config overrides), its output going to ``<cell>/worker.log``. Cells
+  start in the order of ``cell_indices`` (default: all); finished cells are
+  skipped without starting a process. With ``stop_starting_after_s`` no
+  cell starts after that many seconds (running ones finish), so a
+  time-boxed session ends with whole cells; the rest stay pending.
+
+  Returns:
+    ``{cell name: "skipped" | "done" | "failed" | "not started"}``; a worker
+    that exits without ``results.json`` counts as failed.
+  """
+  if workers < 1:
+    raise ValueError(f"workers must be >= 1, got {workers}")
+  cells = chosen_cells(make_cells(sweep_config), cell_indices)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  outcome = {}
+  todo = []
+  for cell in cells:
+    if cell_status(workdir, cell) == "done":
+      outcome[cell.name] = "skipped"
+    else:
+      todo.append(cell)
+  start = time.monotonic()
+  running = {}  # cell name -> (process, its log file, cell)
+  while todo or running:
+    while todo and len(running) < workers:
+      cell = todo.pop(0)
+      if _past(start, stop_starting_after_s):
+        outcome[cell.name] = NOT_STARTED
+        continue
+      cell_dir = workdir / cell.name
+      cell_dir.mkdir(parents=True, exist_ok=True)
+      out = open(cell_dir / "worker.log", "w")  # noqa: SIM115 (closed below)
+      log.info("cell %d %s: started in a worker", cell.index, cell.name)
+      running[cell.name] = (subprocess.Popen(
+          worker_command(argv, cell.index), stdout=out,
+          stderr=subprocess.STDOUT, cwd=REPO_ROOT), out, cell)
+    for name, (proc, out, cell) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      out.close()
+      del running[name]
+      status = cell_status(workdir, cell)
+      outcome[name] = "done" if status == "done" else "failed"
+      log.info("cell %d %s: worker exited (%d), %s", cell.index, name,
+               proc.returncode, outcome[name])
+    if running:
+      time.sleep(poll_s)
   return outcome
 
 
@@ -542,6 +658,17 @@ def define_flags():
       "Where tables and plots go; default experiments/results/<sweep name>.")
   flags.DEFINE_integer("cell", None,
                        "Run only this cell (0-based; see --list_cells).")
+  flags.DEFINE_list("cells", None,
+                    "Run only these cells, in this order (comma-separated "
+                    "indices; see --list_cells).")
+  flags.DEFINE_integer(
+      "workers", 1,
+      "Run the cells in this many processes at once, one process per cell "
+      "(e.g. several cells sharing one GPU); 1 runs them here in turn.")
+  flags.DEFINE_float(
+      "stop_starting_after_s", None,
+      "Start no cell after this many seconds (running cells finish); the "
+      "rest stay pending for a rerun. For time-boxed sessions.")
   flags.DEFINE_bool("list_cells", False,
                     "Print index, status and name of every cell.")
   flags.DEFINE_bool("collect_only", False,
@@ -566,12 +693,20 @@ def main(argv):
     return 0
   failed = []
   if not FLAGS.collect_only:
-    indices = None if FLAGS.cell is None else [FLAGS.cell]
-    outcome = run_sweep(sweep_config, workdir, indices)
+    if FLAGS.cell is not None and FLAGS.cells is not None:
+      raise app.UsageError("give --cell or --cells, not both")
+    indices = ([FLAGS.cell] if FLAGS.cell is not None else
+               None if FLAGS.cells is None else [int(i) for i in FLAGS.cells])
+    if FLAGS.workers > 1:
+      outcome = run_in_workers(sweep_config, workdir, sys.argv, FLAGS.workers,
+                               indices, FLAGS.stop_starting_after_s)
+    else:
+      outcome = run_sweep(sweep_config, workdir, indices,
+                          FLAGS.stop_starting_after_s)
     failed = [n for n, s in outcome.items() if s == "failed"]
     print(f"{len(outcome)} cells: " + ", ".join(
         f"{sum(s == k for s in outcome.values())} {k}"
-        for k in ("done", "skipped", "failed")))
+        for k in ("done", "skipped", "failed", NOT_STARTED)))
   if FLAGS.cell is None or FLAGS.collect_only:
     out = write_tables(workdir, results_dir,
                        sweep_claims(sweep_config, results_lib.collect(workdir)))

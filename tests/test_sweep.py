@@ -353,3 +353,76 @@ def test_command_line_lists_cells_and_collects(tmp_path):
   assert "| fedavg | fashion_mnist | 5 | 0.1 | 10 | 81.23 ± 0.45 |" in md
   assert (tmp_path / "res" / "results.csv").exists()
   assert not (work / "method=collabdm").exists()  # nothing ran
+
+
+# --------------------------------------------------------------------------
+# Cells in parallel worker processes.
+
+
+def test_worker_command_drops_the_parent_only_flags():
+  argv = ["launch/sweep.py", "--config=c.py:main", "--workdir=/w",
+          "--cells=3,1", "--workers=4", "--stop_starting_after_s=60",
+          "--config.base.eval.epochs=2", "--nolist_cells", "--cell=9"]
+  cmd = sweep.worker_command(argv, 5)
+  assert cmd[:3] == [sys.executable, "-m", "launch.sweep"]
+  assert cmd[3:] == ["--config=c.py:main", "--workdir=/w",
+                     "--config.base.eval.epochs=2", "--cell=5"]
+
+
+def test_chosen_cells_keep_the_given_order_and_reject_repeats():
+  cells = sweep.make_cells(sweep_config())
+  assert [c.index for c in sweep.chosen_cells(cells, [1, 0])] == [1, 0]
+  assert sweep.chosen_cells(cells, None) == cells
+  with pytest.raises(ValueError, match="given twice"):
+    sweep.chosen_cells(cells, [1, 1])
+  with pytest.raises(ValueError, match=r"cell must be in \[0, 2\)"):
+    sweep.chosen_cells(cells, [5])
+
+
+def test_workers_run_each_cell_in_its_own_process(tmp_path):
+  # Three cells: one finished before (skipped, no process), one that fails
+  # (alpha -1) and one real smoke run; two workers run the last two at once.
+  cfg = tmp_path / "sweep_cfg.py"
+  cfg.write_text(
+      "import ml_collections\n"
+      "from experiments.configs import smoke\n\n"
+      "def get_config():\n"
+      "  c = ml_collections.ConfigDict()\n"
+      "  c.name = 'workers'\n"
+      "  c.base = smoke.get_config()\n"
+      "  c.base.checkpoint.every = 0\n"
+      "  c.grid = ml_collections.ConfigDict()\n"
+      "  c.grid.partition = ml_collections.ConfigDict()\n"
+      "  c.grid.partition.alpha = (-1.0, 0.5, 1.0)\n"
+      "  return c\n")
+  work = tmp_path / "work"
+  write_run(work / "partition.alpha=1.0", method="collabdm")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+  def launch(*flags):
+    return subprocess.run(
+        [sys.executable, "-m", "launch.sweep", f"--config={cfg}",
+         f"--workdir={work}", f"--results_dir={tmp_path / 'res'}", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+  # Past the deadline nothing starts, and nothing is written for the cells.
+  proc = launch("--workers=2", "--stop_starting_after_s=0")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "0 done, 1 skipped, 0 failed, 2 not started" in proc.stdout
+  assert not (work / "partition.alpha=0.5").exists()
+
+  proc = launch("--workers=2", "--cells=2,1,0")
+  assert proc.returncode == 1, proc.stderr[-3000:]  # one cell failed
+  assert "1 done, 1 skipped, 1 failed" in proc.stdout
+  bad, good = work / "partition.alpha=-1.0", work / "partition.alpha=0.5"
+  assert (bad / "error.json").exists() and not (bad / "results.json").exists()
+  assert "alpha" in json.loads((bad / "error.json").read_text())["error"]
+  done = json.loads((good / "results.json").read_text())
+  assert done["config"]["partition"]["alpha"] == 0.5
+  # Each worker ran exactly its own cell.
+  assert "cell 1 partition.alpha=0.5: running" in (good / "worker.log").read_text()
+  assert "cell 0 " not in (good / "worker.log").read_text()
+  assert not (work / "partition.alpha=1.0" / "worker.log").exists()
+  # The parent wrote the tables over all three.
+  md = (tmp_path / "res" / "results.md").read_text()
+  assert "3 runs" in md and "1 failed" in md
