@@ -111,7 +111,7 @@ PAPER_FLAGS=(--config.grid.partition.num_clients='(5,)'
 (sweep $MAIN "$SW/reference_main" 8 "$MAIN_CELLS") &
 A=$!
 (sweep $IPC "$SW/reference_ipc" 3 "$IPC_CELLS"
- sweep $CIFAR "$SW/reference_cifar10" 3 "$CIFAR_CELLS") &
+ sweep $CIFAR "$SW/reference_cifar10" "${CIFAR_WORKERS:-3}" "$CIFAR_CELLS") &
 B=$!
 (EXTRA+=("${PAPER_FLAGS[@]}")
  PC=$(cells $PAPER "method=")
