@@ -34,10 +34,10 @@ from ml_collections import config_flags
 from collabdm_jax import aggregation
 from collabdm_jax import attacks
 from collabdm_jax import protocol
+from collabdm_jax import provenance
 from collabdm_jax import server as server_lib
 from collabdm_jax import setup as setup_lib
 from collabdm_jax import stages
-from experiments import provenance
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/default.py", "Experiment config file.",
@@ -116,6 +116,8 @@ def markdown(rows, aggregators):
 
 def main(argv):
   del argv
+  record = provenance.start(
+      ["python", "-m", "experiments.attack_table", *sys.argv[1:]])
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   config.checkpoint.every = 0
@@ -152,8 +154,7 @@ def main(argv):
   doc = {
       "what": "test accuracy under f malicious clients (0..f-1) per attack "
               "and server aggregator",
-      "provenance": provenance.provenance(
-          ["-m", "experiments.attack_table", *sys.argv[1:]]),
+      "provenance": provenance.finish(record),
       "attack_params": {"factor": _FACTOR.value, "std": _STD.value,
                         "claim_class_size": claim, "seed": _SEED.value},
       "config": config.to_dict(),

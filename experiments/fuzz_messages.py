@@ -41,9 +41,9 @@ from ml_collections import config_flags
 
 from collabdm_jax import models
 from collabdm_jax import protocol
+from collabdm_jax import provenance
 from collabdm_jax import setup as setup_lib
 from collabdm_jax import stages
-from experiments import provenance
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/smoke.py", "Config of the real client pass.",
@@ -403,6 +403,8 @@ def fuzz(blobs, spec, num, seed, check):
 
 def main(argv):
   del argv
+  record = provenance.start(
+      ["python", "-m", "experiments.fuzz_messages", *sys.argv[1:]])
   t0 = time.perf_counter()
   config = _CONFIG.value
   s, blobs = real_messages(config)
@@ -425,8 +427,7 @@ def main(argv):
                                           emb_range))
   doc = {
       "what": "decoder fuzzing with mutated real client messages",
-      "provenance": provenance.provenance(
-          ["-m", "experiments.fuzz_messages", *sys.argv[1:]]),
+      "provenance": provenance.finish(record),
       "base_messages": len(blobs),
       "base_message_bytes": sorted({len(b) for b in blobs}),
       "oracle": {"max_class_size": max_class_size, "batch_real": batch_real,

@@ -33,10 +33,10 @@ import numpy as np
 from ml_collections import config_flags
 
 from collabdm_jax import protocol
+from collabdm_jax import provenance
 from collabdm_jax import server as server_lib
 from collabdm_jax import setup as setup_lib
 from collabdm_jax import stages
-from experiments import provenance
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/default.py", "Experiment config file.",
@@ -134,8 +134,8 @@ def main(argv):
     epsilons.append(None if math.isinf(v) else v)
   init = config.server.init
   # Taken first: the code that made the rows, whatever happens meanwhile.
-  record = provenance.provenance(
-      ["-m", "experiments.privacy_table", *sys.argv[1:]])
+  record = provenance.start(
+      ["python", "-m", "experiments.privacy_table", *sys.argv[1:]])
   t0 = time.perf_counter()
   s = setup_lib.setup(config)
   rows = []
@@ -149,7 +149,7 @@ def main(argv):
   doc = {
       "what": "test accuracy against the privacy budget epsilon per example "
               "(client-side DP: clipping, Poisson batches, Gaussian noise)",
-      "provenance": record,
+      "provenance": provenance.finish(record),
       "config": config.to_dict(),
       "total_s": round(time.perf_counter() - t0, 1),
       "rows": rows,
