@@ -106,7 +106,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 
 def apply_overrides(config, overrides: str):
-  """Sets each ``dotted.path=value`` of a space-separated string.
+  """``config`` with each ``dotted.path=value`` of a space-separated string
+  set (``setup.with_overrides``).
 
   Values are Python literals where they parse as one (``3``, ``0.5``,
   ``True``, ``None``, ``'(1, 2)'``), else strings.
@@ -115,7 +116,7 @@ def apply_overrides(config, overrides: str):
     ValueError: on an entry without ``=``, a path that names no field, or a
       value the field's type refuses.
   """
-  config = config.copy_and_resolve_references()
+  pairs = []
   for item in overrides.split():
     path, eq, raw = item.partition("=")
     if not eq:
@@ -124,19 +125,8 @@ def apply_overrides(config, overrides: str):
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
       value = raw
-    *parents, leaf = path.split(".")
-    node = config
-    for part in parents:
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        raise ValueError(f"config override {item!r}: no field {part!r}")
-      node = node[part]
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-      raise ValueError(f"config override {item!r}: no field {leaf!r}")
-    try:
-      node[leaf] = value
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"config override {item!r}: {e}") from e
-  return config
+    pairs.append((path, value))
+  return setup_lib.with_overrides(config, pairs)
 
 
 # ---------------------------------------------------------------------------

@@ -9,12 +9,14 @@ it and derives the shared model and root key: the ``Setup`` that the client,
 server and evaluation stages and the baselines all take.
 """
 
+import copy
 import dataclasses
 import logging
 import pathlib
 from typing import Dict, Optional
 
 import jax
+import ml_collections
 import numpy as np
 
 from collabdm_jax import aggregation
@@ -51,6 +53,35 @@ class Setup:
   test_x: np.ndarray
   # provenance.start() when the run began; results.json gets it finished.
   provenance: Optional[Dict] = None
+
+
+def with_overrides(config, overrides):
+  """A copy of ``config`` with each ``(dotted path, value)`` of
+  ``overrides`` set, in order.
+
+  The copy keeps the config's field references live (e.g. a field tied to
+  ``server.ipc`` follows an override of ``server.ipc``); ``config`` itself
+  is not modified.
+
+  Raises:
+    ValueError: a path names no existing field (typos fail before anything
+      runs), or the value does not fit the field's type.
+  """
+  config = copy.deepcopy(config)
+  for path, value in overrides:
+    parts = path.split(".")
+    node = config
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = ".".join(parts[:i]) or "the config"
+        raise ValueError(f"override {path!r}: {where} has no field {part!r}")
+      if i < len(parts) - 1:
+        node = node[part]
+    try:
+      node[parts[-1]] = value
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"override {path!r} cannot take {value!r}: {e}") from e
+  return config
 
 
 def dsa_strategy(config, dataset_name):

@@ -58,7 +58,6 @@ finished cell also gets ``synthetic.png`` and ``client_class_counts.png``.
 The exit status is 1 when a cell run by this call failed.
 """
 
-import copy
 import dataclasses
 import hashlib
 import itertools
@@ -84,6 +83,7 @@ from collabdm_jax import pipeline
 from collabdm_jax import plots
 from collabdm_jax import provenance
 from collabdm_jax import results as results_lib
+from collabdm_jax import setup as setup_lib
 
 log = logging.getLogger("collabdm_jax.sweep")
 
@@ -182,28 +182,8 @@ def cell_name(overrides: Sequence[Tuple[str, object]]) -> str:
 
 
 def apply_overrides(base, overrides: Sequence[Tuple[str, object]]):
-  """A copy of ``base`` with each dotted path set to its value.
-
-  Raises:
-    ValueError: a path names no existing field of ``base`` (typos fail
-      before anything runs), or the value does not fit the field's type.
-  """
-  config = copy.deepcopy(base)
-  for path, value in overrides:
-    parts = path.split(".")
-    node = config
-    for i, part in enumerate(parts):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        where = ".".join(parts[:i]) or "the base config"
-        raise ValueError(f"grid path {path!r}: {where} has no field "
-                         f"{part!r}")
-      if i < len(parts) - 1:
-        node = node[part]
-    try:
-      node[parts[-1]] = value
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"grid path {path!r} cannot take {value!r}: {e}") from e
-  return config
+  """``setup.with_overrides``: a copy of ``base`` with each dotted path set."""
+  return setup_lib.with_overrides(base, overrides)
 
 
 def sweep_seeds(sweep_config) -> Optional[List[int]]:

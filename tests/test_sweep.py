@@ -11,9 +11,12 @@ import sys
 import ml_collections
 import pytest
 
+from collabdm_jax import flower_app
 from collabdm_jax import metrics
 from collabdm_jax import pipeline
 from collabdm_jax import results
+from collabdm_jax import setup as setup_lib
+from experiments.configs import fmnist_table_paper
 from experiments.configs import smoke
 from launch import sweep
 
@@ -426,3 +429,14 @@ def test_workers_run_each_cell_in_its_own_process(tmp_path):
   # The parent wrote the tables over all three.
   md = (tmp_path / "res" / "results.md").read_text()
   assert "3 runs" in md and "1 failed" in md
+
+
+def test_overrides_keep_field_references_live():
+  # The paper config ties the partition's per-class floor to server.ipc; a
+  # grid over server.ipc (or a Flower run_config override) must move both.
+  base = fmnist_table_paper.get_config().base
+  cfg = setup_lib.with_overrides(base, [("server.ipc", 50)])
+  assert (cfg.server.ipc, cfg.partition.ipc) == (50, 50)
+  assert (base.server.ipc, base.partition.ipc) == (10, 10)
+  flower = flower_app.apply_overrides(base, "server.ipc=1")
+  assert flower.partition.ipc == 1
