@@ -33,9 +33,24 @@ class SynthesisState(NamedTuple):
   opt_state: optax.OptState
 
 
-def make_optimizer(lr, momentum=0.5):
-  """The reference image optimiser: SGD with heavy-ball momentum, no decay."""
-  return optax.sgd(lr, momentum=momentum)
+class ImageOptimizer(NamedTuple):
+  """The reference image optimiser: SGD with heavy-ball momentum, no decay.
+
+  ``iteration_step`` applies its C per-class steps in closed form, so it
+  needs the two numbers rather than an opaque optax transformation. The
+  state is ``optax.sgd(lr, momentum=momentum)``'s (its ``trace`` is the
+  momentum buffer), so checkpoints keep their format.
+  """
+  lr: float
+  momentum: float
+
+  def init(self, images):
+    return optax.sgd(self.lr, momentum=self.momentum).init(images)
+
+
+def make_optimizer(lr, momentum=0.5) -> ImageOptimizer:
+  """The reference image optimiser (see ``ImageOptimizer``)."""
+  return ImageOptimizer(float(lr), float(momentum))
 
 
 def init_state(images, optimizer):
@@ -71,55 +86,158 @@ def class_matching_loss(embed, net_params, class_images, aug_key, mean, std,
                               std_weight=std_weight, std_ddof=std_ddof)
 
 
+def _momentum_tables(lr, momentum, num_classes, dtype):
+  """Tables, indexed by a step count ``j = 0..C``, of the closed form.
+
+  ``power[j] = mu^j``, ``drift[j] = lr * (mu + ... + mu^j)`` and
+  ``tail[j] = lr * (1 + mu + ... + mu^(j-1))`` with ``mu = momentum``
+  (``drift[0] = tail[0] = 0``). Summed in float64 from the Python numbers,
+  so no division by ``1 - mu`` is needed (``mu`` may be 0 or 1).
+  """
+  power = float(momentum) ** np.arange(num_classes + 1, dtype=np.float64)
+  drift = float(lr) * np.concatenate([[0.0], np.cumsum(power[1:])])
+  tail = float(lr) * np.concatenate([[0.0], np.cumsum(power[:-1])])
+  return tuple(jnp.asarray(a, dtype) for a in (power, drift, tail))
+
+
+# On CPU the class gradients are computed a few classes at a time, about
+# this many synthetic images per piece: XLA:CPU's network passes slow down
+# sharply once a batch no longer fits in cache (as for the evaluation's
+# micro-batches, ``evaluate.MICRO_BATCH_CPU``). Measured in
+# ``experiments/results/dm_step/``.
+CPU_IMAGES_PER_PIECE = 10
+
+
+def default_classes_per_piece(num_classes, images_per_class):
+  """Classes whose gradients one network pass computes, on this backend.
+
+  All of them at once on an accelerator; on CPU as many as keep a piece
+  near ``CPU_IMAGES_PER_PIECE`` images (at least one class).
+  """
+  if jax.default_backend() != "cpu":
+    return num_classes
+  return max(1, min(num_classes, CPU_IMAGES_PER_PIECE // images_per_class))
+
+
+def class_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
+                           target_std, *, dsa_strategy, pae, std_weight,
+                           std_ddof=0, classes_per_piece=None):
+  """Every class's loss and its gradient w.r.t. its own images, independently.
+
+  Entry c is ``class_matching_loss`` of ``images[c]`` (key ``aug_keys[c]``)
+  and its gradient ``[ipc, ...]``. Classes do not interact, so they are
+  computed ``classes_per_piece`` at a time (None: ``default_classes_per_
+  piece``): the images of a piece go through ``embed`` as one batch, which
+  is exact because every network here embeds each image on its own
+  (instance or layer norm, never batch statistics).
+
+  Returns:
+    ``(losses [C], grads [C, ipc, ...])``.
+  """
+  num_classes = images.shape[0]
+  k = classes_per_piece or default_classes_per_piece(
+      num_classes, images.shape[1] * (4 if pae else 1))
+
+  def one(args):
+    class_images, key, mean, std = args
+    return jax.value_and_grad(class_matching_loss, argnums=2)(
+        embed, net_params, class_images, key, mean, std,
+        dsa_strategy=dsa_strategy, pae=pae, std_weight=std_weight,
+        std_ddof=std_ddof)
+
+  xs = (images, aug_keys, target_mean, target_std)
+  if k >= num_classes:
+    return jax.vmap(one)(xs)
+  # One class per step: no vmap, so each class's Siamese augmentation runs
+  # only the DSA family its key draws (vmapped, every family would run).
+  return jax.lax.map(one, xs, batch_size=None if k == 1 else k)
+
+
 def iteration_step(optimizer, embed, state, net_params, aug_keys,
                    target_mean, target_std, valid, *, dsa_strategy, pae,
-                   std_weight, std_ddof=0):
+                   std_weight, std_ddof=0, classes_per_piece=None):
   """One DM iteration: a loss and an optimiser step per class, in class order.
 
-  The reference semantics, as one traced program: one optimiser over the
-  whole synthetic tensor ``S`` [C, ipc, ...], stepped once per class. Step
-  ``c`` takes the gradient of class c's loss at the current ``S[c]`` (zero
-  for every other class) and updates all of ``S`` with the shared momentum
+  The reference semantics: one SGD-momentum optimiser (learning rate
+  ``lr``, heavy-ball momentum ``mu``) over the whole synthetic tensor
+  ``S`` [C, ipc, ...], stepped once per class in class order. Step ``c``
+  takes the gradient of class c's loss at the current ``S[c]`` (zero for
+  every other class) and updates all of ``S`` with the shared momentum
   buffer ``b``:
 
-    g = d loss_c / dS (zero outside class c);  b <- momentum * b + g;
+    g = d loss_c / dS (zero outside class c);  b <- mu * b + g;
     S <- S - lr * b,
 
   so every class step also moves the other classes by their decayed
   momentum. A class with no target (``valid`` False) is skipped: no loss,
-  no step, no momentum decay. The classes are a ``lax.scan`` (their
-  convolution gradients are matrix products, ``models.conv_matmul_grads``,
-  which XLA:CPU runs well inside loops).
+  no step, no momentum decay.
+
+  Computed in closed form rather than as C sequential steps. A class's
+  gradient depends on the other classes only through the momentum drift,
+  which is known beforehand: with ``n`` valid classes and class c the k-th
+  valid one (k = 0..n-1), its images when its own step comes are
+
+    X_c = S0_c - lr (mu + ... + mu^k) b0_c,
+
+  (k earlier steps, each decaying b_c and moving S_c by it), so all the
+  gradients ``g_c = d loss_c / dX_c`` can be computed independently, as many
+  classes per network pass as suits the backend
+  (``class_losses_and_grads``). After its own
+  step b_c = mu^(k+1) b0_c + g_c, which the n - 1 - k later steps decay, so
+  the iteration ends at
+
+    b_c = mu^n b0_c + mu^(n-1-k) g_c,
+    S_c = S0_c - lr (mu + ... + mu^n) b0_c - lr (1 + ... + mu^(n-1-k)) g_c,
+
+  and for a skipped class (no own step, g_c = 0 above) at b_c = mu^n b0_c,
+  S_c = S0_c - lr (mu + ... + mu^n) b0_c. This equals the sequential steps
+  up to float rounding (``tests/test_core.py`` checks it against them); on
+  the 2-core CPU it is several times faster (small per-class batches ran
+  the matrix units poorly; ``experiments/results/dm_step/``).
 
   Args:
     optimizer: the image optimiser (``make_optimizer``).
-    embed: ``embed(params, images) -> [N, D]``.
+    embed: ``embed(params, images) -> [N, D]``, each image embedded on its
+      own (no batch statistics).
     state: ``SynthesisState`` with images ``[C, ipc, H, W, Ch]``.
     net_params: parameters of this iteration's random network.
     aug_keys: ``[C]`` Siamese augmentation keys, one per class.
     target_mean, target_std: ``[C, D]`` real-data targets.
     valid: ``[C]`` bool.
     std_ddof: see ``class_matching_loss``.
+    classes_per_piece: see ``class_losses_and_grads`` (None: this
+      backend's default; the result does not depend on it beyond float
+      rounding).
 
   Returns:
     ``(new_state, losses [C])`` (loss 0 for skipped classes).
   """
-
-  def class_step(state, c):
-    loss, g = jax.value_and_grad(class_matching_loss, argnums=2)(
-        embed, net_params, state.images[c], aug_keys[c], target_mean[c],
-        target_std[c], dsa_strategy=dsa_strategy, pae=pae,
-        std_weight=std_weight, std_ddof=std_ddof)
-    grads = jnp.zeros_like(state.images).at[c].set(g)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.images)
-    stepped = SynthesisState(optax.apply_updates(state.images, updates),
-                             opt_state)
-    # A class no client holds has no target: leave everything untouched
-    # rather than pull its images towards a zero vector.
-    new = jax.tree.map(lambda a, b: jnp.where(valid[c], a, b), stepped, state)
-    return new, jnp.where(valid[c], loss, 0.0)
-
-  return jax.lax.scan(class_step, state, jnp.arange(state.images.shape[0]))
+  images = state.images
+  num_classes = images.shape[0]
+  trace_state, *rest = state.opt_state
+  b0 = trace_state.trace
+  power, drift, tail = _momentum_tables(optimizer.lr, optimizer.momentum,
+                                        num_classes, images.dtype)
+  valid = jnp.asarray(valid, bool)
+  n = jnp.sum(valid.astype(jnp.int32))
+  # k: the class's position among the valid classes (clipped for skipped
+  # classes, whose gradient is zeroed and so never used).
+  k = jnp.clip(jnp.cumsum(valid.astype(jnp.int32)) - 1, 0, num_classes)
+  per_class = lambda v: v.reshape((num_classes,) + (1,) * (images.ndim - 1))
+  at_step = images - per_class(drift[k]) * b0
+  class_losses, g = class_losses_and_grads(
+      embed, net_params, at_step, aug_keys, target_mean, target_std,
+      dsa_strategy=dsa_strategy, pae=pae, std_weight=std_weight,
+      std_ddof=std_ddof, classes_per_piece=classes_per_piece)
+  # A class no client holds has no target: it must not move by its own
+  # gradient (pulled towards a zero vector), only by its decayed momentum.
+  g = jnp.where(per_class(valid), g, 0.0)
+  left = jnp.clip(n - 1 - k, 0, num_classes - 1)  # valid steps after c's
+  new_b = power[n] * b0 + per_class(power[left]) * g
+  new_images = images - drift[n] * b0 - per_class(tail[left + 1]) * g
+  opt_state = (trace_state._replace(trace=new_b), *rest)
+  return (SynthesisState(new_images, opt_state),
+          jnp.where(valid, class_losses, 0.0))
 
 
 def class_aug_keys(root, t, num_classes):
