@@ -75,15 +75,35 @@ _OUT = flags.DEFINE_string("out", None, "also write the JSON document here")
 
 C = 10
 SHAPE = (28, 28, 1)
-FULL = dict(model=dict(width=128, depth=3), server_ipcs=(1, 10, 50),
+FULL = dict(model=dict(width=128, depth=3), dsa_strategy=None,
+            server_ipcs=(1, 10, 50),
             conv_variants_ipc=10, local_clients=5, local_ipc=3,
             local_iterations=100, rounds=5, steps_per_round=2,
             matmul_n=2048, matmul_reps=10, eval_images=100)
-QUICK = dict(model=dict(width=8, depth=2), server_ipcs=(2,),
+# Quick: compilation dominates, so one cheap DSA family.
+QUICK = dict(model=dict(width=8, depth=2), dsa_strategy="flip",
+             server_ipcs=(2,),
              conv_variants_ipc=2, local_clients=2, local_ipc=1,
              local_iterations=3, rounds=2, steps_per_round=1, matmul_n=256,
              matmul_reps=2, eval_images=20)
 SERVER_LR, LOCAL_LR, MOMENTUM = 10.0, 1.0, 0.5
+VARIANTS = {
+    "before": "the code at base_commit: a lax.scan over classes, each step a "
+              "gradient and an optax update of the whole tensor; im2col "
+              "convolution gradients",
+    "now": "this checkout: independent class gradients (one class of ipc "
+           "images per piece on CPU at ipc >= 10), the momentum steps in "
+           "closed form; XLA forward convolutions in the gradients",
+    "all_classes": "now, with every class gradient in one network pass "
+                   "(classes_per_piece = C, the default off-CPU)",
+    "*_xla_conv": "that step with XLA's own convolution gradients "
+                  "(transposed convolutions)",
+    "*_im2col_conv": "that step with base_commit's convolution (im2col "
+                     "products for the differentiated forward and the "
+                     "input gradient)",
+    "eval_gradient": "before / now / xla_conv: the parameter gradient of "
+                     "evaluate.weighted_loss_and_grad under each convolution",
+}
 
 
 def log(*args):
@@ -167,9 +187,13 @@ def stepper(step, state, *args, steps, first_t=1):
   return run
 
 
+def dsa_strategy(sizes):
+  return sizes["dsa_strategy"] or augment.dsa_strategy_for("fashion_mnist")
+
+
 def server_case(model, ipc, before, im2col_conv, sizes, peak, with_convs):
   """The server step at ``ipc``: every variant from the same state."""
-  strategy = augment.dsa_strategy_for("fashion_mnist")
+  strategy = dsa_strategy(sizes)
   cfg = server_lib.ServerConfig(ipc=ipc, lr=SERVER_LR, momentum=MOMENTUM,
                                 dsa_strategy=strategy)
   embed = models.embed_fn(model)
@@ -250,7 +274,7 @@ def server_case(model, ipc, before, im2col_conv, sizes, peak, with_convs):
 
 def local_case(model, before, im2col_conv, sizes, peak):
   """Local DM on the shared networks, all clients in one vmapped step."""
-  strategy = augment.dsa_strategy_for("fashion_mnist")
+  strategy = dsa_strategy(sizes)
   k, ipc = sizes["local_clients"], sizes["local_ipc"]
   cfg = client_lib.LocalDMConfig(ipc=ipc, iterations=sizes["local_iterations"],
                                  lr=LOCAL_LR, momentum=MOMENTUM,
@@ -298,6 +322,7 @@ def local_case(model, before, im2col_conv, sizes, peak):
   load = list(os.getloadavg())
   times = interleaved_times(runners, sizes["rounds"], sizes["steps_per_round"])
   out = {"clients": k, "ipc": ipc, "lr": cfg.lr, "momentum": cfg.momentum,
+         "dsa_strategy": strategy,
          "iterations": cfg.iterations, "flops_per_iteration": flops,
          "load_average_before": load,
          "load_average_after": list(os.getloadavg()),
@@ -354,6 +379,7 @@ def main(argv):
                              sizes["matmul_reps"])
   log(f"matmul peak {peak['gflops']:.0f} GFLOP/s")
   doc = {"base_commit": BASE_COMMIT, "quick": _QUICK.value,
+         "variants": VARIANTS,
          "model": dict(arch="convnet", **sizes["model"],
                        norm="instancenorm"),
          "input_shape": SHAPE, "rounds": sizes["rounds"],
