@@ -3,26 +3,33 @@
 ``dm.iteration_step`` used to take the C class steps of an iteration one
 after another in a ``lax.scan`` (a gradient, then an SGD-momentum update of
 the whole synthetic tensor, per class); it now computes the C class
-gradients independently, a piece of classes per network pass, and applies
-the C momentum steps in closed form. This script times, in ONE process
-with the variants interleaved (every round runs each variant once; the
-minimum over rounds is reported), at the reference config's shapes
-(Fashion-MNIST 28x28x1, ConvNet width 128 depth 3 with instance norm, 10
-classes, DSA, lr 10 and momentum 0.5 on the server, lr 1 on the clients):
+gradients independently and applies the C momentum steps in closed form.
+``models.conv_matmul_grads`` used to run a differentiated convolution as
+im2col matrix products (forward and input gradient); it now keeps XLA's own
+forward convolution and writes the input gradient as one too. This script
+times, in ONE process with the variants interleaved (every round runs each
+variant once; the minimum over rounds is reported), at the reference
+config's shapes (Fashion-MNIST 28x28x1, ConvNet width 128 depth 3 with
+instance norm, 10 classes, DSA, lr 10 and momentum 0.5 on the server, lr 1
+on the clients):
 
 * ``server_ipc{1,10,50}``: the server's jitted, donated step
   (``server.make_step``: psi_t, the Siamese keys and all class steps);
 * ``local_dm``: local DM on the shared networks at the reference config (5
-  clients vmapped, ipc 3, 100 iterations: ``client.shared_local_step``).
+  clients vmapped, ipc 3, 100 iterations: ``client.shared_local_step``);
+* ``eval_gradient``: the parameter gradient of an evaluation network's SGD
+  step (100 images in micro-batches of 10, ``evaluate.weighted_loss_and_
+  grad``), the other user of ``conv_matmul_grads``.
 
-Variants (``VARIANTS``): ``before`` is ``dm.py`` at ``BASE_COMMIT`` (read
-with ``git show``); ``now`` is this checkout; ``all_classes`` computes
-every class gradient in one network pass (``classes_per_piece = C``, the
-default on accelerators); ``*_xla_conv`` swaps ``models.conv_matmul_grads``
-for XLA's own convolution gradients. FLOPs are XLA's count of the
-``all_classes`` program (no loop, so counted in full; every variant does
-this work), and the matmul peak is measured in the same run. Prints ONE
-JSON document::
+Variants: ``before`` is the code at ``BASE_COMMIT`` (its ``dm.py`` and
+``models.py``, read with ``git show``); ``now`` is this checkout;
+``all_classes`` computes every class gradient in one network pass
+(``classes_per_piece = C``, the default on accelerators); the ``*_xla_conv``
+and ``*_im2col_conv`` variants swap the convolution for XLA's own
+(transposed-convolution gradients) or the one at ``BASE_COMMIT`` while
+keeping this checkout's step. FLOPs are XLA's count of the ``all_classes``
+program (no loop, so counted in full; every variant does this work), and
+the matmul peak is measured in the same run. Prints ONE JSON document::
 
   python experiments/dm_step_bench.py --out=experiments/results/dm_step/dm_step.json
   python experiments/dm_step_bench.py --quick      # tiny sizes (tests)
@@ -53,13 +60,14 @@ import optax  # noqa: E402
 from collabdm_jax import augment  # noqa: E402
 from collabdm_jax import client as client_lib  # noqa: E402
 from collabdm_jax import dm  # noqa: E402
+from collabdm_jax import evaluate  # noqa: E402
 from collabdm_jax import losses  # noqa: E402
 from collabdm_jax import models  # noqa: E402
 from collabdm_jax import provenance  # noqa: E402
 from collabdm_jax import server as server_lib  # noqa: E402
 from experiments.benchlib import measure  # noqa: E402
 
-# The last commit with the per-class scan.
+# The last commit with the per-class scan and the im2col convolution.
 BASE_COMMIT = "0a269bf19cf8666bd7afa265049dbb6396d8b4bd"
 
 _QUICK = flags.DEFINE_bool("quick", False, "tiny sizes (a CPU check)")
@@ -71,25 +79,30 @@ FULL = dict(model=dict(width=128, depth=3), dsa_strategy=None,
             server_ipcs=(1, 10, 50),
             conv_variants_ipc=10, local_clients=5, local_ipc=3,
             local_iterations=100, rounds=5, steps_per_round=2,
-            matmul_n=2048, matmul_reps=10)
+            matmul_n=2048, matmul_reps=10, eval_images=100)
 # Quick: compilation dominates, so one cheap DSA family.
 QUICK = dict(model=dict(width=8, depth=2), dsa_strategy="flip",
              server_ipcs=(2,),
              conv_variants_ipc=2, local_clients=2, local_ipc=1,
              local_iterations=3, rounds=2, steps_per_round=1, matmul_n=256,
-             matmul_reps=2)
+             matmul_reps=2, eval_images=20)
 SERVER_LR, LOCAL_LR, MOMENTUM = 10.0, 1.0, 0.5
 VARIANTS = {
-    "before": "dm.py at base_commit: a lax.scan over classes, each step a "
-              "gradient and an optax update of the whole tensor",
-    "now": "this checkout: independent class gradients (one class per "
-           "network pass on CPU at ipc >= 10, all classes at ipc 1), the "
-           "momentum steps in closed form",
+    "before": "the code at base_commit: a lax.scan over classes, each step a "
+              "gradient and an optax update of the whole tensor; im2col "
+              "convolution gradients",
+    "now": "this checkout: independent class gradients (one class of ipc "
+           "images per piece on CPU at ipc >= 10), the momentum steps in "
+           "closed form; XLA forward convolutions in the gradients",
     "all_classes": "now, with every class gradient in one network pass "
                    "(classes_per_piece = C, the default off-CPU)",
     "*_xla_conv": "that step with XLA's own convolution gradients "
-                  "(transposed convolutions) instead of "
-                  "models.conv_matmul_grads",
+                  "(transposed convolutions)",
+    "*_im2col_conv": "that step with base_commit's convolution (im2col "
+                     "products for the differentiated forward and the "
+                     "input gradient)",
+    "eval_gradient": "before / now / xla_conv: the parameter gradient of "
+                     "evaluate.weighted_loss_and_grad under each convolution",
 }
 
 
@@ -178,7 +191,7 @@ def dsa_strategy(sizes):
   return sizes["dsa_strategy"] or augment.dsa_strategy_for("fashion_mnist")
 
 
-def server_case(model, ipc, before, sizes, peak, with_convs):
+def server_case(model, ipc, before, im2col_conv, sizes, peak, with_convs):
   """The server step at ``ipc``: every variant from the same state."""
   strategy = dsa_strategy(sizes)
   cfg = server_lib.ServerConfig(ipc=ipc, lr=SERVER_LR, momentum=MOMENTUM,
@@ -213,7 +226,7 @@ def server_case(model, ipc, before, sizes, peak, with_convs):
     return optimizer, jax.jit(step, donate_argnums=0)
 
   variants = {  # name: (step builder, state type, convolution)
-      "before": (before_step, before.SynthesisState, None),
+      "before": (before_step, before.SynthesisState, im2col_conv),
       "now": (lambda: server_lib.make_step(model, SHAPE, C, cfg),
               dm.SynthesisState, None),
       "all_classes": (lambda: now_step(C), dm.SynthesisState, None)}
@@ -221,8 +234,12 @@ def server_case(model, ipc, before, sizes, peak, with_convs):
     variants.update({
         "now_xla_conv": (lambda: now_step(None), dm.SynthesisState,
                          jax.lax.conv_general_dilated),
+        "now_im2col_conv": (lambda: now_step(None), dm.SynthesisState,
+                            im2col_conv),
         "all_classes_xla_conv": (lambda: now_step(C), dm.SynthesisState,
-                                 jax.lax.conv_general_dilated)})
+                                 jax.lax.conv_general_dilated),
+        "all_classes_im2col_conv": (lambda: now_step(C), dm.SynthesisState,
+                                    im2col_conv)})
   runners, compile_s, first = {}, {}, {}
   flops = None
   for name, (build, state_type, conv) in variants.items():
@@ -255,7 +272,7 @@ def server_case(model, ipc, before, sizes, peak, with_convs):
   return out
 
 
-def local_case(model, before, sizes, peak):
+def local_case(model, before, im2col_conv, sizes, peak):
   """Local DM on the shared networks, all clients in one vmapped step."""
   strategy = dsa_strategy(sizes)
   k, ipc = sizes["local_clients"], sizes["local_ipc"]
@@ -284,7 +301,7 @@ def local_case(model, before, sizes, peak):
   variants = {
       "before": (vmapped(before.iteration_step,
                          optax.sgd(cfg.lr, momentum=cfg.momentum)),
-                 before.SynthesisState, None),
+                 before.SynthesisState, im2col_conv),
       "now": (client_lib.shared_local_step(model, SHAPE, C, cfg),
               dm.SynthesisState, None),
       "all_classes": (vmapped(dm.iteration_step, now_opt,
@@ -318,11 +335,45 @@ def local_case(model, before, sizes, peak):
   return out
 
 
+def eval_case(model, im2col_conv, sizes):
+  """An evaluation SGD step's parameter gradient under each convolution."""
+  n = sizes["eval_images"]
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((n,) + SHAPE, np.float32))
+  y = jnp.asarray(rng.integers(0, C, n).astype(np.int32))
+  w = jnp.ones((n,), jnp.float32)
+  params = models.init_params(model, jax.random.key(0), SHAPE)
+  logits = models.logits_fn(model)
+
+  def loss_sum(p, x, y, w):
+    return jnp.sum(w * optax.softmax_cross_entropy_with_integer_labels(
+        logits(p, x), y))
+
+  runners, compile_s, grads = {}, {}, {}
+  for name, conv in (("before", im2col_conv), ("now", None),
+                     ("xla_conv", jax.lax.conv_general_dilated)):
+    f = jax.jit(lambda p: evaluate.weighted_loss_and_grad(
+        loss_sum, p, x, y, w, micro_batch=evaluate.MICRO_BATCH_CPU))
+    exe, compile_s[name] = compiled(f, (params,), conv)
+    grads[name] = exe(params)
+    runners[name] = (lambda exe=exe: jax.block_until_ready(exe(params)))
+  times = interleaved_times(runners, sizes["rounds"], 1)
+  diff = {name: jax.tree.reduce(max, jax.tree.map(
+      lambda a, b: float(jnp.abs(a - b).max()), g, grads["now"]))
+          for name, g in grads.items()}
+  return {"images": n, "micro_batch": evaluate.MICRO_BATCH_CPU,
+          "max_abs_diff_vs_now": diff,
+          "variants": {name: summary(t, compile_s[name])
+                       for name, t in times.items()}}
+
+
 def main(argv):
   del argv
   record = provenance.start()
   sizes = QUICK if _QUICK.value else FULL
   before = module_at(BASE_COMMIT, "collabdm_jax/dm.py", "dm_before")
+  im2col_conv = module_at(BASE_COMMIT, "collabdm_jax/models.py",
+                          "models_before").conv_matmul_grads
   model = models.make_model("convnet", C, **sizes["model"])
   peak = measure.matmul_peak(jax.devices()[0], sizes["matmul_n"],
                              sizes["matmul_reps"])
@@ -337,9 +388,11 @@ def main(argv):
          "cases": {}}
   for ipc in sizes["server_ipcs"]:
     doc["cases"][f"server_ipc{ipc}"] = server_case(
-        model, ipc, before, sizes, peak["gflops"],
+        model, ipc, before, im2col_conv, sizes, peak["gflops"],
         with_convs=ipc == sizes["conv_variants_ipc"])
-  doc["cases"]["local_dm"] = local_case(model, before, sizes, peak["gflops"])
+  doc["cases"]["local_dm"] = local_case(model, before, im2col_conv, sizes,
+                                        peak["gflops"])
+  doc["cases"]["eval_gradient"] = eval_case(model, im2col_conv, sizes)
   doc["provenance"] = provenance.finish(record)
   text = json.dumps(doc, indent=1)
   if _OUT.value:
