@@ -123,6 +123,40 @@ def default_classes_per_piece(num_classes, images_per_class):
   return max(1, min(num_classes, CPU_IMAGES_PER_PIECE // images_per_class))
 
 
+def _piece_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
+                            target_std, **loss_kw):
+  """``class_losses_and_grads`` of a piece of k classes, one network pass.
+
+  Each class is augmented with its own key, then the k * ipc views go
+  through ``embed`` as ONE plain batch (vmapping the network over classes
+  instead turned the im2col convolution gradients into many small batched
+  products: at ipc 1 that step took 1.8x as long as the scan over classes,
+  ``experiments/results/dm_step/trials/run3.json``).
+  """
+  pae = loss_kw["pae"]
+  strategy = loss_kw["dsa_strategy"]
+
+  def views(class_images, key):
+    if pae:
+      class_images = augment.pae_expand(class_images)
+    return augment.siamese_augment(key, class_images, strategy)
+
+  def total(x):
+    if x.shape[0] == 1:  # no vmap: only the DSA family the key draws runs
+      v = views(x[0], aug_keys[0])[None]
+    else:
+      v = jax.vmap(views)(x, aug_keys)
+    emb = embed(net_params, v.reshape((-1,) + v.shape[2:]))
+    emb = emb.reshape(v.shape[:2] + emb.shape[1:])
+    per_class = jax.vmap(lambda m, e, s: losses.matching_loss(
+        m, e, target_std=s, std_weight=loss_kw["std_weight"],
+        std_ddof=loss_kw["std_ddof"]))(target_mean, emb, target_std)
+    return per_class.sum(), per_class
+
+  (_, per_class), g = jax.value_and_grad(total, has_aux=True)(images)
+  return per_class, g
+
+
 def class_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
                            target_std, *, dsa_strategy, pae, std_weight,
                            std_ddof=0, classes_per_piece=None):
@@ -131,9 +165,10 @@ def class_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
   Entry c is ``class_matching_loss`` of ``images[c]`` (key ``aug_keys[c]``)
   and its gradient ``[ipc, ...]``. Classes do not interact, so they are
   computed ``classes_per_piece`` at a time (None: ``default_classes_per_
-  piece``): the images of a piece go through ``embed`` as one batch, which
-  is exact because every network here embeds each image on its own
-  (instance or layer norm, never batch statistics).
+  piece``), the pieces in a ``lax.map``: the images of a piece go through
+  ``embed`` as one batch, which is exact because every network here embeds
+  each image on its own (instance or layer norm, never batch statistics),
+  so the gradient of a piece's summed losses is each class's own gradient.
 
   Returns:
     ``(losses [C], grads [C, ipc, ...])``.
@@ -141,20 +176,22 @@ def class_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
   num_classes = images.shape[0]
   k = classes_per_piece or default_classes_per_piece(
       num_classes, images.shape[1] * (4 if pae else 1))
-
-  def one(args):
-    class_images, key, mean, std = args
-    return jax.value_and_grad(class_matching_loss, argnums=2)(
-        embed, net_params, class_images, key, mean, std,
-        dsa_strategy=dsa_strategy, pae=pae, std_weight=std_weight,
-        std_ddof=std_ddof)
-
+  k = min(k, num_classes)
+  piece = lambda xs: _piece_losses_and_grads(
+      embed, net_params, *xs, dsa_strategy=dsa_strategy, pae=pae,
+      std_weight=std_weight, std_ddof=std_ddof)
   xs = (images, aug_keys, target_mean, target_std)
-  if k >= num_classes:
-    return jax.vmap(one)(xs)
-  # One class per step: no vmap, so each class's Siamese augmentation runs
-  # only the DSA family its key draws (vmapped, every family would run).
-  return jax.lax.map(one, xs, batch_size=None if k == 1 else k)
+  if k == num_classes:
+    return piece(xs)
+  # Whole pieces in a loop, then the classes left over as one more piece.
+  full = num_classes // k * k
+  out = jax.lax.map(piece, jax.tree.map(
+      lambda a: a[:full].reshape((-1, k) + a.shape[1:]), xs))
+  out = jax.tree.map(lambda a: a.reshape((full,) + a.shape[2:]), out)
+  if full < num_classes:
+    rest = piece(jax.tree.map(lambda a: a[full:], xs))
+    out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
+  return out
 
 
 def iteration_step(optimizer, embed, state, net_params, aug_keys,
