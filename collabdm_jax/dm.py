@@ -107,8 +107,8 @@ def _momentum_tables(lr, momentum, num_classes, dtype):
 # sharply once a batch no longer fits in cache (as for the evaluation's
 # micro-batches, ``evaluate.MICRO_BATCH_CPU``). At the reference shapes
 # (ConvNet-3 width 128, 28x28x1, ipc 10) all 100 images in one pass took
-# 2.5x as long as one class of 10 at a time
-# (``experiments/results/dm_step/``, variant ``all_classes``).
+# 1.6x as long as one class of 10 at a time
+# (``experiments/results/dm_step/dm_step.json``, ``all_classes``).
 CPU_IMAGES_PER_PIECE = 10
 
 
