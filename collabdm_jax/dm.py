@@ -59,9 +59,8 @@ def init_state(images, optimizer):
   return SynthesisState(images, optimizer.init(images))
 
 
-def synthetic_embeddings(embed, net_params, images, aug_key, dsa_strategy,
-                         pae):
-  """Embeds one class of synthetic images the way the loss sees them.
+def synthetic_views(images, aug_key, dsa_strategy, pae):
+  """One class of synthetic images the way the network sees them.
 
   PAE first splits every image into its 4 upsampled quadrants; the Siamese
   DSA transform is then drawn from ``aug_key``, the same key the real side
@@ -69,8 +68,14 @@ def synthetic_embeddings(embed, net_params, images, aug_key, dsa_strategy,
   """
   if pae:
     images = augment.pae_expand(images)
-  images = augment.siamese_augment(aug_key, images, dsa_strategy)
-  return embed(net_params, images)
+  return augment.siamese_augment(aug_key, images, dsa_strategy)
+
+
+def synthetic_embeddings(embed, net_params, images, aug_key, dsa_strategy,
+                         pae):
+  """Embeds one class of synthetic images the way the loss sees them."""
+  return embed(net_params, synthetic_views(images, aug_key, dsa_strategy,
+                                           pae))
 
 
 def class_matching_loss(embed, net_params, class_images, aug_key, mean, std,
@@ -124,7 +129,8 @@ def default_classes_per_piece(num_classes, images_per_class):
 
 
 def _piece_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
-                            target_std, **loss_kw):
+                            target_std, *, dsa_strategy, pae, std_weight,
+                            std_ddof):
   """``class_losses_and_grads`` of a piece of k classes, one network pass.
 
   Each class is augmented with its own key, then the k * ipc views go
@@ -133,13 +139,7 @@ def _piece_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
   products: at ipc 1 that step took 1.8x as long as the scan over classes,
   ``experiments/results/dm_step/trials/run3.json``).
   """
-  pae = loss_kw["pae"]
-  strategy = loss_kw["dsa_strategy"]
-
-  def views(class_images, key):
-    if pae:
-      class_images = augment.pae_expand(class_images)
-    return augment.siamese_augment(key, class_images, strategy)
+  views = lambda x, key: synthetic_views(x, key, dsa_strategy, pae)
 
   def total(x):
     if x.shape[0] == 1:  # no vmap: only the DSA family the key draws runs
@@ -149,8 +149,8 @@ def _piece_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
     emb = embed(net_params, v.reshape((-1,) + v.shape[2:]))
     emb = emb.reshape(v.shape[:2] + emb.shape[1:])
     per_class = jax.vmap(lambda m, e, s: losses.matching_loss(
-        m, e, target_std=s, std_weight=loss_kw["std_weight"],
-        std_ddof=loss_kw["std_ddof"]))(target_mean, emb, target_std)
+        m, e, target_std=s, std_weight=std_weight, std_ddof=std_ddof))(
+            target_mean, emb, target_std)
     return per_class.sum(), per_class
 
   (_, per_class), g = jax.value_and_grad(total, has_aux=True)(images)
@@ -221,22 +221,22 @@ def iteration_step(optimizer, embed, state, net_params, aug_keys,
     X_c = S0_c - lr (mu + ... + mu^k) b0_c,
 
   (k earlier steps, each decaying b_c and moving S_c by it), so all the
-  gradients ``g_c = d loss_c / dX_c`` can be computed independently, as many
-  classes per network pass as suits the backend
-  (``class_losses_and_grads``). After its own
-  step b_c = mu^(k+1) b0_c + g_c, which the n - 1 - k later steps decay, so
-  the iteration ends at
+  gradients ``g_c = d loss_c / dX_c`` can be computed independently, as
+  many classes per network pass as suits the backend
+  (``class_losses_and_grads``). After its own step
+  b_c = mu^(k+1) b0_c + g_c, which the n - 1 - k later steps decay, so the
+  iteration ends at
 
     b_c = mu^n b0_c + mu^(n-1-k) g_c,
     S_c = S0_c - lr (mu + ... + mu^n) b0_c - lr (1 + ... + mu^(n-1-k)) g_c,
 
   and for a skipped class (no own step, g_c = 0 above) at b_c = mu^n b0_c,
   S_c = S0_c - lr (mu + ... + mu^n) b0_c. The result is that of the
-  sequential steps up to float rounding (``tests/test_core.py`` checks it against
-  them, to 1e-10 in float64), without C updates of the whole tensor between
-  the class gradients and with the freedom to batch classes (all of them in
-  one pass off-CPU). Measured against the ``lax.scan`` over classes it
-  replaced: ``experiments/results/dm_step/``.
+  sequential steps up to float rounding (``tests/test_core.py`` checks it
+  against them, to 1e-10 in float64), without C updates of the whole
+  tensor between the class gradients and with the freedom to batch classes
+  (all of them in one pass off-CPU). Measured against the ``lax.scan`` over
+  classes it replaced: ``experiments/results/dm_step/``.
 
   Args:
     optimizer: the image optimiser (``make_optimizer``).

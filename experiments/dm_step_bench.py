@@ -8,9 +8,9 @@ gradients independently and applies the C momentum steps in closed form.
 im2col matrix products (forward and input gradient); it now keeps XLA's own
 forward convolution and writes the input gradient as one too. This script
 times, in ONE process with the variants interleaved (every round runs each
-variant once), at the reference config's shapes (Fashion-MNIST 28x28x1, ConvNet width 128 depth 3 with
-instance norm, 10 classes, DSA, lr 10 and momentum 0.5 on the server, lr 1
-on the clients):
+variant once), at the reference config's shapes (Fashion-MNIST 28x28x1,
+ConvNet width 128 depth 3 with instance norm, 10 classes, DSA, lr 10 and
+momentum 0.5 on the server, lr 1 on the clients):
 
 * ``server_ipc{1,10,50}``: the server's jitted, donated step
   (``server.make_step``: psi_t, the Siamese keys and all class steps);
@@ -194,7 +194,8 @@ def speedups(variants, slow, fast):
 
 
 def stepper(step, state, *args, steps, first_t=1):
-  """A runner of ``steps`` donated steps ``state <- step(state, root, t, ...)``."""
+  """A runner of ``steps`` donated steps ``state <- step(state, root, t,
+  *args)`` (t counts on from ``first_t``)."""
   box = {"state": state, "t": first_t}
 
   def run():
