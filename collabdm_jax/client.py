@@ -715,8 +715,9 @@ def shared_local_step(model, input_shape, num_classes, cfg: LocalDMConfig):
   """Jitted ``(states, root, t, means, stds, valid) -> (states, losses)``.
 
   The per-class DM steps of several parties at iteration t, vmapped over
-  the parties: they share psi_t and the Siamese keys, so each class step is
-  one batch of every party's synthetic images under one network.
+  the parties: they share psi_t and the Siamese keys, so each class's
+  gradient is one batch of every party's synthetic images under one
+  network.
   """
   embed = models.embed_fn(model, cfg.compute_dtype)
   optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
@@ -724,10 +725,15 @@ def shared_local_step(model, input_shape, num_classes, cfg: LocalDMConfig):
   def step(states, root, t, means, stds, valid):
     params = dm.network_params(model, root, t, input_shape)
     aug_keys = dm.class_aug_keys(root, t, num_classes)
+    # Vmapped over the parties, a piece of classes holds every party's
+    # images of those classes.
+    parties, _, ipc = states.images.shape[:3]
+    pieces = dm.default_classes_per_piece(
+        num_classes, parties * ipc * (4 if cfg.pae else 1))
     one = lambda st, m, s, v: dm.iteration_step(
         optimizer, embed, st, params, aug_keys, m, s, v,
         dsa_strategy=cfg.dsa_strategy, pae=cfg.pae, std_weight=cfg.std_weight,
-        std_ddof=cfg.std_ddof)
+        std_ddof=cfg.std_ddof, classes_per_piece=pieces)
     return jax.vmap(one)(states, means, stds, valid)
 
   return optimizer, jax.jit(step, donate_argnums=0)

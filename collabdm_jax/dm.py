@@ -10,8 +10,10 @@ and take one optimiser step. They differ only in where the target comes from
 Faithfulness note: the reference code keeps ONE SGD-momentum optimiser over
 the whole synthetic tensor and calls ``step()`` once per class, so each class
 step also moves every other class by its decayed momentum. Summing the class
-losses into one step is a different algorithm; ``iteration_step`` steps the
-classes in order with the full-tensor optimiser state to reproduce it.
+losses into one step is a different algorithm. ``iteration_step`` gives the
+reference's result: the other classes' steps only add a known momentum drift
+to a class's images, so the C class gradients are computed independently
+and the C sequential steps are applied in closed form.
 """
 
 from typing import NamedTuple
@@ -33,18 +35,32 @@ class SynthesisState(NamedTuple):
   opt_state: optax.OptState
 
 
-def make_optimizer(lr, momentum=0.5):
-  """The reference image optimiser: SGD with heavy-ball momentum, no decay."""
-  return optax.sgd(lr, momentum=momentum)
+class ImageOptimizer(NamedTuple):
+  """The reference image optimiser: SGD with heavy-ball momentum, no decay.
+
+  ``iteration_step`` applies its C per-class steps in closed form, so it
+  needs the two numbers rather than an opaque optax transformation. The
+  state is ``optax.sgd(lr, momentum=momentum)``'s (its ``trace`` is the
+  momentum buffer), so checkpoints keep their format.
+  """
+  lr: float
+  momentum: float
+
+  def init(self, images):
+    return optax.sgd(self.lr, momentum=self.momentum).init(images)
+
+
+def make_optimizer(lr, momentum=0.5) -> ImageOptimizer:
+  """The reference image optimiser (see ``ImageOptimizer``)."""
+  return ImageOptimizer(float(lr), float(momentum))
 
 
 def init_state(images, optimizer):
   return SynthesisState(images, optimizer.init(images))
 
 
-def synthetic_embeddings(embed, net_params, images, aug_key, dsa_strategy,
-                         pae):
-  """Embeds one class of synthetic images the way the loss sees them.
+def synthetic_views(images, aug_key, dsa_strategy, pae):
+  """One class of synthetic images the way the network sees them.
 
   PAE first splits every image into its 4 upsampled quadrants; the Siamese
   DSA transform is then drawn from ``aug_key``, the same key the real side
@@ -52,8 +68,14 @@ def synthetic_embeddings(embed, net_params, images, aug_key, dsa_strategy,
   """
   if pae:
     images = augment.pae_expand(images)
-  images = augment.siamese_augment(aug_key, images, dsa_strategy)
-  return embed(net_params, images)
+  return augment.siamese_augment(aug_key, images, dsa_strategy)
+
+
+def synthetic_embeddings(embed, net_params, images, aug_key, dsa_strategy,
+                         pae):
+  """Embeds one class of synthetic images the way the loss sees them."""
+  return embed(net_params, synthetic_views(images, aug_key, dsa_strategy,
+                                           pae))
 
 
 def class_matching_loss(embed, net_params, class_images, aug_key, mean, std,
@@ -71,55 +93,194 @@ def class_matching_loss(embed, net_params, class_images, aug_key, mean, std,
                               std_weight=std_weight, std_ddof=std_ddof)
 
 
+def _momentum_tables(lr, momentum, num_classes, dtype):
+  """Tables, indexed by a step count ``j = 0..C``, of the closed form.
+
+  ``power[j] = mu^j``, ``drift[j] = lr * (mu + ... + mu^j)`` and
+  ``tail[j] = lr * (1 + mu + ... + mu^(j-1))`` with ``mu = momentum``
+  (``drift[0] = tail[0] = 0``). Summed in float64 from the Python numbers,
+  so no division by ``1 - mu`` is needed (``mu`` may be 0 or 1).
+  """
+  power = float(momentum) ** np.arange(num_classes + 1, dtype=np.float64)
+  drift = float(lr) * np.concatenate([[0.0], np.cumsum(power[1:])])
+  tail = float(lr) * np.concatenate([[0.0], np.cumsum(power[:-1])])
+  return tuple(jnp.asarray(a, dtype) for a in (power, drift, tail))
+
+
+# On CPU the class gradients are computed a few classes at a time, about
+# this many synthetic images per piece: XLA:CPU's network passes slow down
+# sharply once a batch no longer fits in cache (as for the evaluation's
+# micro-batches, ``evaluate.MICRO_BATCH_CPU``). At the reference shapes
+# (ConvNet-3 width 128, 28x28x1, ipc 10) all 100 images in one pass took
+# 1.6x as long as one class of 10 at a time
+# (``experiments/results/dm_step/dm_step.json``, ``all_classes``).
+CPU_IMAGES_PER_PIECE = 10
+
+
+def default_classes_per_piece(num_classes, images_per_class):
+  """Classes whose gradients one network pass computes, on this backend.
+
+  All of them at once on an accelerator; on CPU as many as keep a piece
+  near ``CPU_IMAGES_PER_PIECE`` images (at least one class).
+  """
+  if jax.default_backend() != "cpu":
+    return num_classes
+  return max(1, min(num_classes, CPU_IMAGES_PER_PIECE // images_per_class))
+
+
+def _piece_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
+                            target_std, *, dsa_strategy, pae, std_weight,
+                            std_ddof):
+  """``class_losses_and_grads`` of a piece of k classes, one network pass.
+
+  Each class is augmented with its own key, then the k * ipc views go
+  through ``embed`` as ONE plain batch (vmapping the network over classes
+  instead turned the im2col convolution gradients into many small batched
+  products: at ipc 1 that step took 1.8x as long as the scan over classes,
+  ``experiments/results/dm_step/trials/run3.json``).
+  """
+  views = lambda x, key: synthetic_views(x, key, dsa_strategy, pae)
+
+  def total(x):
+    if x.shape[0] == 1:  # no vmap: only the DSA family the key draws runs
+      v = views(x[0], aug_keys[0])[None]
+    else:
+      v = jax.vmap(views)(x, aug_keys)
+    emb = embed(net_params, v.reshape((-1,) + v.shape[2:]))
+    emb = emb.reshape(v.shape[:2] + emb.shape[1:])
+    per_class = jax.vmap(lambda m, e, s: losses.matching_loss(
+        m, e, target_std=s, std_weight=std_weight, std_ddof=std_ddof))(
+            target_mean, emb, target_std)
+    return per_class.sum(), per_class
+
+  (_, per_class), g = jax.value_and_grad(total, has_aux=True)(images)
+  return per_class, g
+
+
+def class_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
+                           target_std, *, dsa_strategy, pae, std_weight,
+                           std_ddof=0, classes_per_piece=None):
+  """Every class's loss and its gradient w.r.t. its own images, independently.
+
+  Entry c is ``class_matching_loss`` of ``images[c]`` (key ``aug_keys[c]``)
+  and its gradient ``[ipc, ...]``. Classes do not interact, so they are
+  computed ``classes_per_piece`` at a time (None: ``default_classes_per_
+  piece``), the pieces in a ``lax.map``: the images of a piece go through
+  ``embed`` as one batch, which is exact because every network here embeds
+  each image on its own (instance or layer norm, never batch statistics),
+  so the gradient of a piece's summed losses is each class's own gradient.
+
+  Returns:
+    ``(losses [C], grads [C, ipc, ...])``.
+  """
+  num_classes = images.shape[0]
+  k = classes_per_piece or default_classes_per_piece(
+      num_classes, images.shape[1] * (4 if pae else 1))
+  k = min(k, num_classes)
+  piece = lambda xs: _piece_losses_and_grads(
+      embed, net_params, *xs, dsa_strategy=dsa_strategy, pae=pae,
+      std_weight=std_weight, std_ddof=std_ddof)
+  xs = (images, aug_keys, target_mean, target_std)
+  if k == num_classes:
+    return piece(xs)
+  # Whole pieces in a loop, then the classes left over as one more piece.
+  full = num_classes // k * k
+  out = jax.lax.map(piece, jax.tree.map(
+      lambda a: a[:full].reshape((-1, k) + a.shape[1:]), xs))
+  out = jax.tree.map(lambda a: a.reshape((full,) + a.shape[2:]), out)
+  if full < num_classes:
+    rest = piece(jax.tree.map(lambda a: a[full:], xs))
+    out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
+  return out
+
+
 def iteration_step(optimizer, embed, state, net_params, aug_keys,
                    target_mean, target_std, valid, *, dsa_strategy, pae,
-                   std_weight, std_ddof=0):
+                   std_weight, std_ddof=0, classes_per_piece=None):
   """One DM iteration: a loss and an optimiser step per class, in class order.
 
-  The reference semantics, as one traced program: one optimiser over the
-  whole synthetic tensor ``S`` [C, ipc, ...], stepped once per class. Step
-  ``c`` takes the gradient of class c's loss at the current ``S[c]`` (zero
-  for every other class) and updates all of ``S`` with the shared momentum
+  The reference semantics: one SGD-momentum optimiser (learning rate
+  ``lr``, heavy-ball momentum ``mu``) over the whole synthetic tensor
+  ``S`` [C, ipc, ...], stepped once per class in class order. Step ``c``
+  takes the gradient of class c's loss at the current ``S[c]`` (zero for
+  every other class) and updates all of ``S`` with the shared momentum
   buffer ``b``:
 
-    g = d loss_c / dS (zero outside class c);  b <- momentum * b + g;
+    g = d loss_c / dS (zero outside class c);  b <- mu * b + g;
     S <- S - lr * b,
 
   so every class step also moves the other classes by their decayed
   momentum. A class with no target (``valid`` False) is skipped: no loss,
-  no step, no momentum decay. The classes are a ``lax.scan`` (their
-  convolution gradients are matrix products, ``models.conv_matmul_grads``,
-  which XLA:CPU runs well inside loops).
+  no step, no momentum decay.
+
+  Computed in closed form rather than as C sequential steps. A class's
+  gradient depends on the other classes only through the momentum drift,
+  which is known beforehand: with ``n`` valid classes and class c the k-th
+  valid one (k = 0..n-1), its images when its own step comes are
+
+    X_c = S0_c - lr (mu + ... + mu^k) b0_c,
+
+  (k earlier steps, each decaying b_c and moving S_c by it), so all the
+  gradients ``g_c = d loss_c / dX_c`` can be computed independently, as
+  many classes per network pass as suits the backend
+  (``class_losses_and_grads``). After its own step
+  b_c = mu^(k+1) b0_c + g_c, which the n - 1 - k later steps decay, so the
+  iteration ends at
+
+    b_c = mu^n b0_c + mu^(n-1-k) g_c,
+    S_c = S0_c - lr (mu + ... + mu^n) b0_c - lr (1 + ... + mu^(n-1-k)) g_c,
+
+  and for a skipped class (no own step, g_c = 0 above) at b_c = mu^n b0_c,
+  S_c = S0_c - lr (mu + ... + mu^n) b0_c. The result is that of the
+  sequential steps up to float rounding (``tests/test_core.py`` checks it
+  against them, to 1e-10 in float64), without C updates of the whole
+  tensor between the class gradients and with the freedom to batch classes
+  (all of them in one pass off-CPU). Measured against the ``lax.scan`` over
+  classes it replaced: ``experiments/results/dm_step/``.
 
   Args:
     optimizer: the image optimiser (``make_optimizer``).
-    embed: ``embed(params, images) -> [N, D]``.
+    embed: ``embed(params, images) -> [N, D]``, each image embedded on its
+      own (no batch statistics).
     state: ``SynthesisState`` with images ``[C, ipc, H, W, Ch]``.
     net_params: parameters of this iteration's random network.
     aug_keys: ``[C]`` Siamese augmentation keys, one per class.
     target_mean, target_std: ``[C, D]`` real-data targets.
     valid: ``[C]`` bool.
     std_ddof: see ``class_matching_loss``.
+    classes_per_piece: see ``class_losses_and_grads`` (None: this
+      backend's default; the result does not depend on it beyond float
+      rounding).
 
   Returns:
     ``(new_state, losses [C])`` (loss 0 for skipped classes).
   """
-
-  def class_step(state, c):
-    loss, g = jax.value_and_grad(class_matching_loss, argnums=2)(
-        embed, net_params, state.images[c], aug_keys[c], target_mean[c],
-        target_std[c], dsa_strategy=dsa_strategy, pae=pae,
-        std_weight=std_weight, std_ddof=std_ddof)
-    grads = jnp.zeros_like(state.images).at[c].set(g)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.images)
-    stepped = SynthesisState(optax.apply_updates(state.images, updates),
-                             opt_state)
-    # A class no client holds has no target: leave everything untouched
-    # rather than pull its images towards a zero vector.
-    new = jax.tree.map(lambda a, b: jnp.where(valid[c], a, b), stepped, state)
-    return new, jnp.where(valid[c], loss, 0.0)
-
-  return jax.lax.scan(class_step, state, jnp.arange(state.images.shape[0]))
+  images = state.images
+  num_classes = images.shape[0]
+  trace_state, *rest = state.opt_state
+  b0 = trace_state.trace
+  power, drift, tail = _momentum_tables(optimizer.lr, optimizer.momentum,
+                                        num_classes, images.dtype)
+  valid = jnp.asarray(valid, bool)
+  n = jnp.sum(valid.astype(jnp.int32))
+  # k: the class's position among the valid classes (clipped for skipped
+  # classes, whose gradient is zeroed and so never used).
+  k = jnp.clip(jnp.cumsum(valid.astype(jnp.int32)) - 1, 0, num_classes)
+  per_class = lambda v: v.reshape((num_classes,) + (1,) * (images.ndim - 1))
+  at_step = images - per_class(drift[k]) * b0
+  class_losses, g = class_losses_and_grads(
+      embed, net_params, at_step, aug_keys, target_mean, target_std,
+      dsa_strategy=dsa_strategy, pae=pae, std_weight=std_weight,
+      std_ddof=std_ddof, classes_per_piece=classes_per_piece)
+  # A class no client holds has no target: it must not move by its own
+  # gradient (pulled towards a zero vector), only by its decayed momentum.
+  g = jnp.where(per_class(valid), g, 0.0)
+  left = jnp.clip(n - 1 - k, 0, num_classes - 1)  # valid steps after c's
+  new_b = power[n] * b0 + per_class(power[left]) * g
+  new_images = images - drift[n] * b0 - per_class(tail[left + 1]) * g
+  opt_state = (trace_state._replace(trace=new_b), *rest)
+  return (SynthesisState(new_images, opt_state),
+          jnp.where(valid, class_losses, 0.0))
 
 
 def class_aug_keys(root, t, num_classes):

@@ -88,10 +88,14 @@ def _patches(x_padded, kh: int, kw: int):
   return cols.reshape(n * ho * wo, kh * kw * c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_same_stride1(x, kernel, padding):
+def _conv_nhwc(x, kernel, padding):
   return jax.lax.conv_general_dilated(
       x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_same_stride1(x, kernel, padding):
+  return _conv_nhwc(x, kernel, padding)
 
 
 def _pad_nhwc(x, padding):
@@ -101,36 +105,31 @@ def _pad_nhwc(x, padding):
 
 
 def _conv_same_stride1_fwd(x, kernel, padding):
-  # Differentiated, the forward pass is the im2col product itself: its
-  # patches are reused for the kernel gradient, and one large matmul runs
-  # faster on XLA:CPU than its own convolution (YNNPACK), so the value
-  # differs from the undifferentiated one by float rounding only.
-  kh, kw, ci, co = kernel.shape
-  n = x.shape[0]
-  xp = _pad_nhwc(x, padding)
-  patches = _patches(xp, kh, kw)
-  ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-  y = (patches @ kernel.reshape(-1, co)).reshape(n, ho, wo, co)
-  return y, (patches, kernel, x.shape)
+  # XLA's own convolution, the undifferentiated value exactly; only the
+  # input is kept, and the kernel gradient rebuilds its patches (dead code,
+  # removed by XLA, when only image gradients are wanted, as in DM).
+  return _conv_nhwc(x, kernel, padding), (x, kernel)
 
 
 def _conv_same_stride1_bwd(padding, residuals, dy):
-  """Both gradients of a stride-1 NHWC/HWIO convolution as matrix products.
+  """Both gradients of a stride-1 NHWC/HWIO convolution, no transposed conv.
 
-  With ``P = im2col(pad(x))`` ``[M, kh*kw*I]`` (kept from the forward pass)
-  and ``dY`` ``[M, O]``: ``dK = P^T dY``. For the input, a convolution's
+  With ``P = im2col(pad(x))`` ``[M, kh*kw*I]`` and ``dY`` ``[M, O]``:
+  ``dK = P^T dY``, a matrix product. For the input, a convolution's
   transpose is the convolution of ``dY`` (padded by ``k - 1 - p``, negative
   pads crop) with the kernel flipped in space and with in/out channels
-  swapped: ``dX = im2col(pad'(dY)) flip(K)``. When the input has fewer
-  channels than the output (the first layer) that product has a thin
-  output, so instead ``dX`` is the column-to-image sum of ``dY K^T``.
+  swapped: ``dX = conv(pad'(dY), flip(K)^T)``, run as XLA's forward
+  convolution. When the input has fewer channels than the output (the
+  first layer) that convolution has a thin output, so instead ``dX`` is the
+  column-to-image sum of the matrix product ``dY K^T``.
   """
-  patches, kernel, x_shape = residuals
+  x, kernel = residuals
   kh, kw, ci, co = kernel.shape
   (pt, pb), (pl, pr) = padding
-  n, h, w, _ = x_shape
+  n, h, w, _ = x.shape
   ho, wo = dy.shape[1], dy.shape[2]
   dy2 = dy.reshape(-1, co)
+  patches = _patches(_pad_nhwc(x, padding), kh, kw)
   dk = (patches.T @ dy2).reshape(kernel.shape).astype(kernel.dtype)
   if ci < co:
     dcols = (dy2 @ kernel.reshape(-1, co).T).reshape(n, ho, wo, kh * kw, ci)
@@ -142,8 +141,8 @@ def _conv_same_stride1_bwd(padding, residuals, dy):
   else:
     dyp = _pad_nhwc(dy, ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    dx = (_patches(dyp, kh, kw) @ flipped.reshape(-1, ci)).reshape(n, h, w, ci)
-  return dx.astype(patches.dtype), dk
+    dx = _conv_nhwc(dyp, flipped, ((0, 0), (0, 0)))
+  return dx.astype(x.dtype), dk
 
 
 _conv_same_stride1.defvjp(_conv_same_stride1_fwd, _conv_same_stride1_bwd)
@@ -155,17 +154,25 @@ _NHWC = jax.lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1),
 def conv_matmul_grads(lhs, rhs, window_strides, padding, lhs_dilation=None,
                       rhs_dilation=None, dimension_numbers=None,
                       feature_group_count=1, precision=None, **kwargs):
-  """``lax.conv_general_dilated`` whose gradients are matrix products.
+  """``lax.conv_general_dilated`` whose gradients avoid transposed convs.
 
-  The forward value is exactly ``lax.conv_general_dilated``'s (same call),
-  so embeddings and predictions do not change. For the stride-1, undilated,
-  ungrouped NHWC convolutions of DM's networks the backward pass is written
-  as im2col matrix products (``_conv_same_stride1_bwd``) instead of XLA's
-  transposed convolutions: XLA:CPU compiles those to slow generic code,
-  above all inside loops. Measured on this project's 2-core CPU, ConvNet-3
-  on 100 Fashion-MNIST images, gradients in a ``lax.scan`` over
-  micro-batches of 10: 0.26 s per step instead of 4.6 s, and 0.35 s
-  without a loop before. Other convolutions keep XLA's own gradients.
+  The value is exactly ``lax.conv_general_dilated``'s (same call), also
+  when differentiated, so embeddings and predictions do not change. For the
+  stride-1, undilated, ungrouped NHWC convolutions of DM's networks the
+  backward pass (``_conv_same_stride1_bwd``) computes the kernel gradient
+  as an im2col matrix product and the input gradient as a forward
+  convolution, instead of XLA's transposed convolutions: XLA:CPU compiles
+  those to slow generic code, above all inside loops. Measured on this
+  project's 2-core CPU, ConvNet-3 on 100 Fashion-MNIST images, gradients in
+  a ``lax.scan`` over micro-batches of 10: 0.26 s per step instead of 4.6 s
+  with XLA's gradients. The input gradient was an im2col product too, and
+  so was the differentiated forward pass; with XLA's forward convolution
+  instead, DM's server step at ipc 10 (image gradients only, one class of
+  10 images at a time) takes 0.27 s instead of 0.34 and that evaluation
+  step about the same (0.47 s against 0.49), both in one run on the loaded
+  2-core CPU (``experiments/results/dm_step/dm_step.json``: ``now`` against
+  ``now_im2col_conv``, ``eval_gradient``). Other convolutions keep XLA's
+  own gradients.
   """
   simple = (tuple(window_strides) == (1, 1)
             and tuple(lhs_dilation or (1, 1)) == (1, 1)

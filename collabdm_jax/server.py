@@ -56,7 +56,8 @@ def make_step(model, input_shape, num_classes, cfg: ServerConfig):
   ``targets`` is a ``losses.ClassMoments`` of one iteration (``[C, D]``).
   ``step`` is one compiled program (state donated: updated in place) that
   rebuilds psi_t and the Siamese keys of iteration t and takes the per-class
-  DM steps (``dm.iteration_step``); it returns ``(state, losses [C])``.
+  DM steps (``dm.iteration_step``: the class gradients, then the C momentum
+  steps in closed form); it returns ``(state, losses [C])``.
   """
   embed = models.embed_fn(model, cfg.compute_dtype)
   optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)

@@ -8,6 +8,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from collabdm_jax import augment
@@ -207,25 +208,29 @@ def test_server_step_lowers_loss_on_fixed_problem(tiny):
   np.testing.assert_array_equal(np.asarray(state.images[2]), untouched)
 
 
-def _per_class_reference(optimizer, embed, state, params, aug_keys, mean,
-                         valid, strategy):
-  """The reference's loop, written out: one optax step per class in turn."""
-  images, opt_state = state
+def _per_class_reference(lr, momentum, embed, images, trace, params,
+                         aug_keys, mean, std, valid, *, strategy, pae=False,
+                         std_weight=0.0, std_ddof=0):
+  """The reference's loop, written out: one optax SGD-momentum step over the
+  whole tensor per valid class in turn. Returns (images, trace, losses)."""
+  opt = optax.sgd(lr, momentum=momentum)
+  opt_state = opt.init(images)
+  opt_state = (opt_state[0]._replace(trace=trace),) + tuple(opt_state[1:])
   losses_ = []
   for c in range(images.shape[0]):
-    def loss(im, c=c):
-      return dm.class_matching_loss(embed, params, im[c], aug_keys[c],
-                                    mean[c], jnp.zeros_like(mean[c]),
-                                    dsa_strategy=strategy, pae=False,
-                                    std_weight=0.0)
-    value, g = jax.value_and_grad(loss)(images)
     if not valid[c]:
       losses_.append(0.0)
       continue
-    updates, opt_state = optimizer.update(g, opt_state, images)
-    images = images + updates
+    def loss(im, c=c):
+      return dm.class_matching_loss(embed, params, im[c], aug_keys[c],
+                                    mean[c], std[c], dsa_strategy=strategy,
+                                    pae=pae, std_weight=std_weight,
+                                    std_ddof=std_ddof)
+    value, g = jax.value_and_grad(loss)(images)
+    updates, opt_state = opt.update(g, opt_state, images)
+    images = optax.apply_updates(images, updates)
     losses_.append(float(value))
-  return images, opt_state, np.array(losses_)
+  return images, opt_state[0].trace, np.array(losses_)
 
 
 def test_per_class_steps_share_momentum():
@@ -253,39 +258,114 @@ def test_per_class_steps_share_momentum():
                              atol=1e-6)
 
 
-def test_single_program_iteration_equals_the_per_class_loop():
-  """dm.iteration_step == one optax step per class (momentum carried over
-  iterations, a skipped class, DSA), to float tolerance."""
-  model = models.make_model("convnet", 4, width=8, depth=2)
+def _compare_with_loop(model, dtype, valid, pae, std_weight, std_ddof,
+                       momentum, lr, tol, classes_per_piece=None):
+  """Three iterations of dm.iteration_step, each against the per-class loop
+  run from the same state (so the momentum of earlier iterations is in it,
+  and float rounding does not compound over iterations)."""
   shape = (12, 12, 3)
-  opt = dm.make_optimizer(10.0, 0.5)
+  opt = dm.make_optimizer(lr, momentum)
   embed = models.embed_fn(model)
   images = jnp.asarray(np.random.default_rng(1).standard_normal(
-      (4, 3) + shape).astype(np.float32))
-  valid = np.array([True, False, True, True])
-  state = dm.init_state(jnp.array(images), opt)  # the step donates it
-  ref = (images, opt.init(images))
-  step = jax.jit(lambda st, p, k, m: dm.iteration_step(
-      opt, embed, st, p, k, m, jnp.zeros_like(m), jnp.asarray(valid),
-      dsa_strategy=STRATEGY, pae=False, std_weight=0.0), donate_argnums=0)
+      (4, 3) + shape), dtype)
+  valid = np.array(valid)
+  state = dm.init_state(jnp.array(images), opt)
+  step = jax.jit(lambda st, p, k, m, s: dm.iteration_step(
+      opt, embed, st, p, k, m, s, jnp.asarray(valid), dsa_strategy=STRATEGY,
+      pae=pae, std_weight=std_weight, std_ddof=std_ddof,
+      classes_per_piece=classes_per_piece), donate_argnums=0)
+  D = models.feature_dim(model, shape)
   for t in range(3):
-    params = dm.network_params(model, ROOT, t, shape)
+    params = jax.tree.map(lambda a: a.astype(dtype),
+                          dm.network_params(model, ROOT, t, shape))
     keys_ = dm.class_aug_keys(ROOT, t, 4)
-    mean = jax.random.normal(jax.random.fold_in(ROOT, 100 + t),
-                             (4, models.feature_dim(model, shape)))
-    state, got = step(state, params, keys_, mean)
-    *ref_state, want = _per_class_reference(opt, embed, ref, params, keys_,
-                                            mean, valid, STRATEGY)
-    ref = tuple(ref_state)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(state.images), np.asarray(ref[0]),
-                               rtol=1e-4, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(
-        np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
-                 state.opt_state, ref[1])
-  # The skipped class never moved.
-  np.testing.assert_array_equal(np.asarray(state.images[1]),
-                                np.asarray(images[1]))
+    mean = jax.random.normal(jax.random.fold_in(ROOT, 100 + t), (4, D), dtype)
+    std = jnp.abs(jax.random.normal(jax.random.fold_in(ROOT, 200 + t), (4, D),
+                                    dtype))
+    # Host copies: the step donates the state.
+    before = (np.asarray(state.images), np.asarray(state.opt_state[0].trace))
+    state, got = step(state, params, keys_, mean, std)
+    ref_images, ref_trace, want = _per_class_reference(
+        lr, momentum, embed, jnp.asarray(before[0]), jnp.asarray(before[1]),
+        params, keys_, mean, std, valid, strategy=STRATEGY, pae=pae,
+        std_weight=std_weight, std_ddof=std_ddof)
+    assert state.images.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(state.images),
+                               np.asarray(ref_images), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(state.opt_state[0].trace),
+                               np.asarray(ref_trace), rtol=tol, atol=tol)
+  assert np.abs(before[1][valid]).max() > 0  # momentum was carried in
+  assert (want[valid] > 0).all() and (want[~valid] == 0).all()
+  # The state keeps optax.sgd's structure (checkpoints restore into it).
+  assert (jax.tree.structure(state.opt_state)
+          == jax.tree.structure(optax.sgd(lr, momentum=momentum).init(images)))
+  # Classes never valid never moved (their momentum stays zero).
+  for c in np.flatnonzero(~valid):
+    np.testing.assert_array_equal(np.asarray(state.images[c]),
+                                  np.asarray(images[c]))
+
+
+# classes_per_piece: None is the backend's default (on CPU 3 classes of 3
+# images, then the remaining class: a vmapped piece and the remainder), 1
+# a loop over classes, 2 vmapped pairs, 4 all classes in one pass.
+@pytest.mark.parametrize(
+    "valid,pae,std_weight,std_ddof,momentum,classes_per_piece", [
+        ([True, False, True, True], False, 0.0, 0, 0.5, None),
+        ([False, True, True, False], True, 0.0, 0, 0.5, 1),
+        ([True, True, False, True], False, 0.7, 1, 0.9, 4),
+        ([True, True, True, True], False, 0.0, 0, 0.0, 2),
+    ])
+def test_closed_form_iteration_is_the_per_class_loop_exactly(
+    valid, pae, std_weight, std_ddof, momentum, classes_per_piece):
+  """dm.iteration_step (independent class gradients, momentum in closed
+  form) == one optax step per class, with momentum carried over iterations,
+  skipped classes, DSA, PAE and the std term, whatever the pieces. In
+  float64 (a network without instance norm, whose statistics are float32)
+  the two agree to 1e-10: the closed form is the same algebra, not an
+  approximation."""
+  model = models.make_model("convnet", 4, width=8, depth=2, norm="none")
+  with jax.enable_x64(True):
+    _compare_with_loop(model, jnp.float64, valid, pae, std_weight, std_ddof,
+                       momentum, lr=2.0, tol=1e-10,
+                       classes_per_piece=classes_per_piece)
+
+
+def test_closed_form_iteration_equals_the_per_class_loop_float32():
+  """The same in float32 with DM's instance-norm ConvNet, as callers run it
+  (to float rounding)."""
+  model = models.make_model("convnet", 4, width=8, depth=2)
+  _compare_with_loop(model, jnp.float32, [True, False, True, True], True, 0.7,
+                     1, 0.5, lr=10.0, tol=1e-4)
+
+
+def test_skipped_class_drifts_by_its_momentum_only():
+  """A class valid in one iteration and skipped in the next moves in the
+  second only by its decayed momentum, decayed once per VALID class step."""
+  model = models.make_model("convnet", 3, width=4, depth=1)
+  shape = (8, 8, 1)
+  lr, mu = 1.0, 0.5
+  opt = dm.make_optimizer(lr, mu)
+  embed = models.embed_fn(model)
+  images = jnp.asarray(np.random.default_rng(3).standard_normal(
+      (3, 2) + shape).astype(np.float32))
+  params = dm.network_params(model, ROOT, 0, shape)
+  keys_ = dm.class_aug_keys(ROOT, 0, 3)
+  target = jnp.ones((3, models.feature_dim(model, shape)))
+  step = jax.jit(lambda st, v: dm.iteration_step(
+      opt, embed, st, params, keys_, target, target, v, dsa_strategy="",
+      pae=False, std_weight=0.0))
+  first, _ = step(dm.init_state(images, opt), jnp.array([True, True, True]))
+  b = first.opt_state[0].trace[0]
+  assert np.abs(np.asarray(b)).max() > 0
+  second, got = step(first, jnp.array([False, True, True]))
+  # Two valid steps (classes 1 and 2) each decay b by mu and move by it.
+  np.testing.assert_allclose(second.images[0],
+                             first.images[0] - lr * (mu + mu ** 2) * b,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(second.opt_state[0].trace[0], mu ** 2 * b,
+                             rtol=1e-6)
+  assert float(got[0]) == 0.0
 
 
 def test_same_seed_bit_identical_synthetic_set(tiny):

@@ -347,6 +347,40 @@ def test_fused_first_block_is_the_same_network(shape, depth, activation,
   np.testing.assert_allclose(g_fused, g_plain, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("ci,co,k,pad", [
+    (1, 6, 3, 3),  # DM's first conv on 1-channel images: column-to-image
+    (3, 6, 3, 1),
+    (6, 6, 3, 1),  # input gradient as a forward convolution
+    (6, 4, 3, 0),
+    (5, 4, 1, 0),  # 1x1
+    (4, 4, 3, 2),  # pad > k - 1: the input gradient's pad crops
+])
+def test_conv_matmul_grads_values_and_gradients_are_xlas(ci, co, k, pad):
+  """Same value and same input and kernel gradients as differentiating XLA's
+  own convolution (float64, so only the algebra is compared)."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(ci * 100 + co * 10 + k + pad)
+    x = jnp.asarray(rng.standard_normal((2, 7, 6, ci)))
+    kernel = jnp.asarray(rng.standard_normal((k, k, ci, co)))
+    w = jnp.asarray(rng.standard_normal((2, 7 + 2 * pad - k + 1,
+                                         6 + 2 * pad - k + 1, co)))
+    padding = ((pad, pad), (pad, pad))
+
+    def loss(conv):
+      return lambda x, kernel: jnp.sum(w * jnp.sin(conv(
+          x, kernel, (1, 1), padding,
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+
+    ours = jax.jit(jax.value_and_grad(loss(M.conv_matmul_grads), (0, 1)))
+    xla = jax.jit(jax.value_and_grad(loss(jax.lax.conv_general_dilated),
+                                     (0, 1)))
+    (v1, (dx1, dk1)), (v2, (dx2, dk2)) = ours(x, kernel), xla(x, kernel)
+    assert dx1.dtype == x.dtype and dk1.dtype == kernel.dtype
+    np.testing.assert_allclose(v1, v2, rtol=1e-12)
+    np.testing.assert_allclose(dx1, dx2, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dk1, dk2, rtol=1e-10, atol=1e-12)
+
+
 def test_fused_first_block_must_be_bool():
   with pytest.raises(ValueError, match="fused_first_block"):
     M.make_model("convnet", 3, fused_first_block="yes")
