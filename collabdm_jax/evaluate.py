@@ -71,7 +71,9 @@ class EvalConfig:
     pae: expand the training set 4× with partition-and-expansion first.
     model_kwargs: extra ``make_model`` keyword arguments as hashable
       ``(name, value)`` pairs, e.g. ``(("width", 16), ("depth", 2))``.
-    test_batch_size: test images per inference chunk (bounds memory).
+    test_batch_size: test images per inference chunk (bounds memory; on CPU
+      a ConvNet that ``fast_convnet`` runs is tested in chunks of at most
+      ``MICRO_BATCH_CPU`` images, which run faster).
     loop: "fused" trains all nets in one XLA program (vmapped over their
       keys); "per_net" trains them one after another, one program each
       (same keys, same arithmetic); "auto" (default) picks "per_net" on
@@ -291,11 +293,6 @@ def compiled_programs(arch: str, num_classes: int, model_kwargs: tuple,
   def fast(x):
     return use_fast_convnet and fast_convnet.supports(model, x.shape[1:])
 
-  def logits(params, x):
-    if fast(x):
-      return fast_convnet.logits(fast_convnet.prepare(params), x)
-    return apply(params, x)
-
   def loss_sum_of(logits_fn):
     def loss_sum(params, xb, yb, w):
       ce = optax.softmax_cross_entropy_with_integer_labels(
@@ -380,6 +377,10 @@ def compiled_programs(arch: str, num_classes: int, model_kwargs: tuple,
   def predict(params, test_x):
     n = test_x.shape[0]
     chunk = min(test_batch_size, n)
+    if fast(test_x) and micro_batch:
+      # Cache-sized pieces, as the training's micro-batches, run faster than
+      # large ones (experiments/results/eval_speed/: predict_chunks).
+      chunk = min(chunk, micro_batch)
     num_chunks = -(-n // chunk)
     pad = num_chunks * chunk - n
     xs = jnp.concatenate([test_x, jnp.zeros((pad,) + test_x.shape[1:],
@@ -389,8 +390,13 @@ def compiled_programs(arch: str, num_classes: int, model_kwargs: tuple,
     # Networks and chunks run one at a time so peak memory is one chunk of
     # one network's activations, whatever num_nets and the test size are.
     def one_net(p):
+      if fast(test_x):
+        p, logits_fn = fast_convnet.prepare(p), fast_convnet.logits
+      else:
+        logits_fn = apply
       preds = jax.lax.map(
-          lambda xc: jnp.argmax(logits(p, xc), axis=-1).astype(jnp.int32), xs)
+          lambda xc: jnp.argmax(logits_fn(p, xc), axis=-1).astype(jnp.int32),
+          xs)
       return preds.reshape(-1)[:n]
 
     return jax.lax.map(one_net, params)
