@@ -205,9 +205,10 @@ def output_transform_transpose(dy: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-def _pool_relu(z: jax.Array) -> jax.Array:
-  """Mean of ReLU over the 4 window positions, as elementwise sums."""
-  r = [jnp.maximum(z[i], 0.0) for i in range(4)]
+def _pool_relu(z: jax.Array, axis: int = 0) -> jax.Array:
+  """Mean of ReLU over the 4 window positions (``axis``), as elementwise sums."""
+  r = [jnp.maximum(lax.index_in_dim(z, i, axis, keepdims=False), 0.0)
+       for i in range(4)]
   return ((r[0] + r[1]) + (r[2] + r[3])) * 0.25
 
 
@@ -287,7 +288,7 @@ winograd_block.defvjp(_winograd_block_fwd, _winograd_block_bwd)
 
 
 def tile_patches(x: jax.Array, padding: int) -> Tuple[jax.Array, int, int]:
-  """im2col of a 3x3 convolution in pool-tile order.
+  """im2col of a 3x3 convolution in per-image pool-tile order.
 
   Args:
     x: ``[N, H, W, C]`` (the convolution output, ``H + 2 padding - 2``
@@ -295,8 +296,8 @@ def tile_patches(x: jax.Array, padding: int) -> Tuple[jax.Array, int, int]:
     padding: zero padding on every side.
 
   Returns:
-    ``(P, R, S)``: ``P`` ``[4, N, R * S, 9 C]`` with
-    ``P[2p + q, n, a S + b, (3i + j) C + c] = x_pad[n, 2a + p + i,
+    ``(P, R, S)``: ``P`` ``[N, 4, R * S, 9 C]`` with
+    ``P[n, 2p + q, a S + b, (3i + j) C + c] = x_pad[n, 2a + p + i,
     2b + q + j, c]`` (the HWIO kernel's row order), ``R x S`` pooled sides.
   """
   n, h, w, c = x.shape
@@ -305,7 +306,7 @@ def tile_patches(x: jax.Array, padding: int) -> Tuple[jax.Array, int, int]:
   tiles = [jnp.concatenate([xp[:, p + i:p + i + 2 * r:2, q + j:q + j + 2 * s:2]
                             for i in range(3) for j in range(3)], axis=-1)
            for p in range(2) for q in range(2)]
-  return jnp.stack(tiles).reshape(4, n, r * s, 9 * c), r, s
+  return jnp.stack(tiles, axis=1).reshape(n, 4, r * s, 9 * c), r, s
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -331,36 +332,41 @@ def _first_block_fwd(x, kernel, scale, beta, padding):
   co = kernel.shape[-1]
   patches, r, s = tile_patches(x, padding)
   hw = 4 * r * s
-  centred = patches - jnp.mean(patches, axis=(0, 2), keepdims=True)
-  per_image = jnp.transpose(centred, (1, 0, 2, 3)).reshape(n, hw, -1)
-  cov = jnp.einsum("npk,npl->nkl", per_image, per_image) / hw
-  w = kernel.reshape(-1, co)
+  k = patches.shape[-1]
+  centred = (patches - jnp.mean(patches, axis=(1, 2), keepdims=True)
+             ).reshape(n, hw, k)
+  cov = jnp.einsum("npk,npl->nkl", centred, centred) / hw
+  w = kernel.reshape(k, co)
   inv = lax.rsqrt(jnp.einsum("nkl,kc,lc->nc", cov, w, w) + _EPS)  # [N, C]
-  y0 = (centred.reshape(-1, w.shape[0]) @ w).reshape(4, n, r * s, co)
-  gain = (scale * inv)[None, :, None, :]
-  out = _pool_relu(y0 * gain + beta).reshape(n, r, s, co)
-  return out, (per_image, cov, w, inv, scale, beta, y0, x)
+  y0 = (centred.reshape(-1, k) @ w).reshape(n, 4, r * s, co)
+  gain = (scale * inv)[:, None, None, :]
+  out = _pool_relu(y0 * gain + beta, axis=1).reshape(n, r, s, co)
+  # A column of ones after the centred patches makes P^T dz carry sum dz too.
+  ones = jnp.ones((n, hw, 1), centred.dtype)
+  return out, (jnp.concatenate([centred, ones], axis=-1), cov, w, inv, scale,
+               beta, y0, x)
 
 
 def _first_block_bwd(padding, res, dout):
-  per_image, cov, w, inv, scale, beta, y0, x = res
+  centred_1, cov, w, inv, scale, beta, y0, x = res
   n, r, s, co = dout.shape
   hw = 4 * r * s
+  k = w.shape[0]
   gain = scale * inv  # [N, C]
-  z = y0 * gain[None, :, None, :] + beta
-  dz = jnp.where(z > 0, dout.reshape(1, n, r * s, co) * 0.25, 0.0)
-  dz = jnp.transpose(dz, (1, 0, 2, 3)).reshape(n, hw, co)
-  q = jnp.einsum("npk,npc->nkc", per_image, dz)
-  dbeta_n = jnp.sum(dz, axis=1)
+  z = y0 * gain[:, None, None, :] + beta
+  dz = jnp.where(z > 0, dout.reshape(n, 1, r * s, co) * 0.25, 0.0)
+  dz = dz.reshape(n, hw, co)
+  q_1 = jnp.einsum("npk,npc->nkc", centred_1, dz)
+  q, dbeta_n = q_1[:, :k], q_1[:, k]  # P_c^T dz and sum dz
   dscale_n = jnp.einsum("kc,nkc->nc", w, q) * inv  # sum dz * yhat
   dw = jnp.sum(gain[:, None, :] * (q - jnp.einsum("nkl,lc->nkc", cov, w)
                                    * (dscale_n * inv)[:, None, :]), axis=0)
   # The input cotangent: dead code when x is data, as in training.
-  yhat = jnp.einsum("npk,kc->npc", per_image, w) * inv[:, None, :]
+  centred = centred_1[..., :k]
+  yhat = jnp.einsum("npk,kc->npc", centred, w) * inv[:, None, :]
   dy = gain[:, None, :] * (dz - dbeta_n[:, None, :] / hw
                            - yhat * (dscale_n / hw)[:, None, :])
-  dcols = jnp.einsum("npc,kc->npk", dy, w)
-  dcols = jnp.transpose(dcols.reshape(n, 4, r * s, -1), (1, 0, 2, 3))
+  dcols = jnp.einsum("npc,kc->npk", dy, w).reshape(n, 4, r * s, k)
   _, patches_vjp = jax.vjp(lambda v: tile_patches(v, padding)[0], x)
   dx, = patches_vjp(dcols)
   return (dx, dw.reshape(3, 3, x.shape[-1], co), jnp.sum(dscale_n, axis=0),
