@@ -5,9 +5,9 @@ synthetic set for hundreds of epochs; on this project's 2-core CPU that was
 most of a run's time. This module computes the same network, with the same
 parameters (``models.ConvNet``'s pytree), in fewer floating-point operations
 and fewer passes over memory. Values and gradients equal ``models.ConvNet``'s
-up to float rounding (relative 1e-6, see ``tests/test_fast_convnet.py``). It
-serves evaluation only: the embedding networks of the distillation loss keep
-``models.py``'s own arithmetic.
+up to float rounding (relative 1e-5 or better, ``tests/test_fast_convnet.py``).
+It serves evaluation only: the embedding networks of the distillation loss
+keep ``models.py``'s own arithmetic.
 
 It covers DM's default ConvNet: blocks ``[3x3 conv, instance norm, ReLU,
 2x2 average pool]`` (any width and depth) whose convolution outputs have even
@@ -24,10 +24,11 @@ sides at every block (28x28x1 and 32x32x3 inputs do, up to depth 5); see
   ``dM = A dY A^T``, ``dU_xi = V_xi^T dM_xi``, ``dV_xi = dM_xi U_xi^T`` and
   ``dx`` the sum over overlapping tiles of ``B dV B^T``.
 * **Pool-tile layout.** A 2x2 output tile of the convolution is exactly one
-  window of the 2x2 pooling, so maps stay as ``[4 (p, q), N, tiles, C]``
-  with ``y[n, 2a + p, 2b + q, c]`` at ``[2p + q, n, a * S + b, c]``: pooling
-  is a sum of four contiguous slabs and its gradient a broadcast, with no
-  window reduction and no interleaving.
+  window of the 2x2 pooling, so a block's convolution output stays as
+  ``[4 (p, q), N, tiles, C]``, ``y[n, 2a + p, 2b + q, c]`` at
+  ``[2p + q, n, a * S + b, c]`` (``[N, 4, tiles, C]`` in the first block):
+  pooling is a sum of four slabs and its gradient a broadcast, with no window
+  reduction and no interleaving.
 * **First block: instance-norm statistics from the patches.** With ``P`` the
   ``K = 9 C_in`` column im2col matrix of one image (``[HW, K]``), ``mu`` its
   column means, ``P_c = P - mu`` and ``Cov = P_c^T P_c / HW``, the
@@ -35,9 +36,10 @@ sides at every block (28x28x1 and 32x32x3 inputs do, up to depth 5); see
   variance ``w_c^T Cov w_c``. So the normalised map is
   ``z = (P_c W) g + beta`` with ``g = scale / sqrt(var + eps)``, from one
   thin matrix product; the backward pass needs only ``Q = P_c^T dz`` per
-  image: with ``S = sum dz`` and ``T = sum dz yhat = (w_c . Q_c) / sigma_c``
-  (sums over positions), ``dW = sum_n g_n (Q_n - Cov_n W T_n / sigma_n)``,
-  ``dscale = sum T`` and ``dbeta = sum S``.
+  image (and ``S = sum dz``, from a column of ones appended to ``P_c``):
+  with ``T = sum dz yhat = (w_c . Q_c) / sigma_c`` (sums over positions),
+  ``dW = sum_n g_n (Q_n - Cov_n W T_n / sigma_n)``, ``dscale = sum T`` and
+  ``dbeta = sum S``.
 
 A convolution bias followed by instance norm shifts a channel by a constant
 that the normalisation removes, so the biases of every block drop out of the
@@ -56,7 +58,7 @@ precision, which on GPUs may be TF32, and the GPU path was not measured, so
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +66,7 @@ from jax import lax
 
 from collabdm_jax import models
 
-EvalParams = Dict[str, jax.Array]
+EvalParams = Dict[str, Any]
 
 _EPS = 1e-5  # PyTorch GroupNorm's, as models.InstanceNorm.
 

@@ -80,6 +80,7 @@ def test_supports_only_convnets():
 @pytest.mark.parametrize("shape,kwargs", [
     ((28, 28, 1), {"width": 16, "depth": 3}),
     ((32, 32, 3), {"width": 8, "depth": 2}),
+    ((28, 28, 1), {"width": 8, "depth": 1}),  # the first block alone
 ])
 def test_logits_and_gradients_equal_the_model(shape, kwargs):
   model = M.make_model("convnet", 10, **kwargs)
