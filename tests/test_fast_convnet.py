@@ -62,6 +62,7 @@ def test_transposed_transforms_are_adjoints(which):
     ({}, (32, 32, 3), True),
     ({"depth": 5}, (28, 28, 1), True),
     ({"fused_first_block": True}, (28, 28, 1), True),
+    ({}, (28, 20, 1), True),      # 32x24 maps
     ({}, (30, 30, 1), False),     # 34x34 maps: 17x17 after one pool
     ({"depth": 6}, (32, 32, 3), False),
     ({"pooling": "maxpool"}, (28, 28, 1), False),
@@ -81,6 +82,7 @@ def test_supports_only_convnets():
     ((28, 28, 1), {"width": 16, "depth": 3}),
     ((32, 32, 3), {"width": 8, "depth": 2}),
     ((28, 28, 1), {"width": 8, "depth": 1}),  # the first block alone
+    ((28, 20, 1), {"width": 8, "depth": 3}),  # not square
 ])
 def test_logits_and_gradients_equal_the_model(shape, kwargs):
   model = M.make_model("convnet", 10, **kwargs)
