@@ -63,6 +63,7 @@ from typing import Any, Dict, List, Tuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from collabdm_jax import models
 
@@ -302,13 +303,21 @@ def tile_patches(x: jax.Array, padding: int) -> Tuple[jax.Array, int, int]:
     ``P[n, 2p + q, a S + b, (3i + j) C + c] = x_pad[n, 2a + p + i,
     2b + q + j, c]`` (the HWIO kernel's row order), ``R x S`` pooled sides.
   """
-  n, h, w, c = x.shape
+  n, _, _, c = x.shape
   xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  r, s = (h + 2 * padding - 2) // 2, (w + 2 * padding - 2) // 2
-  tiles = [jnp.concatenate([xp[:, p + i:p + i + 2 * r:2, q + j:q + j + 2 * s:2]
-                            for i in range(3) for j in range(3)], axis=-1)
-           for p in range(2) for q in range(2)]
-  return jnp.stack(tiles, axis=1).reshape(n, 4, r * s, 9 * c), r, s
+  hp, wp = xp.shape[1], xp.shape[2]
+  r, s = (hp - 2) // 2, (wp - 2) // 2
+  # One gather of constant pixel indices: 36 strided slices, concatenated,
+  # ran no faster and compiled many times more slowly.
+  a, b = np.meshgrid(np.arange(r), np.arange(s), indexing="ij")
+  rows = np.stack([2 * a + p + i for p in range(2) for q in range(2)
+                   for i in range(3) for j in range(3)])
+  cols = np.stack([2 * b + q + j for p in range(2) for q in range(2)
+                   for i in range(3) for j in range(3)])
+  index = (rows * wp + cols).reshape(4, 9, r * s).transpose(0, 2, 1)
+  patches = jnp.take(xp.reshape(n, hp * wp, c), jnp.asarray(index, jnp.int32),
+                     axis=1)  # [N, 4, R S, 9, C]
+  return patches.reshape(n, 4, r * s, 9 * c), r, s
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
