@@ -12,11 +12,10 @@ The whole training of a network is one XLA program (a ``scan`` over epochs
 around a ``scan`` over steps, with no host work between steps). On
 accelerators all networks train side by side in one program (``vmap`` over
 their keys); on CPU they train one after another, each in its own program
-(``EvalConfig.loop``), every step computes its gradient in small
-pieces that stay in cache (``weighted_loss_and_grad``), and DM's ConvNet
-trains and predicts with the kernels of ``fast_convnet`` (Winograd
-convolutions; the same network up to float rounding, in about half the CPU
-time). Learning rate,
+(``EvalConfig.loop``), every step computes its gradient in small pieces that
+stay in cache (``weighted_loss_and_grad``), and DM's ConvNet trains and
+predicts with the kernels of ``fast_convnet`` (Winograd convolutions: the
+same network up to float rounding, about twice as fast). Learning rate,
 momentum and weight decay are traced arguments, so sweeping them does not
 recompile; shapes, epochs, architecture, batch size and DSA strategy are
 static.

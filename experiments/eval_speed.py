@@ -25,7 +25,11 @@ takes each time's minimum over repeats and gives per network
 
 for an evaluation of ``--nets`` networks (the reference config has 3; the
 programs compile once per evaluation), ``s_per_epoch = train_s / epochs``,
-and old/new ratios. ``predict_chunks_s`` times the test pass of the fast
+and old/new ratios. On a shared machine the load drifts over minutes, so
+``interleaved_epochs`` also alternates short trainings of the two kernels
+(``--pair_epochs`` epochs per call, ``--pairs`` pairs, compiled once) and
+gives the median of the per-pair time ratios, which a slow drift of the load
+does not bias. ``predict_chunks_s`` times the test pass of the fast
 kernels with the test set cut into chunks of 10 (the CPU default, the
 micro-batch), 100 and 1,000 images. XLA's FLOP counts of one training step (its cost
 analysis of a one-epoch program) are given for both kernels: Winograd
@@ -34,8 +38,9 @@ convolutions do fewer multiplications, so the same training has fewer FLOPs.
   python -m experiments.eval_speed \\
       --out=experiments/results/eval_speed/eval_speed.json
 
-Takes about 6 minutes on an idle 2-core machine (2 repeats). Time it on an
-otherwise idle machine and say so; the load average is recorded.
+Takes about 10 minutes on an idle 2-core machine (2 repeats, 10 pairs).
+Time it on an otherwise idle machine and say so; the load average is
+recorded.
 """
 
 import json
@@ -78,6 +83,10 @@ _TEST_IMAGES = flags.DEFINE_integer(
 _DATASET = flags.DEFINE_string(
     "dataset", "fashion_mnist",
     "Image dataset (fashion_mnist_embedded needs no download).")
+_PAIRS = flags.DEFINE_integer(
+    "pairs", 10, "Alternating short trainings of the two kernels.")
+_PAIR_EPOCHS = flags.DEFINE_integer(
+    "pair_epochs", 20, "Epochs per short training.")
 _MATMUL_N = flags.DEFINE_integer(
     "matmul_n", 2048, "Side of the float32 matmul timed for the peak.")
 
@@ -159,6 +168,31 @@ def time_predict_chunks(kwargs, params, test_x, chunks, repeats):
   return out
 
 
+def time_interleaved(kwargs, train_x, train_y, epochs, pairs):
+  """Alternating ``epochs``-epoch trainings of both kernels, ``pairs`` times.
+
+  Returns each kernel's seconds per call and the per-pair ratios
+  models / fast_convnet (adjacent calls see nearly the same load).
+  """
+  key = jax.random.key(0)
+  compiled = {name: _programs(kwargs, epochs, fast).train_net.lower(
+      key, train_x, train_y, *_hyper()).compile()
+              for name, fast in KERNELS.items()}
+  times = {name: [] for name in KERNELS}
+  for i in range(pairs):
+    order = list(KERNELS) if i % 2 == 0 else list(KERNELS)[::-1]
+    for name in order:
+      t = time.perf_counter()
+      jax.block_until_ready(compiled[name](key, train_x, train_y, *_hyper()))
+      times[name].append(time.perf_counter() - t)
+  ratios = [a / b for a, b in zip(times["models"], times["fast_convnet"])]
+  return {"epochs_per_call": epochs, "pairs": pairs, "seconds": times,
+          "s_per_epoch_min": {k: min(v) / epochs for k, v in times.items()},
+          "ratio_per_pair": ratios,
+          "ratio_median": float(np.median(ratios)),
+          "load_average_end": provenance.load_average()}
+
+
 def summarize(runs, epochs, nets):
   """Minimum of each time over repeats, per-network and per-epoch times."""
   out = {}
@@ -180,7 +214,7 @@ def summarize(runs, epochs, nets):
 
 QUICK = {"repeats": 1, "epochs": 2, "width": 8, "depth": 2,
          "test_images": 100, "dataset": "fashion_mnist_embedded",
-         "matmul_n": 256}
+         "pairs": 2, "pair_epochs": 1, "matmul_n": 256}
 
 
 def _settings():
@@ -188,6 +222,7 @@ def _settings():
       ("repeats", _REPEATS), ("epochs", _EPOCHS), ("nets", _NETS),
       ("width", _WIDTH), ("depth", _DEPTH), ("ipc", _IPC),
       ("test_images", _TEST_IMAGES), ("dataset", _DATASET),
+      ("pairs", _PAIRS), ("pair_epochs", _PAIR_EPOCHS),
       ("matmul_n", _MATMUL_N))}
   if _QUICK.value:
     values.update(QUICK)
@@ -225,6 +260,9 @@ def main(argv):
       runs.append(result)
       logging.info("%s", result)
     agreement.append(float(np.mean(preds["models"] == preds["fast_convnet"])))
+  interleaved = time_interleaved(kwargs, train_x, train_y,
+                                 cfg["pair_epochs"], cfg["pairs"])
+  logging.info("interleaved: %s", interleaved)
   model = models.make_model("convnet", 10, **dict(kwargs))
   chunks = time_predict_chunks(
       kwargs, models.init_params(model, jax.random.key(0), train_x.shape[1:]),
@@ -246,10 +284,12 @@ def main(argv):
       "summary": summary,
       "runs": runs,
       "prediction_agreement": agreement,
+      "interleaved_epochs": interleaved,
       "predict_chunks_s": chunks,
       "matmul_peak_gflops": peak["gflops"],
       "settings": {"epochs": epochs, "nets_per_evaluation": cfg["nets"],
-                   "repeats": cfg["repeats"], "width": cfg["width"],
+                   "repeats": cfg["repeats"], "pairs": cfg["pairs"],
+                   "pair_epochs": cfg["pair_epochs"], "width": cfg["width"],
                    "depth": cfg["depth"], "ipc": cfg["ipc"],
                    "dataset": cfg["dataset"], "test_images": n_test,
                    "micro_batch": evaluate.default_micro_batch(),

@@ -30,5 +30,9 @@ def test_quick_times_both_kernels_side_by_side(quick_script_json):
   assert summary["speedup"]["per_net_s"] == pytest.approx(
       summary["models"]["per_net_s"] / summary["fast_convnet"]["per_net_s"])
   assert len(doc["prediction_agreement"]) == 1
+  pairs = doc["interleaved_epochs"]
+  assert pairs["pairs"] == 2 and len(pairs["ratio_per_pair"]) == 2
+  assert pairs["ratio_median"] == pytest.approx(
+      sum(pairs["ratio_per_pair"]) / 2)
   assert sorted(doc["predict_chunks_s"]) == ["10", "100", "1000"]
   test_provenance.check_record(doc["provenance"])
