@@ -12,8 +12,10 @@ The whole training of a network is one XLA program (a ``scan`` over epochs
 around a ``scan`` over steps, with no host work between steps). On
 accelerators all networks train side by side in one program (``vmap`` over
 their keys); on CPU they train one after another, each in its own program
-(``EvalConfig.loop``), and every step computes its gradient in small
-pieces that stay in cache (``weighted_loss_and_grad``). Learning rate,
+(``EvalConfig.loop``), every step computes its gradient in small pieces that
+stay in cache (``weighted_loss_and_grad``), and DM's ConvNet trains and
+predicts with the kernels of ``fast_convnet`` (Winograd convolutions: the
+same network up to float rounding, about twice as fast). Learning rate,
 momentum and weight decay are traced arguments, so sweeping them does not
 recompile; shapes, epochs, architecture, batch size and DSA strategy are
 static.
@@ -43,6 +45,7 @@ import numpy as np
 import optax
 
 from collabdm_jax import augment
+from collabdm_jax import fast_convnet
 from collabdm_jax import models
 
 
@@ -67,7 +70,9 @@ class EvalConfig:
     pae: expand the training set 4× with partition-and-expansion first.
     model_kwargs: extra ``make_model`` keyword arguments as hashable
       ``(name, value)`` pairs, e.g. ``(("width", 16), ("depth", 2))``.
-    test_batch_size: test images per inference chunk (bounds memory).
+    test_batch_size: test images per inference chunk (bounds memory; on CPU
+      a ConvNet that ``fast_convnet`` runs is tested in chunks of at most
+      ``MICRO_BATCH_CPU`` images, which run faster).
     loop: "fused" trains all nets in one XLA program (vmapped over their
       keys); "per_net" trains them one after another, one program each
       (same keys, same arithmetic); "auto" (default) picks "per_net" on
@@ -209,6 +214,15 @@ def default_micro_batch() -> Optional[int]:
   return MICRO_BATCH_CPU if jax.default_backend() == "cpu" else None
 
 
+def default_fast_convnet() -> bool:
+  """Whether ConvNets train with ``fast_convnet``'s kernels on this backend.
+
+  True on CPU, where they were measured (``experiments/results/eval_speed``);
+  elsewhere the models' own kernels, which the GPU compiles well.
+  """
+  return jax.default_backend() == "cpu"
+
+
 def weighted_loss_and_grad(loss_sum, params, x, y, w,
                            micro_batch: Optional[int] = None):
   """``(L, dL/dparams)`` for ``L = sum_i w_i l(params; x_i, y_i)``, in pieces.
@@ -257,7 +271,8 @@ class Programs(NamedTuple):
 def compiled_programs(arch: str, num_classes: int, model_kwargs: tuple,
                       dsa_strategy: str, batch_size: int, epochs: int,
                       test_batch_size: int,
-                      micro_batch: Optional[int] = None) -> Programs:
+                      micro_batch: Optional[int] = None,
+                      use_fast_convnet: bool = False) -> Programs:
   """Jitted programs for one static configuration.
 
   Cached so repeated calls reuse the same jitted callables, whose own caches
@@ -265,15 +280,37 @@ def compiled_programs(arch: str, num_classes: int, model_kwargs: tuple,
   vmapped into one program) and ``train_net`` (one network) are the same
   single-network function, so a network trains identically in either.
   The whole training of a network is one XLA program: a ``scan`` over
-  epochs around a ``scan`` over the steps of an epoch.
+  epochs around a ``scan`` over the steps of an epoch. With
+  ``use_fast_convnet``, a model and input shape that
+  ``fast_convnet.supports`` accepts train and predict with that module's
+  kernels (same network, float rounding aside).
   """
   model = models.make_model(arch, num_classes, **dict(model_kwargs))
   apply = models.logits_fn(model)
   augmenting = bool(dsa_strategy)
 
-  def loss_sum(params, xb, yb, w):
-    ce = optax.softmax_cross_entropy_with_integer_labels(apply(params, xb), yb)
-    return jnp.sum(ce * w)
+  def fast(x):
+    return use_fast_convnet and fast_convnet.supports(model, x.shape[1:])
+
+  def loss_sum_of(logits_fn):
+    def loss_sum(params, xb, yb, w):
+      ce = optax.softmax_cross_entropy_with_integer_labels(
+          logits_fn(params, xb), yb)
+      return jnp.sum(ce * w)
+    return loss_sum
+
+  def loss_and_grads(params, xb, yb, w):
+    """``sum_i w_i l_i`` of a batch and its gradient."""
+    if not fast(xb):
+      return weighted_loss_and_grad(loss_sum_of(apply), params, xb, yb, w,
+                                    micro_batch)
+    # The Winograd kernels are made once per step and the gradients with
+    # respect to them turned back into kernel gradients once per step (the
+    # map is linear), not once per micro-batch.
+    eval_params, to_params = jax.vjp(fast_convnet.prepare, params)
+    total, grads = weighted_loss_and_grad(loss_sum_of(fast_convnet.logits),
+                                          eval_params, xb, yb, w, micro_batch)
+    return total, to_params(grads)[0]
 
   def sgd_step(carry, s, train_x, train_y, idx, mask, aug_key, lr_now,
                momentum, wd):
@@ -286,8 +323,7 @@ def compiled_programs(arch: str, num_classes: int, model_kwargs: tuple,
       xb = augment.dsa(jax.random.fold_in(aug_key, s), xb, dsa_strategy,
                        siamese=False, one_family=True)
     w = bmask.astype(jnp.float32)
-    total, grads = weighted_loss_and_grad(loss_sum, params, xb, yb, w,
-                                          micro_batch)
+    total, grads = loss_and_grads(params, xb, yb, w)
     # Mean over the real samples of the batch, like PyTorch's loss on a
     # short last batch.
     grads = jax.tree.map(lambda g: g / jnp.maximum(jnp.sum(w), 1.0), grads)
@@ -340,6 +376,10 @@ def compiled_programs(arch: str, num_classes: int, model_kwargs: tuple,
   def predict(params, test_x):
     n = test_x.shape[0]
     chunk = min(test_batch_size, n)
+    if fast(test_x) and micro_batch:
+      # Cache-sized pieces, as the training's micro-batches, run faster than
+      # large ones (experiments/results/eval_speed/: predict_chunks).
+      chunk = min(chunk, micro_batch)
     num_chunks = -(-n // chunk)
     pad = num_chunks * chunk - n
     xs = jnp.concatenate([test_x, jnp.zeros((pad,) + test_x.shape[1:],
@@ -349,8 +389,13 @@ def compiled_programs(arch: str, num_classes: int, model_kwargs: tuple,
     # Networks and chunks run one at a time so peak memory is one chunk of
     # one network's activations, whatever num_nets and the test size are.
     def one_net(p):
+      if fast(test_x):
+        p, logits_fn = fast_convnet.prepare(p), fast_convnet.logits
+      else:
+        logits_fn = apply
       preds = jax.lax.map(
-          lambda xc: jnp.argmax(apply(p, xc), axis=-1).astype(jnp.int32), xs)
+          lambda xc: jnp.argmax(logits_fn(p, xc), axis=-1).astype(jnp.int32),
+          xs)
       return preds.reshape(-1)[:n]
 
     return jax.lax.map(one_net, params)
@@ -534,7 +579,7 @@ def evaluate_synthetic(key, train_x, train_y, test_x, test_y, *,
   programs = compiled_programs(
       config.arch.lower(), num_classes, config.model_kwargs, strategy,
       int(config.batch_size), int(config.epochs), int(config.test_batch_size),
-      default_micro_batch())
+      default_micro_batch(), default_fast_convnet())
   net_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
       key, jnp.arange(config.num_nets))
   # Hyper-parameters go in as fixed-dtype arrays: new values reuse the
