@@ -238,7 +238,16 @@ def test_micro_batched_gradient_gives_the_same_loss_and_gradients():
     pieces = jax.jit(lambda p, m=micro: ev.weighted_loss_and_grad(
         loss_sum, p, x, y, w, m))(params)
     np.testing.assert_allclose(pieces[0], whole[0], rtol=1e-5)
-    chex.assert_trees_all_close(pieces[1], whole[1], rtol=1e-4, atol=1e-6)
+    # A convolution bias before instance norm has exactly zero gradient
+    # (the norm removes it); both sides hold only rounding noise there.
+    got, want = dict(pieces[1]), dict(whole[1])
+    scale = max(float(jnp.max(jnp.abs(l))) for l in jax.tree.leaves(want))
+    for name in [n for n in want if n.startswith("conv")]:
+      for g in (got[name]["bias"], want[name]["bias"]):
+        assert float(jnp.max(jnp.abs(g))) < 1e-5 * scale
+      got[name] = dict(got[name], bias=0.0)
+      want[name] = dict(want[name], bias=0.0)
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-6)
   # Masked samples contribute nothing.
   cut = jax.value_and_grad(loss_sum)(params, x[:17], y[:17], w[:17])
   np.testing.assert_allclose(whole[0], cut[0], rtol=1e-5)
