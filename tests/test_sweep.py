@@ -323,6 +323,14 @@ def test_formatting_helpers():
 # The command line.
 
 
+def sweep_command(cfg, work, *flags, timeout=600):
+  """Runs ``python -m launch.sweep`` on sweep config file ``cfg`` (CPU)."""
+  return subprocess.run(
+      [sys.executable, "-m", "launch.sweep", f"--config={cfg}",
+       f"--workdir={work}", *flags], cwd=ROOT, capture_output=True,
+      text=True, timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
 def test_command_line_lists_cells_and_collects(tmp_path):
   cfg = tmp_path / "sweep_cfg.py"
   cfg.write_text(
@@ -337,13 +345,9 @@ def test_command_line_lists_cells_and_collects(tmp_path):
       "  return c\n")
   work = tmp_path / "work"
   write_run(work / "method=fedavg", method="fedavg")
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
 
   def launch(*flags):
-    return subprocess.run(
-        [sys.executable, "-m", "launch.sweep", f"--config={cfg}",
-         f"--workdir={work}", *flags], cwd=ROOT, capture_output=True,
-        text=True, timeout=300, env=env)
+    return sweep_command(cfg, work, *flags)
 
   proc = launch("--list_cells")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -400,13 +404,10 @@ def test_workers_run_each_cell_in_its_own_process(tmp_path):
       "  return c\n")
   work = tmp_path / "work"
   write_run(work / "partition.alpha=1.0", method="collabdm")
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
 
   def launch(*flags):
-    return subprocess.run(
-        [sys.executable, "-m", "launch.sweep", f"--config={cfg}",
-         f"--workdir={work}", f"--results_dir={tmp_path / 'res'}", *flags],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return sweep_command(cfg, work, f"--results_dir={tmp_path / 'res'}",
+                         *flags)
 
   # Past the deadline nothing starts, and nothing is written for the cells.
   proc = launch("--workers=2", "--stop_starting_after_s=0")
