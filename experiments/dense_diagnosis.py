@@ -30,6 +30,15 @@ written, so an interrupted study resumes):
   ensemble (mean logits, DENSE's teacher and ceiling), the chosen lr and
   epochs and the wall times. The models are cached in ``--cache_dir`` for
   the other studies.
+* ``teacher_logits``: why the BatchNorm clients make a weaker ensemble and
+  FedAvg model than the instance-norm ones although each client is as
+  accurate: per client, the scale of its logits on the test images (mean
+  of the largest logit, mean standard deviation over classes), and the
+  ensemble's accuracy when it averages logits (DENSE's teacher) against
+  averaging probabilities; for BatchNorm clients also each client's
+  accuracy when it normalises by the test batch's statistics instead of its
+  running ones (how far its running statistics, those of its own skewed
+  data, are from the test data's). Uses the cached models of ``teachers``.
 * ``dense``: DENSE's student from those teachers, varying one thing at a
   time: teacher training, server budget (the table's 5 rounds x 5 generator
   steps x 32 samples against ``--rounds`` x ``--g_steps`` x ``--batch``),
@@ -70,7 +79,7 @@ from collabdm_jax.baselines import fedavg
 from collabdm_jax.baselines import nets
 from experiments.configs import default
 
-STUDIES = ("teachers", "dense", "real_kd")
+STUDIES = ("teachers", "teacher_logits", "dense", "real_kd")
 FLAGS = flags.FLAGS
 
 # Client training: the table's (fmnist_table.baseline_settings at the time
@@ -209,6 +218,38 @@ def study_teachers(c, seed, cache_dir) -> List[Dict]:
              "local_training": t["local"],
              "train_wall_s": round(t["wall_s"], 1)}
       row.update(teacher_accuracies(s, fedavg.baseline_net(s), t["params"]))
+      rows.append(row)
+  return rows
+
+
+def study_teacher_logits(c, seed, cache_dir) -> List[Dict]:
+  rows = []
+  for norm in NORMS:
+    for local in LOCAL:
+      name = f"{norm}_{local}"
+      s = setup_lib.setup(teacher_config(c, name))
+      net = fedavg.baseline_net(s)
+      params = jax.tree.map(jnp.asarray, train_teachers(
+          s, cache_dir, name, seed)["params"])
+      x, y = jnp.asarray(s.test_x), np.asarray(s.dataset.test_y)
+      K = jax.tree.leaves(params)[0].shape[1]
+      logits = [np.asarray(jax.jit(net.logits)(
+          jax.tree.map(lambda a, k=k: a[0, k], params), x)) for k in range(K)]
+      probs = [np.asarray(jax.nn.softmax(v)) for v in logits]
+      row = {"study": "teacher_logits", "seed": seed, "name": name,
+             "client_max_logit": [float(v.max(1).mean()) for v in logits],
+             "client_logit_std": [float(v.std(1).mean()) for v in logits],
+             "ensemble_mean_logits_accuracy": _acc(
+                 np.mean(logits, 0).argmax(1), y),
+             "ensemble_mean_probs_accuracy": _acc(
+                 np.mean(probs, 0).argmax(1), y),
+             "client_accuracies": [_acc(v.argmax(1), y) for v in logits]}
+      if net.has_batchnorm:
+        batch_stats = jax.jit(lambda v: net.train_logits(v, x)[0])
+        row["client_accuracies_test_batch_stats"] = [
+            _acc(np.asarray(batch_stats(jax.tree.map(
+                lambda a, k=k: a[0, k], params))).argmax(1), y)
+            for k in range(K)]
       rows.append(row)
   return rows
 
@@ -352,6 +393,21 @@ def summarize(out_dir: pathlib.Path) -> str:
           f"{_pct(r['fedavg_accuracy'])} | {_pct(r['ensemble_accuracy'])} | "
           f"{chosen} | {r['train_wall_s']} |")
     lines.append("")
+  l_rows = load_rows(out_dir, "teacher_logits")
+  if l_rows:
+    lines += ["## Client logits on the test images", "",
+              "| seed | teachers | mean largest logit per client | ensemble "
+              "of logits / of probabilities (%) | clients with test-batch "
+              "BatchNorm statistics (%) |", "|---|---|---|---|---|"]
+    for r in l_rows:
+      bs = r.get("client_accuracies_test_batch_stats")
+      lines.append(
+          f"| {r['seed']} | {r['name']} | "
+          f"{' '.join(f'{v:.1f}' for v in r['client_max_logit'])} | "
+          f"{_pct(r['ensemble_mean_logits_accuracy'])} / "
+          f"{_pct(r['ensemble_mean_probs_accuracy'])} | "
+          f"{' '.join(_pct(v) for v in bs) if bs else '–'} |")
+    lines.append("")
   d_rows = load_rows(out_dir, "dense") + load_rows(out_dir, "real_kd")
   if d_rows:
     lines += ["## DENSE students (test accuracy %)", "",
@@ -402,8 +458,9 @@ def main(argv):
     for seed in (int(v) for v in FLAGS.seeds):
       c = base_config(seed, FLAGS.width, FLAGS.train_per_class,
                       FLAGS.test_per_class)
-      if study == "teachers":
-        jobs = [("teachers", lambda: study_teachers(c, seed, cache_dir))]
+      if study in ("teachers", "teacher_logits"):
+        fn = study_teachers if study == "teachers" else study_teacher_logits
+        jobs = [(study, lambda fn=fn: fn(c, seed, cache_dir))]
       elif study == "dense":
         jobs = [(n, lambda a=(n, t, b, w): [run_dense(c, seed, cache_dir,
                                                       *a)])
@@ -414,7 +471,7 @@ def main(argv):
                                                           t)])
                 for t in ("in_selected", "bn_selected")]
       for name, job in jobs:
-        if (seed, name) in done or (name == "teachers" and any(
+        if (seed, name) in done or (name == study and any(
             r["seed"] == seed for r in rows)):
           continue
         record = provenance.start()
@@ -427,8 +484,8 @@ def main(argv):
         write(out_dir, study, rows, flag_values)
         print(f"{study} seed {seed} {name}: " + ", ".join(
             f"{r['name']} student/fedavg/ensemble "
-            f"{r.get('student_accuracy')}/{r['fedavg_accuracy']}/"
-            f"{r['ensemble_accuracy']}" for r in new), flush=True)
+            f"{r.get('student_accuracy')}/{r.get('fedavg_accuracy')}/"
+            f"{r.get('ensemble_accuracy')}" for r in new), flush=True)
   print(summarize(out_dir))
 
 

@@ -99,7 +99,7 @@ class DenseConfig:
   temperature: float = 20.0
   oh: float = 1.0
   adv: float = 1.0
-  bn: float = 1.0
+  bn: float = 0.0
   div: float = 0.0
   aug_strategy: str = "crop_flip"
 

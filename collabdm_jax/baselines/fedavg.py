@@ -325,7 +325,7 @@ def _validate(val_sums, variables, val):
     hits, losses = hits + np.asarray(h), losses + np.asarray(l, np.float64)
   # Hit counts are exact small integers in float32: the accuracy is the
   # exact fraction.
-  return np.rint(hits) / nv, losses / nv
+  return np.rint(hits).astype(np.float64) / nv, losses / nv
 
 
 def _better(a, b) -> bool:
