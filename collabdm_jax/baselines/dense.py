@@ -87,10 +87,10 @@ _BN_EPS = 1e-5
 @dataclasses.dataclass(frozen=True)
 class DenseConfig:
   """Server-side settings of DENSE (see the module docstring)."""
-  epochs: int = 5
-  g_steps: int = 5
-  synthesis_batch: int = 32
-  kd_batch: int = 32
+  epochs: int = 30
+  g_steps: int = 10
+  synthesis_batch: int = 64
+  kd_batch: int = 64
   nz: int = 256
   ngf: int = 64
   lr_g: float = 1e-3

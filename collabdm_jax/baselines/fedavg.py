@@ -82,13 +82,13 @@ _VAL_CHUNK = 500
 class LocalTrainConfig:
   """How every client trains its copy of the shared model (module doc)."""
   lrs: Tuple[float, ...] = (0.01, 0.03, 0.1)
-  epochs: int = 30
+  epochs: int = 60
   val_fraction: float = 0.15
   val_every: int = 3
-  patience: Optional[int] = 3
+  patience: Optional[int] = 4
   momentum: float = 0.9
   weight_decay: float = 5e-4
-  batch_size: int = 256
+  batch_size: int = 64
   dsa_strategy: str = ""
 
   @property
