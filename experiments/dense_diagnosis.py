@@ -29,7 +29,7 @@ written, so an interrupted study resumes):
   accuracy, FedAvg (size-weighted average of the same models) and the
   ensemble (mean logits, DENSE's teacher and ceiling), the chosen lr and
   epochs and the wall times. The models are cached in ``--cache_dir`` for
-  the other studies.
+  the other studies. ``--teachers`` restricts it to some of the four.
 * ``teacher_logits``: why the BatchNorm clients make a weaker ensemble and
   FedAvg model than the instance-norm ones although each client is as
   accurate: per client, the scale of its logits on the test images (mean
@@ -41,7 +41,8 @@ written, so an interrupted study resumes):
   data, are from the test data's). Uses the cached models of ``teachers``.
 * ``dense``: DENSE's student from those teachers, varying one thing at a
   time: teacher training, server budget (the table's 5 rounds x 5 generator
-  steps x 32 samples against ``--rounds`` x ``--g_steps`` x ``--batch``),
+  steps x 32 samples against ``--rounds`` x ``--g_steps`` x ``--batch``,
+  and ``--long_rounds`` rounds of the latter for one run),
   and the generator's loss (DeepInversion's BatchNorm prior ``bn``,
   which needs BatchNorm teachers, against DAFL's entropy term ``div`` that
   the instance-norm implementation used in its place, or neither). Rows
@@ -110,6 +111,8 @@ DENSE_RUNS = (
      {"bn": 1.0, "div": 0.0}),
     ("bn_selected_scaled_nobn", "bn_selected", "scaled",
      {"bn": 0.0, "div": 0.0}),
+    ("in_selected_long_nodiv", "in_selected", "long",
+     {"bn": 0.0, "div": 0.0}),
 )
 TABLE_BUDGET = {"dense_epochs": 5, "dense_g_steps": 5,
                 "dense_synthesis_batch": 32, "dense_kd_batch": 32}
@@ -131,6 +134,12 @@ def define_flags():
   flags.DEFINE_integer("g_steps", 10, "Scaled DENSE budget: generator steps.")
   flags.DEFINE_integer("batch", 64,
                        "Scaled DENSE budget: synthesis and KD batch.")
+  flags.DEFINE_integer("long_rounds", 60,
+                       "Long DENSE budget: rounds (steps and batch as the "
+                       "scaled one).")
+  flags.DEFINE_list("teachers", [],
+                    "teachers / teacher_logits: only these client models "
+                    "(e.g. in_table,in_selected; all if empty).")
   flags.DEFINE_bool("summarize_only", False, "Only rewrite summary.md.")
 
 
@@ -210,6 +219,8 @@ def study_teachers(c, seed, cache_dir) -> List[Dict]:
   for norm in NORMS:
     for local in LOCAL:
       name = f"{norm}_{local}"
+      if FLAGS.teachers and name not in FLAGS.teachers:
+        continue
       s = setup_lib.setup(teacher_config(c, name))
       t = train_teachers(s, cache_dir, name, seed)
       row = {"study": "teachers", "seed": seed, "name": name,
@@ -227,6 +238,8 @@ def study_teacher_logits(c, seed, cache_dir) -> List[Dict]:
   for norm in NORMS:
     for local in LOCAL:
       name = f"{norm}_{local}"
+      if FLAGS.teachers and name not in FLAGS.teachers:
+        continue
       s = setup_lib.setup(teacher_config(c, name))
       net = fedavg.baseline_net(s)
       params = jax.tree.map(jnp.asarray, train_teachers(
@@ -260,7 +273,8 @@ def dense_setup(c, teachers: str, budget: str, weights: Dict):
   if budget == "table":
     c.baseline.update(TABLE_BUDGET)
   else:
-    c.baseline.update({"dense_epochs": FLAGS.rounds,
+    c.baseline.update({"dense_epochs": FLAGS.long_rounds if budget == "long"
+                       else FLAGS.rounds,
                        "dense_g_steps": FLAGS.g_steps,
                        "dense_synthesis_batch": FLAGS.batch,
                        "dense_kd_batch": FLAGS.batch})
@@ -429,6 +443,22 @@ def summarize(out_dir: pathlib.Path) -> str:
           f"{_pct(r['ensemble_accuracy'])} | {agree} | "
           f"{r['server_wall_s']} |")
     lines.append("")
+  if d_rows:
+    lines += ["## Student minus FedAvg, per run (points; mean over seeds)",
+              "", "| run | seeds | student − FedAvg per seed | mean | "
+              "student / ensemble (mean) |", "|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["name"] for r in d_rows):
+      rs = sorted((r for r in d_rows if r["name"] == name),
+                  key=lambda r: r["seed"])
+      diffs = [100 * (r["student_accuracy"] - r["fedavg_accuracy"])
+               for r in rs]
+      ratio = np.mean([r["student_accuracy"] / r["ensemble_accuracy"]
+                       for r in rs])
+      lines.append(
+          f"| {name} | {', '.join(str(r['seed']) for r in rs)} | "
+          f"{' '.join(f'{d:+.1f}' for d in diffs)} | "
+          f"{np.mean(diffs):+.1f} | {ratio:.2f} |")
+    lines.append("")
   text = "\n".join(lines)
   (out_dir / "summary.md").write_text(text)
   return text
@@ -448,7 +478,7 @@ def main(argv):
       FLAGS.cache_dir)
   flag_values = {k: FLAGS[k].value for k in (
       "width", "train_per_class", "test_per_class", "rounds", "g_steps",
-      "batch")}
+      "batch", "long_rounds")}
   if FLAGS.summarize_only:
     print(summarize(out_dir))
     return
@@ -472,7 +502,9 @@ def main(argv):
                 for t in ("in_selected", "bn_selected")]
       for name, job in jobs:
         if (seed, name) in done or (name == study and any(
-            r["seed"] == seed for r in rows)):
+            r["seed"] == seed and (not FLAGS.teachers
+                                   or r["name"] in FLAGS.teachers)
+            for r in rows)):
           continue
         record = provenance.start()
         new = job()
