@@ -161,7 +161,10 @@ def base_config(seed: int, width: int, train_per_class: int,
 
 def teacher_config(c, teachers: str):
   """``c`` with the client training of ``teachers`` (e.g. ``bn_selected``)."""
-  norm, local = teachers.split("_", 1)
+  norm, _, local = teachers.partition("_")
+  if norm not in NORMS or local not in LOCAL:
+    raise ValueError(f"teachers must be <{'|'.join(NORMS)}>_"
+                     f"<{'|'.join(LOCAL)}>, got {teachers!r}")
   c = c.copy_and_resolve_references()
   c.baseline.net_norm = NORMS[norm]
   c.baseline.update(LOCAL[local])
