@@ -30,7 +30,7 @@ written, so an interrupted study resumes):
   accuracy, FedAvg (size-weighted average of the same models) and the
   ensemble (mean logits, DENSE's teacher and ceiling), the chosen lr and
   epochs and the wall times. The models are cached in ``--cache_dir`` for
-  the other studies. ``--teachers`` restricts it to some of the four.
+  the other studies. ``--teachers`` restricts it to some of them.
 * ``teacher_logits``: why the BatchNorm clients make a weaker ensemble and
   FedAvg model than the instance-norm ones although each client is as
   accurate: per client, the scale of its logits on the test images (mean

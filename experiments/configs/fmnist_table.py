@@ -61,13 +61,15 @@ def baseline_settings():
   Applied over ``default.py``'s ``baseline`` block (the same values);
   written out here so a table records what it ran. Clients choose lr and
   epochs on a 15 % validation split (``fedavg``); DENSE runs 30 rounds x
-  10 generator steps x 64 samples, the smallest budget at which it beat
-  FedAvg in ``experiments/results/dense_diagnosis`` (at width 32 on 2,000
-  images). Both are far slower than the other methods on 2 CPU cores: the
-  diagnosis took 6-11 minutes per client-training run and 10-11 minutes
-  per DENSE server run at width 32 on 2,000 images; this table trains
-  width-128 ConvNets on 5,000 images three times per cell, so expect hours
-  per FedAvg or DENSE cell there (an accelerator is the place for them).
+  10 generator steps x 64 samples, the budget at which it came level with
+  or above FedAvg in ``experiments/results/dense_diagnosis`` (2 seeds, at
+  width 32 on 2,000 images; 5 x 5 x 32 was far below). Both are far slower
+  than the other methods on 2 CPU cores: in the diagnosis (width 32, 2,000
+  images, a shared machine) validated client training took 5-27 minutes
+  per run of 5 clients and a DENSE server run at this budget 3-24 minutes;
+  this table trains width-128 ConvNets on 5,000 images three times per
+  cell, so expect hours per FedAvg or DENSE cell there (an accelerator is
+  the place for them).
   """
   b = ml_collections.ConfigDict()
   b.local_lrs = (0.01, 0.03, 0.1)  # chosen per client on validation
