@@ -52,8 +52,11 @@ def run(config, workdir) -> Dict:
     with progress.timed(timings, "setup"):
       s = setup_lib.setup(config)
     out = runner(s, timings)
+    # A baseline's own record (e.g. FedAvg's chosen learning rates and
+    # epochs, DENSE's teacher accuracies) goes into results.json as is.
     return _finish(s, workdir, out, timings, t0,
-                   out.get("upload_bytes_per_client", {}), metrics=metrics)
+                   out.get("upload_bytes_per_client", {}), out.get("extra"),
+                   metrics=metrics)
 
 
 def _finish(s, workdir, out, timings, t0, upload, extra=None, metrics=None):

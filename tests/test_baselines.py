@@ -7,6 +7,7 @@ DSA is cut to crop+flip so the many small programs compile quickly.
 
 import dataclasses
 import importlib.util
+import json
 import pathlib
 
 import chex
@@ -21,8 +22,10 @@ from collabdm_jax.baselines import common
 from collabdm_jax.baselines import dense
 from collabdm_jax.baselines import fedavg
 from collabdm_jax.baselines import merged_local_dm
+from collabdm_jax.baselines import nets
 from collabdm_jax import keys
 from collabdm_jax import models
+from collabdm_jax import pipeline
 from collabdm_jax import server
 from collabdm_jax import setup as setup_lib
 
@@ -54,7 +57,7 @@ def tiny_config():
   c.local.iterations = 2
   c.local.batch_real = 16
   c.baseline.update({
-      "local_epochs": 5, "local_batch": 32,
+      "local_epochs": 6, "local_val_every": 2, "local_batch": 32,
       "dense_epochs": 6, "dense_g_steps": 5, "dense_synthesis_batch": 16,
       "dense_kd_batch": 16, "dense_ngf": 8, "dense_kd_lr": 0.05,
   })
@@ -83,7 +86,12 @@ def test_default_baseline_settings(s):
   c = default_config()
   plain = dataclasses.replace(s, config=c)
   assert fedavg.local_train_config(plain) == fedavg.LocalTrainConfig(
-      epochs=5, dsa_strategy=s.dsa_strategy)
+      dsa_strategy=s.dsa_strategy)
+  # The clients train the evaluation ConvNet, or its BatchNorm variant.
+  assert not fedavg.baseline_net(plain).has_batchnorm
+  c.baseline.net_norm = "batchnorm"
+  net = fedavg.baseline_net(plain)
+  assert net.has_batchnorm and net.module.width == 128
   # default.py's block holds the dataclasses' defaults.
   assert dense.dense_config(plain) == dense.DenseConfig()
   central = central_dm.local_dm_config(plain)
@@ -95,14 +103,27 @@ def test_default_baseline_settings(s):
   assert central_dm.local_dm_config(plain).batch_real == 7
 
 
-@pytest.mark.parametrize("name,value", [("local_epochs", -1), ("local_lr", 0.0),
-                                        ("local_momentum", 1.0),
-                                        ("dense_g_steps", 0)])
-def test_bad_settings_raise(s, name, value):
+@pytest.mark.parametrize("changes,name", [
+    ({"local_epochs": -1}, "local_epochs"),
+    ({"local_epochs": 0}, "local_epochs"),  # nothing to validate
+    ({"local_lrs": (0.0, 0.1)}, "local_lrs"),
+    ({"local_lrs": (0.1, 0.1)}, "local_lrs"),
+    ({"local_lrs": ()}, "local_lrs"),
+    ({"local_momentum": 1.0}, "local_momentum"),
+    ({"local_val_fraction": 1.0}, "local_val_fraction"),
+    # Without a validation split there is nothing to choose a rate on.
+    ({"local_val_fraction": 0.0}, "local_lrs"),
+    ({"local_patience": 0}, "local_patience"),
+    ({"dense_g_steps": 0}, "dense_g_steps"),
+    # DeepInversion's prior needs BatchNorm running statistics.
+    ({"dense_bn": 1.0}, "dense_bn"),
+    ({"net_norm": "layernorm"}, "net_norm"),
+])
+def test_bad_settings_raise(s, changes, name):
   c = s.config.copy_and_resolve_references()
-  c.baseline[name] = value
+  c.baseline.update(changes)
   bad = dataclasses.replace(s, config=c)
-  read = dense.dense_config if name.startswith("dense") else \
+  read = dense.dense_config if name.startswith(("dense", "net")) else \
       fedavg.local_train_config
   with pytest.raises(ValueError, match=name):
     read(bad)
@@ -230,15 +251,113 @@ def test_fedavg_averages_by_client_size_and_beats_chance(s, fedavg_result):
   check_model_result(s, r, 2)
   assert r["accuracy_mean"] > 0.2
   sizes = np.array([len(i) for i in s.partition.client_indices], np.float64)
+  w = sizes / sizes.sum()
   leaf = lambda tree: tree["classifier"]["kernel"]
   clients, avg = leaf(r["client_params"]), leaf(r["params"])
-  assert clients.shape[:2] == (2, 3) and avg.shape == (2,) + clients.shape[2:]
-  expected = np.einsum("k,sk...->s...", sizes / sizes.sum(), clients)
+  assert clients.shape[:2] == (2, 3)
+  assert avg.shape == (2,) + clients.shape[2:]
+  expected = np.einsum("k,sk...->s...", w, clients)
   np.testing.assert_allclose(avg, expected, rtol=1e-5, atol=1e-6)
   # Clients trained apart from one shared init per seed.
   assert np.abs(clients[:, 0] - clients[:, 1]).max() > 1e-4
   assert np.abs(clients[0] - clients[1]).max() > 1e-4
   assert set(r["timings"]) == {"fedavg_client_training", "fedavg_evaluate"}
+  acc = np.asarray(r["extra"]["client_accuracies"])
+  assert acc.shape == (2, 3) and ((acc > 0) & (acc < 1)).all()
+
+
+def test_fedavg_records_its_choices(s, fedavg_result):
+  rec = fedavg_result["extra"]["local_training"]
+  lcfg = fedavg.local_train_config(s)
+  assert rec["net"] == "ConvNet"
+  assert rec["settings"]["lrs"] == list(lcfg.lrs)
+  ys = fedavg.client_data(s)[1]
+  for c, y in zip(rec["clients"], ys):
+    assert c["n"] == len(y) == c["n_train"] + c["n_val"]
+    assert c["n_val"] == fedavg.validation_counts(
+        np.bincount(y, minlength=C), lcfg.val_fraction).sum()
+    assert set(c["curves"]) == {repr(v) for v in lcfg.lrs}
+    # The choice is the best check of the recorded curves, and the search
+    # spent what the curves say (early stops included).
+    assert fedavg.choose([c["curves"][repr(v)] for v in lcfg.lrs],
+                         lcfg.lrs) == {k: c[k] for k in (
+                             "lr", "epochs", "val_accuracy", "val_loss")}
+    assert c["search_epochs"] == sum(v[-1][0] for v in c["curves"].values())
+    for curve in c["curves"].values():
+      epochs = [p[0] for p in curve]
+      assert epochs == list(range(2, 2 * len(curve) + 1, 2))
+      assert all(p[1] * c["n_val"] == pytest.approx(round(p[1] * c["n_val"]))
+                 for p in curve)
+    assert c["search_s"] > 0 and c["refit_s"] > 0
+  assert rec["search_s"] == pytest.approx(
+      sum(c["search_s"] for c in rec["clients"]), abs=1e-2)
+
+
+def test_fedavg_selection_is_real_validation_then_refit(s):
+  """On one real client: the curves are the validation accuracy of models
+  trained on the training part; a rate that cannot learn is not chosen;
+  the uploaded model is a refit on all the data with the choice."""
+  net = fedavg.baseline_net(s)
+  xs, ys = fedavg.client_data(s)
+  x, y = xs[0], ys[0]
+  base = fedavg.local_train_config(s)
+  cfg = dataclasses.replace(base, lrs=(1e-5, 0.1), epochs=6, val_every=3,
+                            patience=None)
+  key = jax.random.key(42)
+  params, report = fedavg.train_local_models(
+      key, net, s.input_shape, [x], [y], 1, cfg, C)
+  c = report[0]
+  curves = c["curves"]
+  assert c["lr"] == 0.1
+  assert max(p[1] for p in curves["0.1"]) > max(p[1] for p in curves["1e-05"])
+  # Recompute the chosen check by hand, with the documented streams.
+  seed0 = jax.random.fold_in(key, 0)
+  tr, va = fedavg.validation_split(
+      jax.random.fold_in(jax.random.fold_in(seed0, 3), 0), y, 0.15, C)
+  assert (len(tr), len(va)) == (c["n_train"], c["n_val"])
+  programs = fedavg.client_programs(net, s.input_shape, 32,
+                                    base.dsa_strategy, None)
+  pad = lambda a: np.concatenate([a, np.zeros((len(y) - len(a),)
+                                              + a.shape[1:], a.dtype)])
+  model, _ = fedavg.train_runs(
+      programs, [jax.random.fold_in(seed0, 0)],
+      [jax.random.fold_in(jax.random.fold_in(seed0, 2), 0)], [c["lr"]],
+      jnp.asarray(pad(x[tr])), jnp.asarray(pad(y[tr])), len(tr),
+      c["epochs"], cfg)
+  pred = common.predict(nets.logits_fn(net), model, x[va])[0]
+  assert np.mean(pred == y[va]) == pytest.approx(c["val_accuracy"], abs=1e-9)
+  # The upload is exactly the fixed-budget training on all the data.
+  fixed = dataclasses.replace(cfg, lrs=(c["lr"],), epochs=c["epochs"],
+                              val_fraction=0.0)
+  again, rep = fedavg.train_local_models(key, net, s.input_shape, [x], [y], 1,
+                                         fixed, C)
+  assert rep[0]["lr"] == c["lr"] and "curves" not in rep[0]
+  chex.assert_trees_all_close(again, params, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="too few"):
+    fedavg.train_local_models(key, net, s.input_shape, [x[:3]], [y[:3]], 1,
+                              cfg, C)
+
+
+def test_fedavg_patience_stops_a_run_early(s):
+  net = fedavg.baseline_net(s)
+  xs, ys = fedavg.client_data(s)
+  x, y = jnp.asarray(xs[0]), jnp.asarray(ys[0])
+  cfg = dataclasses.replace(fedavg.local_train_config(s), epochs=20,
+                            val_every=1, patience=2)
+  programs = fedavg.client_programs(net, s.input_shape, 32, cfg.dsa_strategy,
+                                    None)
+  keys = [jax.random.key(3)] * 2
+  # Run 0 cannot move (lr 0): its checks are identical, so it stops after
+  # the first check plus `patience` checks without improvement; run 1
+  # learns and, trained side by side, keeps the group going.
+  _, curves = fedavg.train_runs(programs, keys, keys, [0.0, 0.1], x, y,
+                                len(ys[0]), 20, cfg, (x, y, len(ys[0])))
+  assert [p[0] for p in curves[0]] == [1, 2, 3]
+  assert len({(p[1], p[2]) for p in curves[0]}) == 1
+  assert len(curves[1]) > 3
+  best = max(range(len(curves[1])),
+             key=lambda j: (curves[1][j][1], -curves[1][j][2]))
+  assert len(curves[1]) in (20, best + 3)
 
 
 def test_fedavg_is_deterministic(s, fedavg_result):
@@ -246,15 +365,33 @@ def test_fedavg_is_deterministic(s, fedavg_result):
   np.testing.assert_array_equal(again["predictions"],
                                 fedavg_result["predictions"])
   chex.assert_trees_all_equal(again["params"], fedavg_result["params"])
+  strip = lambda rec: [{k: v for k, v in c.items() if not k.endswith("_s")}
+                       for c in rec["local_training"]["clients"]]
+  assert strip(again["extra"]) == strip(fedavg_result["extra"])
+
+
+def test_pipeline_writes_the_baselines_record(s, tmp_path):
+  c = s.config.copy_and_resolve_references()
+  c.method = "fedavg"
+  c.eval.num_nets = 1
+  c.baseline.local_lrs = (0.05,)
+  c.baseline.local_val_fraction = 0.0
+  c.baseline.local_epochs = 1
+  results = pipeline.run(c, tmp_path)
+  on_disk = json.loads((tmp_path / "results.json").read_text())
+  assert on_disk["local_training"]["clients"][0]["epochs"] == 1
+  assert len(on_disk["client_accuracies"][0]) == 3
+  assert on_disk["accuracy_mean"] == pytest.approx(results["accuracy_mean"])
+  assert on_disk["wall_s"]["fedavg_client_training"] > 0
 
 
 def test_dense_distils_the_ensemble_into_the_student(s, fedavg_result):
   timings = {}
   r = dense.run(s, timings, client_params=fedavg_result["client_params"])
   check_model_result(s, r, 2)
-  model = common.eval_model(s.config, C)
-  ens = dense.ensemble_logits(model)
-  apply_fn = common.logits_of(model)
+  net = fedavg.baseline_net(s)
+  ens = dense.ensemble_logits(net)
+  apply_fn = nets.logits_fn(net)
   T = dense.dense_config(s).temperature
   kl = jax.jit(lambda teachers, p, x: jnp.mean(
       dense.kl_per_sample(apply_fn(p, x), ens(teachers, x), T)))
@@ -271,12 +408,27 @@ def test_dense_distils_the_ensemble_into_the_student(s, fedavg_result):
   assert max(ratios) < 0.95 and np.mean(ratios) < 0.85, ratios
   agree = (r["predictions"] == r["ensemble_predictions"]).mean()
   assert agree > (r["init_predictions"] == r["ensemble_predictions"]).mean()
+  extra = r["extra"]
+  # FedAvg of the same client models is FedAvg's own result.
+  np.testing.assert_array_equal(r["fedavg_predictions"],
+                                fedavg_result["predictions"])
+  np.testing.assert_allclose(extra["fedavg_accuracies"],
+                             fedavg_result["accuracies"])
+  np.testing.assert_allclose(
+      extra["ensemble_accuracies"],
+      (r["ensemble_predictions"] == s.dataset.test_y).mean(1))
+  assert extra["local_training"] is None  # the teachers were passed in
+  assert extra["dense"]["budget"] == {
+      "rounds": 6, "generator_steps": 30, "pool_size": 96,
+      "kd_steps": sum(range(1, 7)), "kd_batch": 16}
   lo = (0.0 - s.dataset.mean) / s.dataset.std
   hi = (1.0 - s.dataset.mean) / s.dataset.std
   for hist in r["history"]:
-    # Every generator round lowers the teachers' cross-entropy on its targets.
-    assert hist["gen"].shape == (6, 5, 4)
+    # Every generator round lowers the teachers' cross-entropy on its
+    # targets; no BatchNorm, no prior.
+    assert hist["gen"].shape == (6, 5, 5)
     assert (hist["gen"][:, -1, 1] < hist["gen"][:, 0, 1]).all()
+    assert (hist["gen"][..., 4] == 0).all()
     assert np.isfinite(hist["kd"]).all()
     # Generated samples are pixels in [0, 1] in the dataset's normalisation,
     # all of them written (no zero placeholder left in the pool).
@@ -291,6 +443,55 @@ def test_dense_distils_the_ensemble_into_the_student(s, fedavg_result):
   with pytest.raises(ValueError, match="client_params"):
     dense.run(s, {}, client_params=jax.tree.map(
         lambda a: a[:1], fedavg_result["client_params"]))
+
+
+def test_batchnorm_clients_average_their_statistics_and_feed_the_prior(s):
+  c = s.config.copy_and_resolve_references()
+  c.eval.num_nets = 1
+  c.baseline.update({"net_norm": "batchnorm", "dense_bn": 1.0,
+                     "local_lrs": (0.05,), "local_val_fraction": 0.0,
+                     "local_epochs": 3, "dense_epochs": 3})
+  bs = dataclasses.replace(s, config=c)
+  r = fedavg.run(bs, {})
+  assert r["extra"]["local_training"]["net"] == "BNConvNet"
+  sizes = np.array([len(i) for i in s.partition.client_indices], np.float64)
+  for leaf in (lambda tree: tree["params"]["classifier"]["kernel"],
+               # Running statistics are averaged like the weights.
+               lambda tree: tree["batch_stats"]["norm1"]["var"]):
+    clients, avg = leaf(r["client_params"]), leaf(r["params"])
+    np.testing.assert_allclose(
+        avg, np.einsum("k,sk...->s...", sizes / sizes.sum(), clients),
+        rtol=1e-5, atol=1e-6)
+    assert np.abs(clients[:, 0] - clients[:, 1]).max() > 1e-4
+  d = dense.run(bs, {}, client_params=r["client_params"])
+  gen = d["history"][0]["gen"]
+  # Each round's generator closes part of the gap between its batch's
+  # statistics and the teachers' running ones.
+  assert (gen[:, 0, 4] > 0).all() and (gen[:, -1, 4] < gen[:, 0, 4]).all()
+  np.testing.assert_array_equal(d["fedavg_predictions"], r["predictions"])
+  # The students are BatchNorm networks, trained statistics included.
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(),
+                       d["params"]["batch_stats"],
+                       d["init_params"]["batch_stats"])
+  assert min(jax.tree.leaves(moved)) > 0
+
+
+def test_dense_generator_loss_terms():
+  t = jnp.array([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
+  st = jnp.array([[0.0, 2.0, 0.0], [0.0, 3.0, 0.0]])
+  y = jnp.array([0, 2])
+  total, (ce, adv, div, bn) = dense.generator_loss(t, st, y, 0.7, oh=1.0,
+                                                   adv=2.0, div=0.5, bn=3.0)
+  logp = jax.nn.log_softmax(t)
+  assert float(ce) == pytest.approx(-float(logp[0, 0] + logp[1, 2]) / 2)
+  # Only the first sample has student and teacher disagree.
+  want_adv = -float(dense.kl_per_sample(st[:1], t[:1])[0]) / 2
+  assert float(adv) == pytest.approx(want_adv, rel=1e-5)
+  p = np.asarray(jax.nn.softmax(t)).mean(0)
+  assert float(div) == pytest.approx(float(np.sum(p * np.log(p))), rel=1e-5)
+  assert float(bn) == pytest.approx(0.7)
+  assert float(total) == pytest.approx(
+      float(ce) + 2 * float(adv) + 0.5 * float(div) + 3 * 0.7, rel=1e-5)
 
 
 def test_dense_generator_shapes_and_checks():

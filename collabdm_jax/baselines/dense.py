@@ -3,49 +3,72 @@
 DENSE (NeurIPS 2022, reference code ``zj-jayzhang/DENSE``) has two stages.
 
 1. Clients train local models once and upload them. Here they are exactly
-   one-shot FedAvg's client models (``fedavg.train_clients`` with the
-   FedAvg key and settings), so DENSE and FedAvg differ only in how the
+   one-shot FedAvg's client models (``fedavg.train_local_models`` with the
+   FedAvg key and settings: learning rate and epochs chosen on each
+   client's validation split), so DENSE and FedAvg differ only in how the
    server combines the same uploads. The teacher is the ensemble whose
-   logits are the mean of the client models' logits.
+   logits are the mean of the client models' logits (inference mode).
 2. The server alternates, for ``epochs`` rounds:
 
    * data generation: a generator (re-initialised every round, as the
      reference resets it) and its latent batch ``z`` are trained with Adam
-     for ``g_steps`` steps so that its (crop/flip-augmented) samples are
-     classified by the ensemble as randomly drawn target labels (cross
-     entropy, weight ``oh``) and make the student disagree with the
-     ensemble (weight ``adv``: minus the teacher-to-student KL on samples
-     where their predicted classes differ, pushing samples towards the
-     decision boundary). The batch of lowest loss seen joins a pool that
-     grows every round.
+     for ``g_steps`` steps on crop/flip-augmented samples. The loss has
+     the reference's three terms: cross entropy of the ensemble on randomly
+     drawn target labels (weight ``oh``); DeepInversion's BatchNorm prior
+     (weight ``bn``), ``sum`` over teachers and BatchNorm layers of
+     ``||mu_run - mu_batch||_2 + ||var_run - var_batch||_2`` between each
+     layer's running statistics (the client's data, as uploaded inside the
+     model) and the generated batch's (``nets.deep_inversion_loss``); and
+     the adversarial term (weight ``adv``): minus the teacher-to-student KL
+     on samples where their predicted classes differ, pushing samples
+     towards the decision boundary. The batch of lowest loss seen joins a
+     pool that grows every round.
    * distillation: one pass over the whole pool (shuffled, augmented) with
      SGD on the student, loss ``T^2 KL(softmax(t/T) || softmax(s/T))``.
 
-Deviation (documented): the reference also matches the BatchNorm running
-statistics of the teachers (DeepInversion's term, weight ``bn``). Our
-networks use instance norm, which keeps no running statistics, so that term
-does not exist here. In its place, besides the adversarial term above, the
-generator loss has DAFL's information-entropy diversity term (weight
-``div``): minus the entropy of the ensemble's mean prediction over the
-batch, which keeps a batch spread over classes, the role the BN prior plays
-in keeping samples diverse. Other differences: the pool is kept in memory
-in normalised float (the reference round-trips it through 8-bit PNG files);
+The BatchNorm prior needs BatchNorm teachers: ``baseline.net_norm =
+"batchnorm"`` (``nets.BNConvNet``, the ConvNet with BatchNorm, as DENSE's
+Fashion-MNIST network; its CIFAR-10 network has no BatchNorm, so there the
+reference runs without the prior). By default the clients train the
+evaluation ConvNet (instance norm, no running statistics) and ``bn`` is 0:
+in ``experiments/results/dense_diagnosis`` the BatchNorm clients gave a
+much weaker FedAvg model and ensemble, and the prior did not raise the
+student with BatchNorm teachers either. DAFL's information-entropy term
+(weight ``div``: minus the entropy of the ensemble's mean prediction over
+the batch; not in the reference) is available and off by default; it
+changed nothing measurable there.
+
+Student and BatchNorm: the student (the same network as the clients')
+trains in training mode (batch statistics, running statistics updated) on
+the pool and is tested in inference mode. In the generator's adversarial
+term it also runs on batch statistics, as in the reference, but those
+passes do not update its running statistics (the reference's do, a side
+effect of PyTorch's training mode); only distillation does.
+
+Other differences from the reference: the pool is kept in memory in
+normalised float (the reference round-trips it through 8-bit PNG files);
 augmentation is DSA's crop (translation by 1/8 of the side, as RandomCrop
 with padding 4 on 32 px) and flip, restricted to the families the dataset's
-DSA strategy allows (no flip on digits, none on tables); tables get an MLP
-generator.
+DSA strategy allows (no flip on digits, none on tables), in both stages
+(the reference flips only when distilling on 28 px data); tables get an
+MLP generator.
 
-Settings (``config.baseline``; reference values in brackets, CPU-sized
-defaults first): ``dense_epochs`` 5 [200], ``dense_g_steps`` 5 [30],
-``dense_synthesis_batch`` 32 [256], ``dense_kd_batch`` 32 [256],
+Settings (``config.baseline``; reference values in brackets, defaults
+first): ``dense_epochs`` 30 [200], ``dense_g_steps`` 10 [30],
+``dense_synthesis_batch`` 64 [256], ``dense_kd_batch`` 64 [256] (in the
+diagnosis, 2 seeds, DENSE at this budget was above FedAvg at one seed and
+level with it at the other; at 5 x 5 x 32, the earlier default, it was far
+below at both),
 ``dense_nz`` 256 [256], ``dense_ngf`` 64 [64], ``dense_lr_g`` 1e-3 [1e-3],
 ``dense_kd_lr`` 0.005 [0.005], ``dense_kd_momentum`` 0.9 [0.9],
-``dense_T`` 20 [20], ``dense_oh`` 1 [1], ``dense_adv`` 1 [1],
-``dense_div`` 1 (replaces ``bn`` 1). Client training: see ``fedavg``.
+``dense_T`` 20 [20], ``dense_oh`` 1 [1], ``dense_adv`` 1 [1], ``dense_bn``
+0 [1 with BatchNorm networks], ``dense_div`` 0 [0]. Client training: see
+``fedavg``.
 
-The student is a fresh network of the evaluation architecture; its test
+The student is a fresh network of the clients' architecture; its test
 accuracy is reported per seed (``config.eval.num_nets`` seeds; seed i
-distils FedAvg seed i's client models).
+distils FedAvg seed i's client models), next to the ensemble's (DENSE's
+ceiling) and FedAvg's on the same client models (what DENSE must beat).
 """
 
 import dataclasses
@@ -63,7 +86,7 @@ import optax
 from collabdm_jax import augment
 from collabdm_jax.baselines import common
 from collabdm_jax.baselines import fedavg
-from collabdm_jax import models
+from collabdm_jax.baselines import nets
 
 _BN_EPS = 1e-5
 
@@ -71,10 +94,10 @@ _BN_EPS = 1e-5
 @dataclasses.dataclass(frozen=True)
 class DenseConfig:
   """Server-side settings of DENSE (see the module docstring)."""
-  epochs: int = 5
-  g_steps: int = 5
-  synthesis_batch: int = 32
-  kd_batch: int = 32
+  epochs: int = 30
+  g_steps: int = 10
+  synthesis_batch: int = 64
+  kd_batch: int = 64
   nz: int = 256
   ngf: int = 64
   lr_g: float = 1e-3
@@ -83,18 +106,28 @@ class DenseConfig:
   temperature: float = 20.0
   oh: float = 1.0
   adv: float = 1.0
-  div: float = 1.0
+  bn: float = 0.0
+  div: float = 0.0
   aug_strategy: str = "crop_flip"
 
 
-def dense_config(s) -> DenseConfig:
-  """``DenseConfig`` from ``config.baseline`` (checked)."""
+def dense_config(s, net: nets.Net = None) -> DenseConfig:
+  """``DenseConfig`` from ``config.baseline`` (checked against ``net``,
+  the clients' network, default ``fedavg.baseline_net(s)``)."""
   b = s.config.baseline
   pos = common.check_positive
   kd_momentum = float(b.dense_kd_momentum)
   if not 0 <= kd_momentum < 1:
     raise ValueError(
         f"baseline.dense_kd_momentum must be in [0, 1), got {kd_momentum}")
+  net = fedavg.baseline_net(s) if net is None else net
+  bn = pos(b.dense_bn, "baseline.dense_bn", allow_zero=True)
+  if bn > 0 and not net.has_batchnorm:
+    raise ValueError(
+        f"baseline.dense_bn={bn} needs BatchNorm teachers (DeepInversion's "
+        f"prior matches their running statistics): set "
+        f"baseline.net_norm='batchnorm', or dense_bn=0 for the "
+        f"{type(net.module).__name__}")
   return DenseConfig(
       epochs=pos(b.dense_epochs, "baseline.dense_epochs",
                  integer=True),
@@ -112,6 +145,7 @@ def dense_config(s) -> DenseConfig:
       temperature=pos(b.dense_T, "baseline.dense_T"),
       oh=pos(b.dense_oh, "baseline.dense_oh", allow_zero=True),
       adv=pos(b.dense_adv, "baseline.dense_adv", allow_zero=True),
+      bn=bn,
       div=pos(b.dense_div, "baseline.dense_div", allow_zero=True),
       aug_strategy=common.augment_strategy(s.dsa_strategy))
 
@@ -231,12 +265,15 @@ def kl_per_sample(student_logits, teacher_logits, temperature=1.0):
   return jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1) * (t * t)
 
 
-def generator_loss(teacher_logits, student_logits, targets, *, oh, adv, div):
-  """DENSE's generator objective with the BN term replaced (module docstring).
+def generator_loss(teacher_logits, student_logits, targets, bn_term=0.0, *,
+                   oh, adv, div, bn=0.0):
+  """DENSE's generator objective (module docstring).
 
-  Returns ``(total, (ce, adv_term, div_term))``; ``adv_term`` is minus the
-  mean KL over the batch, counted only where student and teacher predict
-  different classes.
+  ``bn_term`` is the teachers' DeepInversion loss on the batch (0 without
+  BatchNorm). Returns ``(total, (ce, adv_term, div_term, bn_term))``;
+  ``adv_term`` is minus the mean KL over the batch, counted only where
+  student and teacher predict different classes; ``div_term`` is minus the
+  entropy of the ensemble's mean prediction.
   """
   ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
       teacher_logits, targets))
@@ -245,7 +282,9 @@ def generator_loss(teacher_logits, student_logits, targets, *, oh, adv, div):
   adv_term = -jnp.mean(kl_per_sample(student_logits, teacher_logits) * differ)
   p_mean = jnp.mean(jax.nn.softmax(teacher_logits), 0)
   div_term = jnp.sum(p_mean * jnp.log(p_mean + 1e-12))
-  return oh * ce + adv * adv_term + div * div_term, (ce, adv_term, div_term)
+  bn_term = jnp.asarray(bn_term, jnp.float32)
+  total = oh * ce + adv * adv_term + div * div_term + bn * bn_term
+  return total, (ce, adv_term, div_term, bn_term)
 
 
 # ---------------------------------------------------------------------------
@@ -259,24 +298,47 @@ def _augment(key, x, strategy):
   return augment.dsa(key, x, strategy, siamese=False, one_family=False)
 
 
-def _ensemble_fn(apply_fn):
-  """Mean logits of the stacked teachers (leaves ``[K, ...]``)."""
+def _take(tree, i):
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+@functools.lru_cache(maxsize=None)
+def ensemble_logits(net: nets.Net):
+  """``f(teachers [K, ...], x) -> mean inference logits``, cached per net.
+
+  Unrolled over the (few) teachers rather than vmapped: XLA:CPU turns
+  convolutions vmapped over their weights into grouped convolutions,
+  several times slower (see ``fedavg.train_local_models``).
+  """
 
   def ensemble(teachers, x):
     k = jax.tree.leaves(teachers)[0].shape[0]
-    # Unrolled over the (few) teachers rather than vmapped: XLA:CPU turns
-    # convolutions vmapped over their weights into grouped convolutions,
-    # several times slower (see fedavg.train_clients).
-    total = sum(apply_fn(jax.tree.map(lambda a, i=i: a[i], teachers), x)
-                for i in range(k))
-    return total / k
+    return sum(net.logits(_take(teachers, i), x) for i in range(k)) / k
 
   return ensemble
 
 
+def _ensemble_and_prior(net: nets.Net, with_bn: bool):
+  """``f(teachers, x) -> (mean logits, DeepInversion loss summed over
+  teachers)``; the loss is 0 when ``with_bn`` is False."""
+
+  def f(teachers, x):
+    if not with_bn:
+      return ensemble_logits(net)(teachers, x), 0.0
+    k = jax.tree.leaves(teachers)[0].shape[0]
+    total, prior = 0.0, 0.0
+    for i in range(k):
+      logits, moments = net.logits_and_moments(_take(teachers, i), x)
+      total = total + logits
+      prior = prior + nets.deep_inversion_loss(moments)
+    return total / k, prior
+
+  return f
+
+
 @functools.lru_cache(maxsize=None)
-def _generator_programs(model, generator, num_classes, batch, nz, lr_g, oh,
-                        adv, div, aug_strategy):
+def _generator_programs(net, generator, num_classes, batch, nz, lr_g, oh,
+                        adv, div, bn, aug_strategy):
   """Jitted ``(start_round, generator_step)`` for one static configuration.
 
   Steps are dispatched from Python (see ``fedavg.client_programs`` for
@@ -285,8 +347,7 @@ def _generator_programs(model, generator, num_classes, batch, nz, lr_g, oh,
   settings that shape the program key the cache, so budgets (rounds,
   steps) can change without recompiling.
   """
-  apply_fn = common.logits_of(model)
-  ensemble = _ensemble_fn(apply_fn)
+  teacher_fn = _ensemble_and_prior(net, bn > 0)
   g_opt = optax.adam(lr_g, b1=0.5, b2=0.999)
   B = batch
 
@@ -310,9 +371,10 @@ def _generator_programs(model, generator, num_classes, batch, nz, lr_g, oh,
       gp, z = variables
       x = generator.apply({"params": gp}, z)
       xa = _augment(aug_key, x, aug_strategy)
-      total, parts = generator_loss(ensemble(teachers, xa),
-                                    apply_fn(student, xa), targets,
-                                    oh=oh, adv=adv, div=div)
+      t_logits, prior = teacher_fn(teachers, xa)
+      s_logits, _ = net.train_logits(student, xa)
+      total, parts = generator_loss(t_logits, s_logits, targets, prior,
+                                    oh=oh, adv=adv, div=div, bn=bn)
       return total, (x, parts)
 
     (loss, (x, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -325,11 +387,10 @@ def _generator_programs(model, generator, num_classes, batch, nz, lr_g, oh,
 
 
 @functools.lru_cache(maxsize=None)
-def _kd_programs(model, pool_size, b, kd_lr, kd_momentum, temperature,
+def kd_programs(net, pool_size, b, kd_lr, kd_momentum, temperature,
                  aug_strategy):
   """Jitted ``(kd_order, kd_step, kd_opt)`` for one static configuration."""
-  apply_fn = common.logits_of(model)
-  ensemble = _ensemble_fn(apply_fn)
+  ensemble = ensemble_logits(net)
   kd_opt = optax.sgd(kd_lr, momentum=kd_momentum)
 
   @jax.jit
@@ -342,52 +403,58 @@ def _kd_programs(model, pool_size, b, kd_lr, kd_momentum, temperature,
     idx, w = fedavg.batch_slice(order, i, n, b)
     xb = _augment(aug_key, pool[idx], aug_strategy)
     t_logits = ensemble(teachers, xb)
+    params, state = net.split(student)
 
     def loss_fn(p):
-      kl = kl_per_sample(apply_fn(p, xb), t_logits, temperature)
-      return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0)
+      logits, new = net.train_logits(net.merge(p, state), xb, w)
+      kl = kl_per_sample(logits, t_logits, temperature)
+      return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0), new
 
-    loss, grads = jax.value_and_grad(loss_fn)(student)
-    updates, opt_state = kd_opt.update(grads, opt_state, student)
-    return (optax.apply_updates(student, updates), opt_state,
-            loss * jnp.sum(w))
+    (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = kd_opt.update(grads, opt_state, params)
+    return (net.merge(optax.apply_updates(params, updates),
+                      net.split(new)[1]), opt_state, loss * jnp.sum(w))
 
   return kd_order, kd_step, kd_opt
 
 
-def distill(key, teachers, model, input_shape, num_classes, cfg: DenseConfig,
-            mean=None, std=None):
+def distill(key, teachers, net, input_shape, num_classes, cfg: DenseConfig,
+            mean=None, std=None, on_round=None):
   """DENSE's server stage for one seed.
 
   Args:
     key: this seed's server key (student init, generator rounds, KD order).
-    teachers: client models, leaves ``[K, ...]``.
-    model: the architecture of teachers and student.
+    teachers: client models' variables, leaves ``[K, ...]``.
+    net: the ``nets.Net`` of teachers and student.
     input_shape: one sample's shape.
     num_classes: C.
-    cfg: ``DenseConfig``.
+    cfg: ``DenseConfig`` (``bn > 0`` needs a BatchNorm ``net``).
     mean, std: the dataset's per-channel normalisation (images).
+    on_round: optional ``f(round, student)`` called after each round's
+      distillation pass (e.g. to test the student as it learns).
 
   Returns:
-    ``(student_params, init_params, history)``: the distilled student, its
-    initialisation, and ``history`` with ``gen`` ``[epochs, g_steps, 4]``
-    (total, ce, adv, div generator losses), ``kd`` ``[epochs]`` (mean KD
-    loss of each pass over the pool) and ``pool`` ``[epochs * batch, ...]``
-    (every generated sample the student was distilled on).
+    ``(student, init, history)``: the distilled student's variables, its
+    initialisation, and ``history`` with ``gen`` ``[epochs, g_steps, 5]``
+    (total, ce, adv, div, bn generator losses), ``kd`` ``[epochs]`` (mean
+    KD loss of each pass over the pool) and ``pool`` ``[epochs * batch,
+    ...]`` (every generated sample the student was distilled on).
   """
+  if cfg.bn > 0 and not net.has_batchnorm:
+    raise ValueError("cfg.bn > 0 needs a network with BatchNorm")
   generator = make_generator(input_shape, cfg.ngf, mean, std)
   B = cfg.synthesis_batch
   pool_size = cfg.epochs * B
   start_round, generator_step = _generator_programs(
-      model, generator, int(num_classes), B, cfg.nz, cfg.lr_g, cfg.oh,
-      cfg.adv, cfg.div, cfg.aug_strategy)
+      net, generator, int(num_classes), B, cfg.nz, cfg.lr_g, cfg.oh,
+      cfg.adv, cfg.div, cfg.bn, cfg.aug_strategy)
   b = min(cfg.kd_batch, pool_size)
-  kd_order, kd_step, kd_opt = _kd_programs(
-      model, pool_size, b, cfg.kd_lr, cfg.kd_momentum, cfg.temperature,
+  kd_order, kd_step, kd_opt = kd_programs(
+      net, pool_size, b, cfg.kd_lr, cfg.kd_momentum, cfg.temperature,
       cfg.aug_strategy)
-  student = models.init_params(model, jax.random.fold_in(key, 0), input_shape)
+  student = net.init(jax.random.fold_in(key, 0), input_shape)
   init = jax.tree.map(jnp.copy, student)  # the steps donate the student
-  opt_state = kd_opt.init(student)
+  opt_state = kd_opt.init(net.split(student)[0])
   pool = jnp.zeros((pool_size,) + tuple(input_shape), jnp.float32)
   gen_hist, kd_hist = [], []
   for e in range(cfg.epochs):
@@ -419,6 +486,8 @@ def distill(key, teachers, model, input_shape, num_classes, cfg: DenseConfig,
       total += float(loss)
     gen_hist.append(np.stack(hist))
     kd_hist.append(total / int(n))
+    if on_round is not None:
+      on_round(e, student)
   history = {"gen": np.stack(gen_hist), "kd": np.asarray(kd_hist),
              "pool": np.asarray(pool)}
   return student, init, history
@@ -428,10 +497,14 @@ def _stack(trees):
   return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
 
-@functools.lru_cache(maxsize=None)
-def ensemble_logits(model):
-  """``f(teachers [K, ...], x) -> mean logits``, cached per model."""
-  return _ensemble_fn(common.logits_of(model))
+def server_budget(cfg: DenseConfig) -> dict:
+  """What the server stage costs per seed, in samples and steps."""
+  b = min(cfg.kd_batch, cfg.epochs * cfg.synthesis_batch)
+  kd_steps = sum(-(-(e + 1) * cfg.synthesis_batch // b)
+                 for e in range(cfg.epochs))
+  return {"rounds": cfg.epochs, "generator_steps": cfg.epochs * cfg.g_steps,
+          "pool_size": cfg.epochs * cfg.synthesis_batch,
+          "kd_steps": kd_steps, "kd_batch": b}
 
 
 def run(s, timings: dict, client_params=None) -> dict:
@@ -448,25 +521,31 @@ def run(s, timings: dict, client_params=None) -> dict:
   Returns:
     ``accuracies [n]``, ``accuracy_mean``, ``accuracy_std``,
     ``per_class_recall [C]``, ``predictions [n, N_test]`` of the students;
-    ``ensemble_accuracies [n]`` (the teachers, DENSE's ceiling);
-    ``init_accuracies [n]`` (the students before distillation);
-    ``ensemble_predictions`` / ``init_predictions`` ``[n, N_test]``;
-    ``history`` (per seed, see ``distill``), ``params`` and
-    ``init_params`` (students after / before, leaves ``[n, ...]``) for
-    inspection (not JSON).
+    ``ensemble_predictions`` / ``fedavg_predictions`` /
+    ``init_predictions`` ``[n, N_test]`` (the teachers' ensemble, FedAvg
+    of the same client models, the students before distillation);
+    ``extra`` for ``results.json``: ``ensemble_accuracies``,
+    ``fedavg_accuracies``, ``init_accuracies`` ``[n]``, ``dense``
+    (settings and ``server_budget``) and ``local_training`` (None when the
+    teachers were passed in); ``history`` (per seed, see ``distill``),
+    ``params`` and ``init_params`` (students after / before, leaves
+    ``[n, ...]``) for inspection (not JSON).
   """
   cfg = s.config
   n = common.check_positive(cfg.eval.num_nets, "eval.num_nets",
                             integer=True)
   C = s.dataset.num_classes
-  model = common.eval_model(cfg, C)
-  dcfg = dense_config(s)
+  net = fedavg.baseline_net(s)
+  dcfg = dense_config(s, net)
+  lcfg = fedavg.local_train_config(s)
   xs, ys = fedavg.client_data(s)
   t0 = time.perf_counter()
+  local = None
   if client_params is None:
-    teachers = fedavg.train_clients(common.baseline_key(s.root, "fedavg"),
-                                    model, s.input_shape, xs, ys, n,
-                                    fedavg.local_train_config(s))
+    teachers, report = fedavg.train_local_models(
+        common.baseline_key(s.root, "fedavg"), net, s.input_shape, xs, ys, n,
+        lcfg, C)
+    local = fedavg.local_training_record(lcfg, net, report)
   else:
     teachers = jax.tree.map(jnp.asarray, client_params)
     shape = jax.tree.leaves(teachers)[0].shape[:2]
@@ -482,24 +561,33 @@ def run(s, timings: dict, client_params=None) -> dict:
   students, inits, histories = [], [], []
   for i in range(n):
     st, init, hist = distill(
-        jax.random.fold_in(key, i), jax.tree.map(lambda a: a[i], teachers),
-        model, s.input_shape, C, dcfg, mean, std)
+        jax.random.fold_in(key, i), _take(teachers, i), net, s.input_shape,
+        C, dcfg, mean, std)
     students.append(st)
     inits.append(init)
     histories.append(hist)
   students, inits = _stack(students), _stack(inits)
   jax.block_until_ready(students)
   t2 = time.perf_counter()
-  apply_fn = common.logits_of(model)
+  logits = nets.logits_fn(net)
   out = common.model_metrics(
-      common.predict(apply_fn, students, s.test_x), s.dataset.test_y, C)
-  init_preds = common.predict(apply_fn, inits, s.test_x)
-  ens_preds = common.predict(ensemble_logits(model), teachers, s.test_x)
+      common.predict(logits, students, s.test_x), s.dataset.test_y, C)
+  init_preds = common.predict(logits, inits, s.test_x)
+  ens_preds = common.predict(ensemble_logits(net), teachers, s.test_x)
+  avg = fedavg.average_params(teachers, [len(y) for y in ys])
+  avg_preds = common.predict(logits, avg, s.test_x)
   test_y = np.asarray(s.dataset.test_y)
-  out["init_accuracies"] = np.mean(init_preds == test_y, -1)
-  out["ensemble_accuracies"] = np.mean(ens_preds == test_y, -1)
   out["ensemble_predictions"] = ens_preds
+  out["fedavg_predictions"] = avg_preds
   out["init_predictions"] = init_preds
+  out["extra"] = {
+      "ensemble_accuracies": np.mean(ens_preds == test_y, -1).tolist(),
+      "fedavg_accuracies": np.mean(avg_preds == test_y, -1).tolist(),
+      "init_accuracies": np.mean(init_preds == test_y, -1).tolist(),
+      "dense": {"settings": dataclasses.asdict(dcfg),
+                "budget": server_budget(dcfg)},
+      "local_training": local,
+  }
   out["history"] = histories
   out["params"] = jax.device_get(students)
   out["init_params"] = jax.device_get(inits)

@@ -1,35 +1,66 @@
 """One-shot FedAvg: clients train from a shared init, the server averages once.
 
 For each of ``config.eval.num_nets`` seeds the server broadcasts one fresh
-initialisation of the evaluation architecture (``config.eval``); every
-client trains it on its own data for ``local_epochs`` with SGD and uploads
-the weights; the server averages them once, weighted by client data size
-(McMahan et al.'s weighting), and the averaged model is tested on
-``s.test_x``. The spread over seeds covers the shared init and the clients'
-shuffles and augmentation.
+initialisation of the baselines' network (``nets.make_net``: the
+evaluation architecture, or its BatchNorm variant with
+``baseline.net_norm``); every client trains it on its own data with SGD and
+uploads the weights once; the server averages them, weighted by client
+data size (McMahan et al.'s weighting; BatchNorm running statistics are
+averaged the same way), and the averaged model is tested on ``s.test_x``.
+The spread over seeds covers the shared init and the clients' shuffles and
+augmentation.
 
-Settings (``config.baseline``, defaults in brackets): ``local_epochs`` [5],
-``local_lr`` [0.01], ``local_momentum`` [0.9], ``local_weight_decay``
-[5e-4], ``local_batch`` [256], ``local_dsa`` [``config.eval.dsa``]: DSA on
-each training batch, as the evaluator trains (per-image parameters, one
-family per batch). The learning rate is constant (no decay), as in one-shot
+How long and how fast a client trains is chosen on its own data, as a
+practitioner would before uploading a one-shot model:
+
+1. Validation split: ``val_fraction`` of the client's samples, stratified
+   by class (``validation_split``: largest-remainder allocation, at least
+   one sample of every class stays in training), drawn from the client's
+   key.
+2. Search: from the broadcast init of seed 0, one run per learning rate of
+   ``lrs`` (same init, same shuffles and augmentation for every rate) for
+   at most ``epochs`` epochs on the training part; every ``val_every``
+   epochs (and at the last) the run's validation accuracy and cross-entropy
+   are measured. A run stops early after ``patience`` checks without
+   improving its best (accuracy first, loss breaking ties).
+3. Choice: the (rate, epoch count) of the best check over all runs
+   (highest accuracy, then lowest loss, then fewest epochs, then the
+   smaller rate).
+4. Refit: every seed trains from its own broadcast init on ALL of the
+   client's data with the chosen rate for the chosen number of epochs. The
+   searched models are discarded: the refit sees the held-out 10-20 %
+   too, which matters for the rare classes of a skewed client, and the
+   epoch count carries over because epochs are passes over the data.
+
+``val_fraction = 0`` turns the selection off: every client trains exactly
+``epochs`` epochs at the single rate of ``lrs`` (the earlier behaviour,
+same keys, so the same models).
+
+Settings (``config.baseline``): ``local_lrs``, ``local_epochs``,
+``local_val_fraction``, ``local_val_every``, ``local_patience`` (None:
+never stop early), ``local_momentum``, ``local_weight_decay``,
+``local_batch``, ``local_dsa`` (DSA on each training batch as the
+evaluator trains, one family per batch; None: ``config.eval.dsa``),
+``net_norm``. The learning rate is constant (no decay), as in one-shot
 FL's local training (DENSE), and weight decay is coupled to the gradient
 like PyTorch's SGD (as in ``evaluate``).
 
-Clients of different sizes are padded to one length so that every client
-and seed shares one compiled program; each client's epoch visits exactly
-its own samples in a fresh random order (ragged last batch masked), so the
-padding changes nothing but the shapes. The seeds of a client train side
-by side (vmapped), the clients one after the other.
+Clients of different sizes are padded to one length so that every client,
+run and seed shares one compiled program; each epoch visits exactly the
+run's own samples in a fresh random order (ragged last batch masked, and
+left out of BatchNorm's statistics), so the padding changes nothing but the
+shapes. On an accelerator the runs of a client (rates in the search, seeds
+in the refit) train side by side (vmapped); on the CPU one after another.
 
 The client models are also DENSE's teachers (``dense`` calls
-``train_clients`` with this module's key), so the two baselines share them.
+``train_local_models`` with this module's key), so the two baselines share
+them.
 """
 
 import dataclasses
 import functools
 import time
-from typing import Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -38,34 +69,70 @@ import optax
 
 from collabdm_jax import augment
 from collabdm_jax.baselines import common
+from collabdm_jax.baselines import nets
 from collabdm_jax import evaluate
-from collabdm_jax import models
+
+# Streams folded into seed i's key (fold_in(key, i)); seed 0's search and
+# split streams serve the per-client selection.
+_INIT, _TRAIN, _SEARCH, _SPLIT = 0, 1, 2, 3
+_VAL_CHUNK = 500
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalTrainConfig:
-  """How every client trains its copy of the shared model."""
-  epochs: int = 5
-  lr: float = 0.01
+  """How every client trains its copy of the shared model (module doc)."""
+  lrs: Tuple[float, ...] = (0.01, 0.03, 0.1)
+  epochs: int = 60
+  val_fraction: float = 0.15
+  val_every: int = 3
+  patience: Optional[int] = 4
   momentum: float = 0.9
   weight_decay: float = 5e-4
-  batch_size: int = 256
+  batch_size: int = 64
   dsa_strategy: str = ""
+
+  @property
+  def selects(self) -> bool:
+    """Whether lr and epochs are chosen on a validation split."""
+    return self.val_fraction > 0
 
 
 def local_train_config(s) -> LocalTrainConfig:
-  """``LocalTrainConfig`` from ``config.baseline`` (module docstring)."""
+  """``LocalTrainConfig`` from ``config.baseline`` (checked)."""
   cfg, b = s.config, s.config.baseline
   momentum = float(b.local_momentum)
   if not 0 <= momentum < 1:
     raise ValueError(
         f"baseline.local_momentum must be in [0, 1), got {momentum}")
+  lrs = b.local_lrs
+  if isinstance(lrs, (int, float)) or not len(lrs):
+    raise ValueError(f"baseline.local_lrs must be a non-empty sequence of "
+                     f"learning rates, got {lrs!r}")
+  lrs = tuple(common.check_positive(v, "baseline.local_lrs") for v in lrs)
+  if len(set(lrs)) != len(lrs):
+    raise ValueError(f"baseline.local_lrs has repeated values: {lrs}")
+  frac = float(b.local_val_fraction)
+  if not 0 <= frac < 1:
+    raise ValueError(
+        f"baseline.local_val_fraction must be in [0, 1), got {frac}")
+  if frac == 0 and len(lrs) != 1:
+    raise ValueError(f"baseline.local_lrs must hold one value when "
+                     f"baseline.local_val_fraction is 0 (nothing to choose "
+                     f"on), got {lrs}")
+  patience = b.local_patience
+  if patience is not None:
+    patience = common.check_positive(patience, "baseline.local_patience",
+                                     integer=True)
   dsa = bool(common.unless_none(b.local_dsa, cfg.eval.dsa))
   return LocalTrainConfig(
-      epochs=common.check_positive(b.local_epochs,
-                                   "baseline.local_epochs", integer=True,
-                                   allow_zero=True),
-      lr=common.check_positive(b.local_lr, "baseline.local_lr"),
+      lrs=lrs,
+      epochs=common.check_positive(b.local_epochs, "baseline.local_epochs",
+                                   integer=True, allow_zero=frac == 0),
+      val_fraction=frac,
+      val_every=common.check_positive(b.local_val_every,
+                                      "baseline.local_val_every",
+                                      integer=True),
+      patience=patience,
       momentum=momentum,
       weight_decay=common.check_positive(
           b.local_weight_decay, "baseline.local_weight_decay",
@@ -74,6 +141,66 @@ def local_train_config(s) -> LocalTrainConfig:
                                        "baseline.local_batch", integer=True),
       dsa_strategy="_".join(augment.parse_strategy(s.dsa_strategy)) if dsa
       else "")
+
+
+def baseline_net(s) -> nets.Net:
+  """The network FedAvg and DENSE train (``baseline.net_norm``)."""
+  cfg = s.config
+  kwargs = cfg.eval.model_kwargs.to_dict() if "model_kwargs" in cfg.eval \
+      else {}
+  return nets.make_net(cfg.eval.arch, s.dataset.num_classes, kwargs,
+                       cfg.baseline.net_norm)
+
+
+# ---------------------------------------------------------------------------
+# Validation split
+# ---------------------------------------------------------------------------
+
+
+def validation_counts(class_counts, fraction: float) -> np.ndarray:
+  """Validation samples per class: ``round(fraction * n)`` in all, stratified.
+
+  Largest-remainder allocation of ``round(fraction * sum n_c)`` over the
+  classes in proportion to ``n_c``, each capped at ``n_c - 1`` so every
+  class the client holds keeps a training sample (ties to the lower class
+  index).
+  """
+  n = np.asarray(class_counts, np.int64)
+  total = int(np.floor(fraction * n.sum() + 0.5))
+  cap = np.maximum(n - 1, 0)
+  total = min(total, int(cap.sum()))
+  quota = fraction * n
+  out = np.minimum(np.floor(quota).astype(np.int64), cap)
+  while out.sum() < total:
+    room = out < cap
+    rem = np.where(room, quota - out, -np.inf)
+    out[int(np.argmax(rem))] += 1
+  return out
+
+
+def validation_split(key, labels, fraction: float, num_classes: int):
+  """Stratified ``(train_idx, val_idx)`` of one client's samples.
+
+  ``validation_counts`` samples of each class, chosen uniformly within the
+  class by ``key``; both index arrays are sorted, disjoint and together
+  ``0..N-1``.
+  """
+  labels = np.asarray(labels)
+  counts = np.bincount(labels, minlength=num_classes)
+  per_class = validation_counts(counts, fraction)
+  u = np.asarray(jax.random.uniform(key, (len(labels),)))
+  val = []
+  for c in np.flatnonzero(per_class):
+    idx = np.flatnonzero(labels == c)
+    val.append(idx[np.argsort(u[idx], kind="stable")[:per_class[c]]])
+  val = np.sort(np.concatenate(val)) if val else np.zeros((0,), np.int64)
+  train = np.setdiff1d(np.arange(len(labels)), val)
+  return train, val
+
+
+# ---------------------------------------------------------------------------
+# Programs
+# ---------------------------------------------------------------------------
 
 
 def shuffled_batches(key, n, capacity: int, batch: int):
@@ -112,119 +239,296 @@ def sgd(lr, momentum, weight_decay):
 # millisecond. Shapes are identical for every client and step, so
 # everything compiles once.
 @functools.lru_cache(maxsize=None)
-def client_programs(model, input_shape, batch: int, dsa_strategy: str,
-                    micro_batch=None):
-  """Jitted ``(init, order, step)`` vmapped over seeds, cached per config.
+def client_programs(net: nets.Net, input_shape, batch: int,
+                    dsa_strategy: str, micro_batch=None):
+  """Jitted ``(init, order, step, val_sums)`` vmapped over runs, per config.
 
-  ``micro_batch`` computes each step's gradient in pieces of that many
-  samples (``evaluate.weighted_loss_and_grad``).
+  ``step`` takes one learning rate per run. ``micro_batch`` computes a
+  stateless network's gradient in pieces of that many samples
+  (``evaluate.weighted_loss_and_grad``); a BatchNorm network takes the
+  whole batch at once (its statistics are the batch's).
   """
-  apply_fn = common.logits_of(model)
 
-  def loss_sum(p, xb, yb, w):
-    ce = optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb)
-    return jnp.sum(ce * w)
+  def loss_sum(params, state, xb, yb, w):
+    logits, new = net.train_logits(net.merge(params, state), xb, w)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+    return jnp.sum(ce * w), net.split(new)[1]
 
   @jax.jit
-  def init(init_keys, lr, momentum, wd):
-    params = jax.vmap(lambda k: models.init_params(model, k, input_shape))(
-        init_keys)
-    return params, jax.vmap(sgd(lr, momentum, wd).init)(params)
+  def init(init_keys, momentum, wd):
+    variables = jax.vmap(lambda k: net.init(k, input_shape))(init_keys)
+    params = jax.vmap(lambda v: net.split(v)[0])(variables)
+    return variables, jax.vmap(sgd(1.0, momentum, wd).init)(params)
 
   @functools.partial(jax.jit, static_argnums=2)
   def order(keys, n, capacity):
     return jax.vmap(lambda k: shuffled_batches(k, n, capacity, batch))(keys)
 
-  def one(params, opt_state, x, y, order, i, n, aug_key, lr, momentum, wd):
+  def one(variables, opt_state, x, y, order, i, n, aug_key, lr, momentum,
+          wd):
     idx, w = batch_slice(order, i, n, batch)
     xb, yb = x[idx], y[idx]
     if dsa_strategy:
       xb = augment.dsa(aug_key, xb, dsa_strategy, siamese=False,
                        one_family=True)
-
-    _, grads = evaluate.weighted_loss_and_grad(loss_sum, params, xb, yb, w,
-                                               micro_batch)
+    params, state = net.split(variables)
+    if net.has_batchnorm:
+      (_, state), grads = jax.value_and_grad(loss_sum, has_aux=True)(
+          params, state, xb, yb, w)
+    else:
+      _, grads = evaluate.weighted_loss_and_grad(
+          lambda p, a, b, c: loss_sum(p, state, a, b, c)[0], params, xb, yb,
+          w, micro_batch)
     # Mean over the real samples, like PyTorch on a short last batch.
     grads = jax.tree.map(lambda g: g / jnp.maximum(jnp.sum(w), 1.0), grads)
-    updates, opt_state = sgd(lr, momentum, wd).update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    updates, opt_state = sgd(lr, momentum, wd).update(grads, opt_state,
+                                                      params)
+    return (net.merge(optax.apply_updates(params, updates), state),
+            opt_state)
 
   step = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, 0, None, None, 0,
-                                        None, None, None)),
+                                        0, None, None)),
                  donate_argnums=(0, 1))
-  return init, order, step
+
+  @jax.jit
+  def val_sums(variables, x, y, w):
+    """Correct predictions and summed cross-entropy per run on a chunk."""
+
+    def one_run(v):
+      logits = net.logits(v, x)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      hit = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+      return jnp.sum(hit * w), jnp.sum(ce * w)
+
+    return jax.vmap(one_run)(variables)
+
+  return init, order, step, val_sums
 
 
-def train_clients(key, model, input_shape, client_x, client_y,
-                  num_seeds: int, cfg: LocalTrainConfig):
-  """Local training of every client from one shared init per seed.
+# ---------------------------------------------------------------------------
+# Training one client
+# ---------------------------------------------------------------------------
 
-  Each client runs ``cfg.epochs`` epochs over exactly its own samples (fresh
-  random order per epoch, batch ``min(batch_size, N_max)`` slots, a short
-  last batch masked), SGD with constant learning rate; the seeds of one
-  client train side by side (vmapped).
+
+def _fold_each(keys, i):
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+
+
+def _validate(val_sums, variables, val):
+  """``(accuracy [R], mean cross-entropy [R])`` on the padded split ``val``."""
+  xv, yv, nv = val
+  c = min(_VAL_CHUNK, xv.shape[0])
+  hits = losses = 0.0
+  for j in range(0, xv.shape[0], c):
+    w = (j + np.arange(c) < nv).astype(np.float32)
+    h, l = val_sums(variables, xv[j:j + c], yv[j:j + c], w)
+    hits, losses = hits + np.asarray(h), losses + np.asarray(l, np.float64)
+  # Hit counts are exact small integers in float32: the accuracy is the
+  # exact fraction.
+  return np.rint(hits).astype(np.float64) / nv, losses / nv
+
+
+def _better(a, b) -> bool:
+  """Check ``a = (acc, loss)`` beats ``b``: higher accuracy, then lower loss."""
+  return b is None or a[0] > b[0] or (a[0] == b[0] and a[1] < b[1])
+
+
+def train_runs(programs, init_keys, run_keys, lrs, x, y, n: int,
+               epochs: int, cfg: LocalTrainConfig, val=None):
+  """Trains R runs of one client side by side; validates them if asked.
 
   Args:
-    key: the run's key; seed i's shared init is ``fold_in(fold_in(key, i),
-      0)``, client k's shuffles and augmentation come from
-      ``fold_in(fold_in(fold_in(key, i), 1), k)``.
-    model: the architecture every client trains.
+    programs: ``client_programs(...)`` of the network and batch.
+    init_keys, run_keys: ``[R]`` keys: run r starts from
+      ``net.init(init_keys[r])`` and draws epoch e's order from
+      ``fold_in(fold_in(run_keys[r], e), 0)`` and step i's augmentation from
+      ``fold_in(fold_in(fold_in(run_keys[r], e), 1), i)``.
+    lrs: ``[R]`` learning rates.
+    x, y: the client's samples padded to the shared capacity; n: how many
+      are real (the first n).
+    epochs: epochs to train (at most, with ``val``).
+    cfg: momentum, weight decay, batch, validation cadence and patience.
+    val: None, or ``(x_val, y_val, n_val)`` padded: check every
+      ``cfg.val_every`` epochs and at the last, stop a run after
+      ``cfg.patience`` checks without improvement, and the whole group when
+      every run has stopped.
+
+  Returns:
+    ``(variables [R, ...], curves)``: ``curves[r]`` is the list of
+    ``(epoch, accuracy, loss)`` checks of run r up to its stop (empty
+    without ``val``).
+  """
+  init, order, step, val_sums = programs
+  capacity = x.shape[0]
+  b = min(cfg.batch_size, capacity)
+  R = len(lrs)
+  hyper = (np.float32(cfg.momentum), np.float32(cfg.weight_decay))
+  lrs = jnp.asarray(np.asarray(lrs, np.float32))
+  variables, opt_state = init(jnp.stack(init_keys), *hyper)
+  run_keys = jnp.stack(run_keys)
+  curves = [[] for _ in range(R)]
+  best, since, active = [None] * R, [0] * R, [True] * R
+  for e in range(epochs):
+    ekeys = _fold_each(run_keys, e)
+    orders = order(_fold_each(ekeys, 0), np.int32(n), capacity)
+    akeys = _fold_each(ekeys, 1)
+    for i in range(-(-n // b)):
+      variables, opt_state = step(variables, opt_state, x, y, orders,
+                                  np.int32(i), np.int32(n),
+                                  _fold_each(akeys, i), lrs, *hyper)
+    done = e + 1
+    if val is None or not (done % cfg.val_every == 0 or done == epochs):
+      continue
+    acc, loss = _validate(val_sums, variables, val)
+    for r in range(R):
+      if not active[r]:
+        continue
+      check = (float(acc[r]), float(loss[r]))
+      curves[r].append((done, *check))
+      if _better(check, best[r]):
+        best[r], since[r] = check, 0
+      else:
+        since[r] += 1
+        active[r] = cfg.patience is None or since[r] < cfg.patience
+    if not any(active):
+      break
+  return variables, curves
+
+
+def choose(curves, lrs) -> Dict:
+  """The best check over all runs: ``{"lr", "epochs", "val_accuracy",
+  "val_loss"}`` (highest accuracy, lowest loss, fewest epochs, smaller lr)."""
+  cands = [(-acc, loss, epoch, lr, acc)
+           for curve, lr in zip(curves, lrs) for epoch, acc, loss in curve]
+  if not cands:
+    raise ValueError("no validation checks to choose from")
+  _, loss, epoch, lr, acc = min(cands)
+  return {"lr": float(lr), "epochs": int(epoch), "val_accuracy": float(acc),
+          "val_loss": float(loss)}
+
+
+def _pad(a, capacity):
+  out = np.zeros((capacity,) + a.shape[1:], a.dtype)
+  out[:len(a)] = a
+  return out
+
+
+def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
+                       num_seeds: int, cfg: LocalTrainConfig,
+                       num_classes: int):
+  """Every client's one-shot model, ``num_seeds`` times (module docstring).
+
+  Args:
+    key: the run's key; seed i's shared init is ``net.init(fold_in(fold_in(
+      key, i), 0))`` and client k's refit draws from ``fold_in(fold_in(
+      fold_in(key, i), 1), k)``; client k's validation split and search use
+      seed 0's streams 3 and 2 (folded with k).
+    net: the network every client trains.
     input_shape: one example's shape.
     client_x, client_y: per-client inputs ``[n_k, ...]`` and labels.
     num_seeds: independent repetitions (different shared inits).
     cfg: local training settings.
+    num_classes: C (the split is stratified over 0..C-1).
 
   Returns:
-    Parameters with leaves ``[num_seeds, K, ...]``.
+    ``(variables, report)``: variables with leaves ``[num_seeds, K, ...]``;
+    ``report[k]`` holds client k's sizes, the chosen ``lr`` and
+    ``epochs``, the validation ``curves`` per learning rate, its best
+    check, and ``search_s`` / ``refit_s`` wall seconds.
+
+  Raises:
+    ValueError: bad sizes, or (before any training) a client too small for
+    a validation split.
   """
   if num_seeds < 1:
     raise ValueError(f"num_seeds must be >= 1, got {num_seeds}")
   if not len(client_x) == len(client_y) >= 1:
     raise ValueError("client_x and client_y must be equally long, >= 1 client")
-  xs, ys, ns = pad_clients(client_x, client_y)
-  capacity = xs.shape[1]
+  ns = [len(y) for y in client_y]
+  if min(ns) < 1:
+    raise ValueError(f"every client needs >= 1 sample, got sizes {ns}")
+  seed0 = jax.random.fold_in(key, 0)
+  splits = []
+  for k, y in enumerate(client_y):
+    if not cfg.selects:
+      splits.append(None)
+      continue
+    tr, va = validation_split(
+        jax.random.fold_in(jax.random.fold_in(seed0, _SPLIT), k), y,
+        cfg.val_fraction, num_classes)
+    if len(va) == 0:
+      raise ValueError(
+          f"client {k} has {ns[k]} samples: too few for a validation split "
+          f"of baseline.local_val_fraction={cfg.val_fraction} (set it to 0 "
+          f"to train a fixed number of epochs)")
+    splits.append((tr, va))
+  capacity = max(ns)
   b = min(cfg.batch_size, capacity)
-  # On CPU the seeds train one after another (a seed axis of 1) with split
-  # forward passes: XLA:CPU turns convolutions vmapped over weights into
-  # slow grouped convolutions, and large batches fall out of cache (see
-  # evaluate.py). Same keys and arithmetic, so the same models up to float
-  # summation order.
+  micro = None if net.has_batchnorm else evaluate.default_micro_batch()
+  programs = client_programs(net, tuple(input_shape), b, cfg.dsa_strategy,
+                             micro)
+  # On CPU the runs train one after another (a run axis of 1): XLA:CPU
+  # turns convolutions vmapped over weights into slow grouped convolutions
+  # (see evaluate.py). Same keys and arithmetic, so the same models up to
+  # float summation order.
   on_cpu = jax.default_backend() == "cpu"
-  init, order, step = client_programs(
-      model, tuple(input_shape), b, cfg.dsa_strategy,
-      evaluate.default_micro_batch())
-  hyper = (np.float32(cfg.lr), np.float32(cfg.momentum),
-           np.float32(cfg.weight_decay))
-  xs, ys = jnp.asarray(xs), jnp.asarray(ys)
-  all_seeds = [jax.random.fold_in(key, i) for i in range(num_seeds)]
-  groups = [[k] for k in all_seeds] if on_cpu else [all_seeds]
-  per_group = [_train_seeds(seed_keys, xs, ys, ns, capacity, b, cfg, hyper,
-                            init, order, step) for seed_keys in groups]
-  return jax.tree.map(lambda *a: jnp.concatenate(a, 0), *per_group)
-
-
-def _train_seeds(seed_keys, xs, ys, ns, capacity, b, cfg, hyper, init, order,
-                 step):
-  """``train_clients`` for the given seed keys, side by side (vmapped)."""
-  init_keys = jnp.stack([jax.random.fold_in(k, 0) for k in seed_keys])
-  out = []
+  val_cap = max([len(sp[1]) for sp in splits if sp] or [0])
+  if val_cap > _VAL_CHUNK:  # whole chunks: one compiled validation program
+    val_cap = -(-val_cap // _VAL_CHUNK) * _VAL_CHUNK
+  seed_keys = [jax.random.fold_in(key, i) for i in range(num_seeds)]
+  out, report = [], []
   for k in range(len(ns)):
-    n = int(ns[k])
-    ckeys = jnp.stack([jax.random.fold_in(jax.random.fold_in(sk, 1), k)
-                       for sk in seed_keys])
-    xk, yk = xs[k], ys[k]
-    params, opt_state = init(init_keys, *hyper)
-    for e in range(cfg.epochs):
-      ekeys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(ckeys, e)
-      orders = order(jax.vmap(jax.random.fold_in, in_axes=(0, None))(ekeys, 0),
-                     np.int32(n), capacity)
-      akeys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(ekeys, 1)
-      for i in range(-(-n // b)):
-        params, opt_state = step(
-            params, opt_state, xk, yk, orders, np.int32(i), np.int32(n),
-            jax.vmap(jax.random.fold_in, in_axes=(0, None))(akeys, i), *hyper)
+    x, y = np.asarray(client_x[k], np.float32), np.asarray(client_y[k],
+                                                           np.int32)
+    entry = {"n": ns[k]}
+    t0 = time.perf_counter()
+    lr, epochs = cfg.lrs[0], cfg.epochs
+    if splits[k] is not None:
+      tr, va = splits[k]
+      val = (jnp.asarray(_pad(x[va], val_cap)), jnp.asarray(_pad(y[va],
+                                                                  val_cap)),
+             len(va))
+      init_key = jax.random.fold_in(seed0, _INIT)
+      run_key = jax.random.fold_in(jax.random.fold_in(seed0, _SEARCH), k)
+      groups = [[j] for j in range(len(cfg.lrs))] if on_cpu else \
+          [list(range(len(cfg.lrs)))]
+      curves = [None] * len(cfg.lrs)
+      xt, yt = jnp.asarray(_pad(x[tr], capacity)), jnp.asarray(
+          _pad(y[tr], capacity))
+      for g in groups:
+        _, cg = train_runs(programs, [init_key] * len(g), [run_key] * len(g),
+                           [cfg.lrs[j] for j in g], xt, yt, len(tr),
+                           cfg.epochs, cfg, val)
+        for j, c in zip(g, cg):
+          curves[j] = c
+      chosen = choose(curves, cfg.lrs)
+      lr, epochs = chosen["lr"], chosen["epochs"]
+      entry.update(n_train=len(tr), n_val=len(va), **chosen,
+                   search_epochs=int(sum(c[-1][0] for c in curves)),
+                   curves={repr(l): [list(p) for p in c]
+                           for l, c in zip(cfg.lrs, curves)})
+    else:
+      entry.update(lr=float(lr), epochs=int(epochs))
+    t1 = time.perf_counter()
+    xk, yk = jnp.asarray(_pad(x, capacity)), jnp.asarray(_pad(y, capacity))
+    groups = [[i] for i in range(num_seeds)] if on_cpu else \
+        [list(range(num_seeds))]
+    per_group = []
+    for g in groups:
+      v, _ = train_runs(
+          programs,
+          [jax.random.fold_in(seed_keys[i], _INIT) for i in g],
+          [jax.random.fold_in(jax.random.fold_in(seed_keys[i], _TRAIN), k)
+           for i in g],
+          [lr] * len(g), xk, yk, ns[k], epochs, cfg)
+      per_group.append(v)
+    params = jax.tree.map(lambda *a: jnp.concatenate(a, 0), *per_group)
+    jax.block_until_ready(params)
+    entry.update(search_s=round(t1 - t0, 3),
+                 refit_s=round(time.perf_counter() - t1, 3))
     out.append(params)
-  return jax.tree.map(lambda *a: jnp.stack(a, 1), *out)
+    report.append(entry)
+  return jax.tree.map(lambda *a: jnp.stack(a, 1), *out), report
 
 
 def pad_clients(client_x: Sequence[np.ndarray], client_y: Sequence[np.ndarray]):
@@ -244,7 +548,8 @@ def average_params(client_params, client_sizes):
   """FedAvg: the size-weighted mean over the client axis (axis 1).
 
   Args:
-    client_params: leaves ``[S, K, ...]``.
+    client_params: leaves ``[S, K, ...]`` (BatchNorm running statistics
+      included: they are averaged like the weights).
     client_sizes: ``[K]`` sample counts (weights ``n_k / sum n``).
 
   Returns:
@@ -266,36 +571,71 @@ def client_data(s):
   return ([s.train_x[i] for i in idx], [s.dataset.train_y[i] for i in idx])
 
 
+def local_training_record(cfg: LocalTrainConfig, net: nets.Net,
+                          report: List[Dict]) -> Dict:
+  """The ``results.json`` record of the clients' training: settings,
+  budgets, choices and wall times."""
+  return {
+      "net": type(net.module).__name__,
+      "settings": {k: (list(v) if isinstance(v, tuple) else v)
+                   for k, v in dataclasses.asdict(cfg).items()},
+      "clients": report,
+      "search_s": round(sum(r["search_s"] for r in report), 3),
+      "refit_s": round(sum(r["refit_s"] for r in report), 3),
+  }
+
+
 def run(s, timings: dict) -> dict:
-  """One-shot FedAvg of the evaluation architecture, tested per seed.
+  """One-shot FedAvg of the baselines' network, tested per seed.
 
   Args:
     s: ``setup.Setup``.
-    timings: receives ``fedavg_client_training`` and ``fedavg_evaluate``.
+    timings: receives ``fedavg_client_training`` (selection and refit) and
+      ``fedavg_evaluate``.
 
   Returns:
     ``accuracies [n]``, ``accuracy_mean``, ``accuracy_std``,
     ``per_class_recall [C]``, ``predictions [n, N_test]`` (n =
-    ``config.eval.num_nets``), plus ``params`` (the averaged models, leaves
-    ``[n, ...]``) and ``client_params`` (leaves ``[n, K, ...]``) as numpy
-    pytrees for inspection (not JSON).
+    ``config.eval.num_nets``); ``extra`` for ``results.json``:
+    ``local_training`` (``local_training_record``) and
+    ``client_accuracies [n, K]`` (each client's own model on the test
+    set); plus ``params`` (the averaged models, leaves ``[n, ...]``) and
+    ``client_params`` (leaves ``[n, K, ...]``) as numpy pytrees for
+    inspection (not JSON).
   """
   cfg = s.config
   n = common.check_positive(cfg.eval.num_nets, "eval.num_nets",
                             integer=True)
-  model = common.eval_model(cfg, s.dataset.num_classes)
+  net = baseline_net(s)
   lcfg = local_train_config(s)
   xs, ys = client_data(s)
   t0 = time.perf_counter()
-  client_params = train_clients(common.baseline_key(s.root, "fedavg"),
-                                model, s.input_shape, xs, ys, n, lcfg)
+  client_params, report = train_local_models(
+      common.baseline_key(s.root, "fedavg"), net, s.input_shape, xs, ys, n,
+      lcfg, s.dataset.num_classes)
   params = average_params(client_params, [len(y) for y in ys])
   jax.block_until_ready(params)
   t1 = time.perf_counter()
-  preds = common.predict(common.logits_of(model), params, s.test_x)
+  logits = nets.logits_fn(net)
+  preds = common.predict(logits, params, s.test_x)
   out = common.model_metrics(preds, s.dataset.test_y, s.dataset.num_classes)
+  out["extra"] = {
+      "local_training": local_training_record(lcfg, net, report),
+      "client_accuracies": client_accuracies(
+          net, client_params, s.test_x, s.dataset.test_y).tolist(),
+  }
   timings["fedavg_client_training"] = t1 - t0
   timings["fedavg_evaluate"] = time.perf_counter() - t1
   out["params"] = jax.device_get(params)
   out["client_params"] = jax.device_get(client_params)
   return out
+
+
+def client_accuracies(net: nets.Net, client_params, x, y) -> np.ndarray:
+  """Test accuracy ``[S, K]`` of every client's own model."""
+  logits = nets.logits_fn(net)
+  K = jax.tree.leaves(client_params)[0].shape[1]
+  cols = [np.mean(common.predict(
+      logits, jax.tree.map(lambda a, k=k: a[:, k], client_params), x)
+      == np.asarray(y), -1) for k in range(K)]
+  return np.stack(cols, 1)

@@ -13,8 +13,9 @@ Budget of every cell: the full training and test sets, 100 server
 iterations (random networks), client statistics from batches of 64 real
 images per class and iteration, 100 local DM updates, 3 evaluation
 ConvNets × 300 epochs; seeds 0, 1, 2 (root key and partition together).
-FedAvg and DENSE use ``fmnist_table_paper.baseline_settings()`` (200 local
-epochs; DENSE's reference generator settings).
+FedAvg and DENSE use ``fmnist_table_paper.baseline_settings()`` (learning
+rate and up to 200 local epochs chosen on each client's validation split;
+DENSE's reference generator and distillation settings).
 
 Variants (the rows): ``collabdm_count`` (this project's default: the exact
 pooled class mean), ``collabdm_uniform`` (the authors' mean of client
