@@ -13,14 +13,14 @@
 #   A (8 workers): reference_table.py:main, the five distillation variants
 #      (CollabDM count / uniform, authors' mode, merged local DM, central DM),
 #      grid point by grid point; central DM's copies at the later grid points
-#      last (the partition does not touch central DM, so they repeat the
-#      first point's runs);
+#      after them (the partition does not touch central DM, so they repeat the
+#      first point's runs); then FedAvg and DENSE, grid point by grid point
+#      from K = 5, alpha = 0.5 (each trains every client's ConvNet with
+#      validated lr and epochs, so they are far slower than the DM cells);
 #   B (3 workers): reference_table.py:ipc, then reference_table.py:cifar10's
-#      distillation variants;
+#      distillation variants, then its FedAvg and DENSE cells;
 #   C (1 worker): paper-budget cells of fmnist_table_paper.py (K = 5, ipc 10,
 #      alpha 0.1 and 0.5; CollabDM, merged local DM, central DM; one seed).
-# FedAvg and DENSE cells are left out: their training is being revised (issue
-# 13, item 4).
 #
 # No cell starts after START_LIMIT_S seconds from the start of this script;
 # running cells finish. Every 30 s (and at the end) the small files of every
@@ -98,14 +98,19 @@ CIFAR=experiments/configs/reference_table.py:cifar10
 PAPER=experiments/configs/fmnist_table_paper.py:fashion_mnist
 DM='variant=(collabdm_count|collabdm_uniform|authors|merged_local_dm)'
 DMC='variant=(collabdm_count|collabdm_uniform|authors|merged_local_dm|central_dm)'
+FD='variant=(fedavg|dense)'
 MAIN_CELLS=$(cells $MAIN \
   "$DMC,partition.alpha=0.5,partition.num_clients=5," \
   "$DM,partition.alpha=0.1,partition.num_clients=5," \
   "$DM,partition.alpha=0.5,partition.num_clients=10," \
   "$DM,partition.alpha=0.1,partition.num_clients=10," \
-  "$DMC")
+  "$DMC" \
+  "$FD,partition.alpha=0.5,partition.num_clients=5," \
+  "$FD,partition.alpha=0.1,partition.num_clients=5," \
+  "$FD,partition.alpha=0.5,partition.num_clients=10," \
+  "$FD,partition.alpha=0.1,partition.num_clients=10,")
 IPC_CELLS=$(cells $IPC "variant=")
-CIFAR_CELLS=$(cells $CIFAR "$DMC")
+CIFAR_CELLS=$(cells $CIFAR "$DMC" "$FD")
 echo "main: $MAIN_CELLS"; echo "ipc: $IPC_CELLS"; echo "cifar10: $CIFAR_CELLS"
 PAPER_FLAGS=(--config.grid.partition.num_clients='(5,)'
   --config.grid.partition.alpha='(0.5,0.1)' --config.grid.server.ipc='(10,)'
