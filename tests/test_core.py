@@ -555,6 +555,57 @@ def test_shared_local_dm_targets_are_the_uploaded_means(tiny):
   assert 2 not in got[0][1]
 
 
+@pytest.mark.parametrize("units_per_piece", [1, 2, 4, 6])
+def test_shared_local_step_equals_each_partys_iteration_step(units_per_piece):
+  """The P x C (party, class) gradients of one shared local step, computed
+  ``units_per_piece`` at a time (4 leaves a remainder of 2 of the 6 units),
+  give every party exactly its own dm.iteration_step: momentum carried over
+  from an earlier step, and a class the party lacks skipped."""
+  model = models.make_model("convnet", C, width=8, depth=2)
+  shape = (12, 12, 1)
+  parties, ipc = 2, 2
+  cfg = client.LocalDMConfig(ipc=ipc, iterations=1, lr=0.5,
+                             dsa_strategy=STRATEGY)
+  opt, step = client.shared_local_step(model, shape, C, cfg, units_per_piece)
+  rng = np.random.default_rng(7)
+  images = rng.standard_normal((parties, C, ipc) + shape).astype(np.float32)
+  d = models.feature_dim(model, shape)
+  means = rng.standard_normal((2, parties, C, d)).astype(np.float32)
+  valid = np.array([[True, True, True], [True, False, True]])
+  states = jax.vmap(lambda im: dm.init_state(im, opt))(jnp.asarray(images))
+  embed = models.embed_fn(model)
+  want = [dm.init_state(jnp.asarray(images[p]), opt) for p in range(parties)]
+  for t in range(2):
+    states, got_losses = step(states, ROOT, jnp.int32(t),
+                              jnp.asarray(means[t]),
+                              jnp.zeros((parties, C, d)), jnp.asarray(valid))
+    for p in range(parties):
+      want[p], losses_p = dm.iteration_step(
+          opt, embed, want[p], dm.network_params(model, ROOT, t, shape),
+          dm.class_aug_keys(ROOT, t, C), jnp.asarray(means[t, p]),
+          jnp.zeros((C, d)), jnp.asarray(valid[p]), dsa_strategy=STRATEGY,
+          pae=False, std_weight=0.0)
+      np.testing.assert_allclose(got_losses[p], losses_p, rtol=1e-5)
+  for p in range(parties):
+    np.testing.assert_allclose(states.images[p], want[p].images, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(states.opt_state[0].trace[p],
+                               want[p].opt_state[0].trace, rtol=1e-5,
+                               atol=1e-6)
+  assert float(got_losses[1, 1]) == 0.0  # the skipped class
+
+
+def test_class_pieces_prefer_a_divisor_of_the_classes():
+  if jax.default_backend() != "cpu":
+    pytest.skip("pieces are a CPU setting")
+  # 50 units of 3 images: 3 per piece would leave 2 over; 2 divides 50.
+  assert dm.default_classes_per_piece(50, 3) == 2
+  assert dm.default_classes_per_piece(10, 10) == 1
+  assert dm.default_classes_per_piece(10, 1) == 10
+  # No divisor in [2, 3]: 3 per piece, the remainder as one more piece.
+  assert dm.default_classes_per_piece(7, 3) == 3
+
+
 def test_shared_local_dm_std_term_needs_second_moments(tiny):
   model, xs, ys = tiny
   spec = full_spec(model)
