@@ -15,7 +15,10 @@ momentum 0.5 on the server, lr 1 on the clients):
 * ``server_ipc{1,10,50}``: the server's jitted, donated step
   (``server.make_step``: psi_t, the Siamese keys and all class steps);
 * ``local_dm``: local DM on the shared networks at the reference config (5
-  clients vmapped, ipc 3, 100 iterations: ``client.shared_local_step``);
+  clients, ipc 3, 100 iterations: ``client.shared_local_step``, which
+  computes the 50 (client, class) gradients a few units per network pass;
+  ``parties_per_class`` is the formulation it replaced, the step vmapped
+  over the clients, one class of every client per pass);
 * ``eval_gradient``: the parameter gradient of an evaluation network's SGD
   step (100 images in micro-batches of 10, ``evaluate.weighted_loss_and_
   grad``), the other user of ``conv_matmul_grads``.
@@ -102,6 +105,10 @@ VARIANTS = {
            "closed form; XLA forward convolutions in the gradients",
     "all_classes": "now, with every class gradient in one network pass "
                    "(classes_per_piece = C, the default off-CPU)",
+    "parties_per_class": "local DM only: dm.iteration_step vmapped over the "
+                         "clients, each network pass one class of every "
+                         "client (15 images at the reference config), as "
+                         "client.shared_local_step did before 77f54e4",
     "*_xla_conv": "that step with XLA's own convolution gradients "
                   "(transposed convolutions)",
     "*_im2col_conv": "that step with base_commit's convolution (im2col "
@@ -327,7 +334,10 @@ def local_case(model, before, im2col_conv, sizes, peak):
       "now": (client_lib.shared_local_step(model, SHAPE, C, cfg),
               dm.SynthesisState, None),
       "all_classes": (vmapped(dm.iteration_step, now_opt,
-                              classes_per_piece=C), dm.SynthesisState, None)}
+                              classes_per_piece=C), dm.SynthesisState, None),
+      "parties_per_class": (vmapped(dm.iteration_step, now_opt,
+                                    classes_per_piece=1),
+                            dm.SynthesisState, None)}
   runners, compile_s = {}, {}
   flops = None
   for name, ((optimizer, step), state_type, conv) in variants.items():
@@ -353,6 +363,8 @@ def local_case(model, before, im2col_conv, sizes, peak):
   for v in out["variants"].values():
     v["projected_total_s"] = v["min_s"] * cfg.iterations
   out["speedup_now_over_before"] = speedups(out["variants"], "before", "now")
+  out["speedup_now_over_parties_per_class"] = speedups(
+      out["variants"], "parties_per_class", "now")
   return out
 
 
