@@ -76,7 +76,7 @@ def plan(dataset_args: Sequence[str], workdir) -> List[Run]:
   for arg in dataset_args:
     sweep_config = ids_table.get_config(arg)
     folder = pathlib.Path(workdir) / sweep.sweep_name(sweep_config)
-    epochs = int(sweep_config.full_data_epochs)
+    epochs = int(sweep_config.script.full_data_epochs)
     for cell in sweep.make_cells(sweep_config):
       config = sweep.apply_overrides(sweep_config.base, cell.overrides)
       runs.append(Run(table_label(config), config.method, config.seed,

@@ -21,7 +21,13 @@ with
 * optional ``seeds``: every cell runs once per seed s with ``seed`` and
   ``partition.seed`` set to s (``SEED_PATHS``);
 * optional ``claims``: ``(key, a, b)`` comparisons whose paired difference
-  over seeds the tables report (default ``results.default_claims``).
+  over seeds the tables report (default ``results.default_claims``);
+* optional ``script``: settings of another program that drives the same
+  cells (e.g. ``experiments/run_ids_table.py``'s ``full_data_epochs``);
+  the sweep does not read them.
+
+Any other top-level field is an error (a misspelt ``seed`` would otherwise
+run the sweep with one seed and say nothing).
 
 Each cell runs ``pipeline.run`` in ``<workdir>/<cell name>``, where the name
 lists the cell's values (``method=fedavg,partition.alpha=0.1,...``), so it
@@ -242,6 +248,20 @@ def sweep_variants(sweep_config) -> Optional[List[Tuple[str, tuple]]]:
   return out
 
 
+# The top-level fields of a sweep config (see the module docstring).
+SWEEP_FIELDS = ("name", "base", "grid", "variants", "seeds", "claims",
+                "script")
+
+
+def check_fields(sweep_config):
+  """Raises ValueError for a top-level field the sweep does not know."""
+  unknown = sorted(set(sweep_config.keys()) - set(SWEEP_FIELDS))
+  if unknown:
+    raise ValueError(f"unknown sweep config field(s) {unknown}; a sweep "
+                     f"config has {list(SWEEP_FIELDS)} (settings for another "
+                     "program go under 'script')")
+
+
 def make_cells(sweep_config) -> List[Cell]:
   """Every cell of the sweep, in a fixed order.
 
@@ -251,9 +271,11 @@ def make_cells(sweep_config) -> List[Cell]:
   to ``base`` once here, so a bad path or value fails before any cell runs.
 
   Raises:
-    ValueError: the config lacks ``base``, a grid path, variant or seed is
-      invalid, or two cells map to the same folder name.
+    ValueError: the config has an unknown top-level field or lacks
+      ``base``, a grid path, variant or seed is invalid, or two cells map to
+      the same folder name.
   """
+  check_fields(sweep_config)
   if "base" not in sweep_config:
     raise ValueError("the sweep config must have a 'base' run config")
   axes = grid_axes(sweep_config.get("grid"))

@@ -98,6 +98,13 @@ def test_overrides_are_checked_before_anything_runs():
   with pytest.raises(ValueError, match="alpah"):
     sweep.make_cells(c)
   c = sweep_config()
+  c.seed = [0, 1]  # meant ``seeds``: would silently run one seed
+  with pytest.raises(ValueError, match=r"unknown sweep config field\(s\) \['seed'\]"):
+    sweep.make_cells(c)
+  c = sweep_config()
+  c.script = ml_collections.ConfigDict({"epochs": 3})  # another program's
+  assert len(sweep.make_cells(c)) == len(sweep.make_cells(sweep_config()))
+  c = sweep_config()
   c.grid.data_dir = ("a/b", "a_b")  # both sanitise to a_b
   with pytest.raises(ValueError, match="both map to folder"):
     sweep.make_cells(c)

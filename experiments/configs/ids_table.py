@@ -17,7 +17,7 @@ Run the cells with the sweep launcher (resumable), one folder per cell:
   python -m launch.sweep --config=experiments/configs/ids_table.py:nsl_kdd --workdir=/tmp/sweeps/ids_nsl_kdd
 
 The full-data detector (``experiments/full_data_detector.py``, epochs
-``full_data_epochs``) is not a ``pipeline.run`` method, so it is not a grid
+``script.full_data_epochs``) is not a ``pipeline.run`` method, so it is not a grid
 value; ``experiments/run_ids_table.py`` runs these same cells plus the
 full-data and real-subset rows and writes the table with balanced accuracy,
 false-positive rate and per-class recall (mean ± std over the seeds) to
@@ -48,6 +48,7 @@ def get_config(arg="5g"):
     c.name = "ids_nsl_kdd"
     c.base = nsl_kdd.get_config()
   c.grid = ml_collections.ConfigDict(grid, allow_dotted_keys=True)
-  # Passes of the full-data detector over all pooled training rows.
-  c.full_data_epochs = 30
+  # Read by experiments/run_ids_table.py, not by the sweep: passes of the
+  # full-data detector over all pooled training rows.
+  c.script = ml_collections.ConfigDict({"full_data_epochs": 30})
   return c
