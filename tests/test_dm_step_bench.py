@@ -14,8 +14,10 @@ def test_quick_bench_times_every_variant(quick_script_json):
   assert set(server["variants"]) == {
       "before", "now", "all_classes", "now_xla_conv", "now_im2col_conv",
       "all_classes_xla_conv", "all_classes_im2col_conv"}
-  assert set(cases["local_dm"]["variants"]) == {"before", "now",
-                                                "all_classes"}
+  assert set(cases["local_dm"]["variants"]) == {
+      "before", "now", "all_classes", "parties_per_class"}
+  assert set(cases["local_dm"]["speedup_now_over_parties_per_class"]) == {
+      "wall_min", "cpu_median"}
   assert set(cases["eval_gradient"]["variants"]) == {"before", "now",
                                                      "xla_conv"}
   for case in cases.values():
