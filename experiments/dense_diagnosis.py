@@ -535,8 +535,10 @@ def main(argv):
         for r in new:
           r["flags"] = flag_values
           r["provenance"] = provenance.finish(record)
-        rows += new
         # Written after every run: an interrupted study keeps what it has.
+        # Re-read first: another process (e.g. one per seed) may have
+        # appended rows to the same file since this one started.
+        rows = load_rows(out_dir, study) + new
         write(out_dir, study, rows, flag_values)
         print(f"{study} seed {seed} {name}: " + ", ".join(
             f"{r['name']} student/fedavg/ensemble "
