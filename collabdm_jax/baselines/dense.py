@@ -24,9 +24,10 @@ DENSE (NeurIPS 2022, reference code ``zj-jayzhang/DENSE``) has two stages.
    generator's cross entropy, adversarial KL (and its disagreement mask)
    and diversity term, and the student's KD loss. DeepInversion's prior
    reads each teacher's BatchNorm statistics, not the ensemble. In
-   ``experiments/results/dense_diagnosis`` (instance-norm clients on
-   Dirichlet-skewed data) averaging probabilities gave a much more
-   accurate ensemble than averaging logits.
+   ``experiments/results/dense_diagnosis/ensemble`` (instance-norm clients
+   on Dirichlet-skewed data, 2 seeds) averaging probabilities gave a much
+   more accurate ensemble than averaging logits, and a student above
+   FedAvg at both seeds (the logit mean's: at one).
 2. The server alternates, for ``epochs`` rounds:
 
    * data generation: a generator (re-initialised every round, as the
