@@ -44,9 +44,13 @@ written, so an interrupted study resumes):
   time: teacher training, server budget (the table's 5 rounds x 5 generator
   steps x 32 samples against ``--rounds`` x ``--g_steps`` x ``--batch``,
   and ``--long_rounds`` rounds of the latter for one run),
-  and the generator's loss (DeepInversion's BatchNorm prior ``bn``,
+  the generator's loss (DeepInversion's BatchNorm prior ``bn``,
   which needs BatchNorm teachers, against DAFL's entropy term ``div`` that
-  the instance-norm implementation used in its place, or neither). Rows
+  the instance-norm implementation used in its place, or neither), and the
+  teacher ensemble (``dense.ensemble_of_logits``: mean of the clients'
+  logits as DENSE's reference, or, in the runs ending ``_probs``, log of
+  the mean of their probabilities; the run's ``ensemble_accuracy``,
+  agreement and pool classes are then that ensemble's). Rows
   hold the student's test accuracy after every round, its agreement with
   the ensemble, the classes the ensemble sees in the generated pool, the
   generator loss terms, and the wall time.
@@ -99,28 +103,33 @@ LOCAL = {
                   "local_weight_decay": 0.0, "local_dsa": False},
 }
 NORMS = {"in": None, "bn": "batchnorm"}
-# DENSE runs: (name, teachers, budget, generator loss weights).
+# DENSE runs: (name, teachers, budget, generator loss weights, teacher
+# ensemble: "logits" = DENSE's reference, "probs" = mean probabilities).
 DENSE_RUNS = (
     ("in_table_teachers_table_budget", "in_table", "table",
-     {"bn": 0.0, "div": 1.0}),
+     {"bn": 0.0, "div": 1.0}, "logits"),
     ("in_selected_table_budget", "in_selected", "table",
-     {"bn": 0.0, "div": 1.0}),
+     {"bn": 0.0, "div": 1.0}, "logits"),
     ("in_selected_scaled_div", "in_selected", "scaled",
-     {"bn": 0.0, "div": 1.0}),
+     {"bn": 0.0, "div": 1.0}, "logits"),
     ("in_selected_scaled_nodiv", "in_selected", "scaled",
-     {"bn": 0.0, "div": 0.0}),
+     {"bn": 0.0, "div": 0.0}, "logits"),
     ("bn_table_teachers_scaled_bn", "bn_table", "scaled",
-     {"bn": 1.0, "div": 0.0}),
+     {"bn": 1.0, "div": 0.0}, "logits"),
     ("bn_selected_table_budget_bn", "bn_selected", "table",
-     {"bn": 1.0, "div": 0.0}),
+     {"bn": 1.0, "div": 0.0}, "logits"),
     ("bn_selected_scaled_bn", "bn_selected", "scaled",
-     {"bn": 1.0, "div": 0.0}),
+     {"bn": 1.0, "div": 0.0}, "logits"),
     ("bn_selected_scaled_nobn", "bn_selected", "scaled",
-     {"bn": 0.0, "div": 0.0}),
+     {"bn": 0.0, "div": 0.0}, "logits"),
     ("in_selected_long_nodiv", "in_selected", "long",
-     {"bn": 0.0, "div": 0.0}),
+     {"bn": 0.0, "div": 0.0}, "logits"),
     ("in_reference_scaled_nodiv", "in_reference", "scaled",
-     {"bn": 0.0, "div": 0.0}),
+     {"bn": 0.0, "div": 0.0}, "logits"),
+    # As in_selected_scaled_nodiv, distilling the probability-averaged
+    # ensemble (teacher_logits: far more accurate than the logit mean).
+    ("in_selected_scaled_nodiv_probs", "in_selected", "scaled",
+     {"bn": 0.0, "div": 0.0}, "probs"),
 )
 TABLE_BUDGET = {"dense_epochs": 5, "dense_g_steps": 5,
                 "dense_synthesis_batch": 32, "dense_kd_batch": 32}
@@ -210,8 +219,8 @@ def train_teachers(s, cache_dir: pathlib.Path, name: str, seed: int):
   return out
 
 
-def teacher_accuracies(s, net, params) -> Dict:
-  """Every client's, FedAvg's and the ensemble's test accuracy."""
+def teacher_accuracies(s, net, params, ensemble="logits") -> Dict:
+  """Every client's, FedAvg's and the ``ensemble``'s test accuracy."""
   xs, ys = fedavg.client_data(s)
   y = s.dataset.test_y
   clients = fedavg.client_accuracies(net, params, s.test_x, y)[0]
@@ -221,7 +230,7 @@ def teacher_accuracies(s, net, params) -> Dict:
       "client_accuracies": clients.tolist(),
       "fedavg_accuracy": _acc(common.predict(logits, avg, s.test_x)[0], y),
       "ensemble_accuracy": _acc(common.predict(
-          dense.ensemble_logits(net), params, s.test_x)[0], y),
+          dense.ensemble_logits(net, ensemble), params, s.test_x)[0], y),
   }
 
 
@@ -278,7 +287,8 @@ def study_teacher_logits(c, seed, cache_dir) -> List[Dict]:
   return rows
 
 
-def dense_setup(c, teachers: str, budget: str, weights: Dict):
+def dense_setup(c, teachers: str, budget: str, weights: Dict,
+                ensemble: str = "logits"):
   """Setup of one DENSE run: its teachers' config plus the server's."""
   c = teacher_config(c, teachers)
   if budget == "table":
@@ -291,11 +301,13 @@ def dense_setup(c, teachers: str, budget: str, weights: Dict):
                        "dense_kd_batch": FLAGS.batch})
   c.baseline.dense_bn = weights["bn"]
   c.baseline.dense_div = weights["div"]
+  c.baseline.dense_ensemble = ensemble
   return setup_lib.setup(c)
 
 
-def run_dense(c, seed, cache_dir, name, teachers, budget, weights) -> Dict:
-  s = dense_setup(c, teachers, budget, weights)
+def run_dense(c, seed, cache_dir, name, teachers, budget, weights,
+              ensemble) -> Dict:
+  s = dense_setup(c, teachers, budget, weights, ensemble)
   net = fedavg.baseline_net(s)
   dcfg = dense.dense_config(s, net)
   t = train_teachers(s, cache_dir, teachers, seed)
@@ -315,13 +327,12 @@ def run_dense(c, seed, cache_dir, name, teachers, budget, weights) -> Dict:
   jax.block_until_ready(student)
   wall = time.perf_counter() - t0
   pred = common.predict(logits, _one(student), s.test_x)[0]
-  ens = common.predict(dense.ensemble_logits(net), _one(tparams),
-                       s.test_x)[0]
-  pool_classes = common.predict(dense.ensemble_logits(net), _one(tparams),
-                                hist["pool"])[0]
+  teacher = dense.ensemble_logits(net, dcfg.ensemble)
+  ens = common.predict(teacher, _one(tparams), s.test_x)[0]
+  pool_classes = common.predict(teacher, _one(tparams), hist["pool"])[0]
   gen = hist["gen"]  # [rounds, steps, (total, ce, adv, div, bn)]
   row = {"study": "dense", "seed": seed, "name": name, "teachers": teachers,
-         "budget": budget, "weights": weights,
+         "budget": budget, "weights": weights, "ensemble": dcfg.ensemble,
          "settings": dataclasses.asdict(dcfg),
          "server_budget": dense.server_budget(dcfg),
          "student_accuracy": _acc(pred, y),
@@ -334,7 +345,7 @@ def run_dense(c, seed, cache_dir, name, teachers, budget, weights) -> Dict:
          "generator_loss_terms": ["total", "ce", "adv", "div", "bn"],
          "kd_loss_by_round": np.round(hist["kd"], 4).tolist(),
          "server_wall_s": round(wall, 1)}
-  row.update(teacher_accuracies(s, net, t["params"]))
+  row.update(teacher_accuracies(s, net, t["params"], dcfg.ensemble))
   return row
 
 
@@ -437,8 +448,9 @@ def summarize(out_dir: pathlib.Path) -> str:
   if d_rows:
     lines += ["## DENSE students (test accuracy %)", "",
               "| seed | run | teachers | budget (rounds x steps x batch) | "
-              "bn / div | student | FedAvg | ensemble | agree w/ ensemble | "
-              "server wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "bn / div | ensemble of | student | FedAvg | ensemble | "
+              "agree w/ ensemble | server wall (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d_rows:
       if r["study"] == "dense":
         st = r["settings"]
@@ -448,8 +460,11 @@ def summarize(out_dir: pathlib.Path) -> str:
         agree = _pct(r["agreement_with_ensemble"])
       else:
         budget, w, agree = f"real images, pool {r['pool_size']}", "–", "–"
+      # Rows from before the choice existed distilled the logit mean.
+      ens_of = r.get("ensemble", "logits")
       lines.append(
           f"| {r['seed']} | {r['name']} | {r['teachers']} | {budget} | {w} | "
+          f"{ens_of} | "
           f"{_pct(r['student_accuracy'])} | {_pct(r['fedavg_accuracy'])} | "
           f"{_pct(r['ensemble_accuracy'])} | {agree} | "
           f"{r['server_wall_s']} |")
@@ -503,10 +518,8 @@ def main(argv):
         fn = study_teachers if study == "teachers" else study_teacher_logits
         jobs = [(study, lambda fn=fn: fn(c, seed, cache_dir))]
       elif study == "dense":
-        jobs = [(n, lambda a=(n, t, b, w): [run_dense(c, seed, cache_dir,
-                                                      *a)])
-                for n, t, b, w in DENSE_RUNS
-                if not FLAGS.runs or n in FLAGS.runs]
+        jobs = [(run[0], lambda a=run: [run_dense(c, seed, cache_dir, *a)])
+                for run in DENSE_RUNS if not FLAGS.runs or run[0] in FLAGS.runs]
       else:
         jobs = [(f"real_kd_{t}", lambda t=t: [run_real_kd(c, seed, cache_dir,
                                                           t)])
@@ -522,8 +535,10 @@ def main(argv):
         for r in new:
           r["flags"] = flag_values
           r["provenance"] = provenance.finish(record)
-        rows += new
         # Written after every run: an interrupted study keeps what it has.
+        # Re-read first: another process (e.g. one per seed) may have
+        # appended rows to the same file since this one started.
+        rows = load_rows(out_dir, study) + new
         write(out_dir, study, rows, flag_values)
         print(f"{study} seed {seed} {name}: " + ", ".join(
             f"{r['name']} student/fedavg/ensemble "

@@ -117,6 +117,7 @@ def test_default_baseline_settings(s):
     ({"dense_g_steps": 0}, "dense_g_steps"),
     # DeepInversion's prior needs BatchNorm running statistics.
     ({"dense_bn": 1.0}, "dense_bn"),
+    ({"dense_ensemble": "median"}, "dense_ensemble"),
     ({"net_norm": "layernorm"}, "net_norm"),
 ])
 def test_bad_settings_raise(s, changes, name):
@@ -492,6 +493,63 @@ def test_dense_generator_loss_terms():
   assert float(bn) == pytest.approx(0.7)
   assert float(total) == pytest.approx(
       float(ce) + 2 * float(adv) + 0.5 * float(div) + 3 * 0.7, rel=1e-5)
+
+
+def test_dense_probability_ensemble_averages_the_softmaxes():
+  # Confident, disagreeing clients (logits up to ~60): the naive
+  # log(mean(softmax)) would underflow where the log-space form does not.
+  logits = 20.0 * jax.random.normal(jax.random.key(0), (3, 7, C))
+  probs = dense.ensemble_of_logits(list(logits), "probs")
+  np.testing.assert_allclose(
+      jax.nn.softmax(probs), jax.nn.softmax(logits).mean(0),
+      rtol=1e-5, atol=1e-7)
+  assert np.isfinite(np.asarray(probs)).all()
+  np.testing.assert_allclose(dense.ensemble_of_logits(logits, "probs"),
+                             probs, rtol=1e-6)
+  # The reference's mean of logits is a different teacher here: not even
+  # its predicted classes all agree with the mean of probabilities.
+  mean = dense.ensemble_of_logits(list(logits))
+  np.testing.assert_allclose(mean, logits.mean(0), rtol=1e-6, atol=1e-5)
+  assert (np.argmax(mean, -1) != np.argmax(probs, -1)).any()
+  for bad in ("median", "logit", None):
+    with pytest.raises(ValueError, match="ensemble must be one of"):
+      dense.ensemble_of_logits(list(logits), bad)
+
+
+def test_dense_ensemble_choice_reaches_every_teacher_term(s, fedavg_result):
+  net = fedavg.baseline_net(s)
+  teachers = jax.tree.map(lambda a: a[0], fedavg_result["client_params"])
+  x = jnp.asarray(s.test_x[:64])
+  K = jax.tree.leaves(teachers)[0].shape[0]
+  clients = [net.logits(jax.tree.map(lambda a, k=k: a[k], teachers), x)
+             for k in range(K)]
+  # The default is the reference's ensemble, bit for bit: the clients'
+  # logits summed in order, divided by K.
+  np.testing.assert_array_equal(
+      jax.jit(dense.ensemble_logits(net))(teachers, x),
+      jax.jit(lambda t: sum(net.logits(jax.tree.map(
+          lambda a, k=k: a[k], t), x) for k in range(K)) / K)(teachers))
+  np.testing.assert_allclose(
+      jax.nn.softmax(dense.ensemble_logits(net, "probs")(teachers, x)),
+      np.mean([jax.nn.softmax(v) for v in clients], 0), rtol=1e-4, atol=1e-6)
+  cfg = dataclasses.replace(dense.dense_config(s), epochs=2, g_steps=2)
+  args = (teachers, net, s.input_shape, C)
+  key = jax.random.key(3)
+  runs = {e: dense.distill(key, *args, dataclasses.replace(cfg, ensemble=e),
+                           s.dataset.mean, s.dataset.std)
+          for e in dense.ENSEMBLES}
+  # Same keys, same pool of the first step, another teacher: the
+  # generator's losses differ from its first step and so do the students.
+  g_logits, g_probs = runs["logits"][2]["gen"], runs["probs"][2]["gen"]
+  np.testing.assert_array_equal(g_logits[0, 0, 4], g_probs[0, 0, 4])
+  assert np.abs(g_logits[0, 0, 1:3] - g_probs[0, 0, 1:3]).min() > 1e-6
+  diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                      runs["logits"][0], runs["probs"][0])
+  assert max(jax.tree.leaves(diff)) > 1e-6
+  with pytest.raises(ValueError, match="cfg.ensemble"):
+    dense.distill(key, *args, dataclasses.replace(cfg, ensemble="mean"))
+  with pytest.raises(ValueError, match="median"):
+    dense.ensemble_logits(net, "median")
 
 
 def test_dense_generator_shapes_and_checks():

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from collabdm_jax.baselines import dense
 from experiments import dense_diagnosis as diag
 
 
@@ -24,8 +25,15 @@ def test_settings_of_each_variant():
   names = [r[0] for r in diag.DENSE_RUNS]
   assert len(set(names)) == len(names)
   # The BatchNorm prior only ever runs with BatchNorm teachers.
-  assert all(t.startswith("bn") for _, t, _, w in diag.DENSE_RUNS
+  assert all(t.startswith("bn") for _, t, _, w, _ in diag.DENSE_RUNS
              if w["bn"] > 0)
+  runs = {r[0]: r[1:] for r in diag.DENSE_RUNS}
+  assert {r[4] for r in diag.DENSE_RUNS} == set(dense.ENSEMBLES)
+  # The probability-ensemble run differs from its reference run only there.
+  probs = runs["in_selected_scaled_nodiv_probs"]
+  assert probs[:3] == runs["in_selected_scaled_nodiv"][:3]
+  assert (probs[3], runs["in_selected_scaled_nodiv"][3]) == ("probs",
+                                                             "logits")
 
 
 def _dense_row(seed, name, student, fedavg, ensemble):
@@ -50,7 +58,14 @@ def test_summary_pairs_student_and_fedavg_per_seed(tmp_path):
   assert line_a.endswith(f"| {ratio:.2f} |")
   assert any(l.startswith("| b | 0 | -30.0 | -30.0 |")
              for l in text.splitlines())
-  assert "| 0 | a | t | 30 x 10 x 64 | 0 / 0 | 60.0 | 50.0 | 70.0 |" in text
+  # Rows without an ensemble (written before the choice) distilled the
+  # logit mean.
+  assert ("| 0 | a | t | 30 x 10 x 64 | 0 / 0 | logits | 60.0 | 50.0 | "
+          "70.0 |") in text
+  rows[2]["ensemble"] = "probs"
+  (tmp_path / "dense.json").write_text(json.dumps({"rows": rows}))
+  assert "| 0 | b | t | 30 x 10 x 64 | 0 / 0 | probs | 20.0 |" in (
+      diag.summarize(tmp_path))
 
 
 def test_unknown_teachers_are_refused():

@@ -6,8 +6,28 @@ DENSE (NeurIPS 2022, reference code ``zj-jayzhang/DENSE``) has two stages.
    one-shot FedAvg's client models (``fedavg.train_local_models`` with the
    FedAvg key and settings: learning rate and epochs chosen on each
    client's validation split), so DENSE and FedAvg differ only in how the
-   server combines the same uploads. The teacher is the ensemble whose
-   logits are the mean of the client models' logits (inference mode).
+   server combines the same uploads. The teacher is the ensemble of the
+   client models (inference mode); ``ensemble`` says how their logits
+   ``l_1..l_K`` combine into the teacher's logits ``t``
+   (``ensemble_of_logits``):
+
+   * ``"logits"`` (the reference, default): ``t = (1/K) sum_k l_k``;
+   * ``"probs"`` (a deviation): ``t = log((1/K) sum_k softmax(l_k))``, so
+     ``softmax(t)`` is the mean of the clients' predicted distributions.
+     Every loss below then sees that distribution at temperature 1; at
+     temperature ``T`` the KD target is ``softmax(t/T)``, the averaged
+     distribution flattened, not the mean of the clients' tempered
+     distributions (which tends to the mean of logits as ``T`` grows:
+     ``softmax(l/T) ~ (1 + (l - mean(l))/T)/C``, linear in ``l``).
+
+   The same ensemble feeds every term that reads the teacher: the
+   generator's cross entropy, adversarial KL (and its disagreement mask)
+   and diversity term, and the student's KD loss. DeepInversion's prior
+   reads each teacher's BatchNorm statistics, not the ensemble. In
+   ``experiments/results/dense_diagnosis/ensemble`` (instance-norm clients
+   on Dirichlet-skewed data, 2 seeds) averaging probabilities gave a much
+   more accurate ensemble than averaging logits, and a student above
+   FedAvg at both seeds (the logit mean's: at one).
 2. The server alternates, for ``epochs`` rounds:
 
    * data generation: a generator (re-initialised every round, as the
@@ -62,8 +82,8 @@ below at both),
 ``dense_nz`` 256 [256], ``dense_ngf`` 64 [64], ``dense_lr_g`` 1e-3 [1e-3],
 ``dense_kd_lr`` 0.005 [0.005], ``dense_kd_momentum`` 0.9 [0.9],
 ``dense_T`` 20 [20], ``dense_oh`` 1 [1], ``dense_adv`` 1 [1], ``dense_bn``
-0 [1 with BatchNorm networks], ``dense_div`` 0 [0]. Client training: see
-``fedavg``.
+0 [1 with BatchNorm networks], ``dense_div`` 0 [0], ``dense_ensemble``
+``"logits"`` [mean of logits]. Client training: see ``fedavg``.
 
 The student is a fresh network of the clients' architecture; its test
 accuracy is reported per seed (``config.eval.num_nets`` seeds; seed i
@@ -108,6 +128,7 @@ class DenseConfig:
   adv: float = 1.0
   bn: float = 0.0
   div: float = 0.0
+  ensemble: str = "logits"
   aug_strategy: str = "crop_flip"
 
 
@@ -147,6 +168,7 @@ def dense_config(s, net: nets.Net = None) -> DenseConfig:
       adv=pos(b.dense_adv, "baseline.dense_adv", allow_zero=True),
       bn=bn,
       div=pos(b.dense_div, "baseline.dense_div", allow_zero=True),
+      ensemble=check_ensemble(b.dense_ensemble, "baseline.dense_ensemble"),
       aug_strategy=common.augment_strategy(s.dsa_strategy))
 
 
@@ -292,6 +314,38 @@ def generator_loss(teacher_logits, student_logits, targets, bn_term=0.0, *,
 # ---------------------------------------------------------------------------
 
 
+ENSEMBLES = ("logits", "probs")
+
+
+def check_ensemble(ensemble, name="ensemble") -> str:
+  """``ensemble`` if it is one of ``ENSEMBLES``, else a ValueError."""
+  if ensemble not in ENSEMBLES:
+    raise ValueError(f"{name} must be one of {list(ENSEMBLES)}, got "
+                     f"{ensemble!r}")
+  return ensemble
+
+
+def ensemble_of_logits(logits, ensemble="logits"):
+  """The teacher's logits ``[B, C]`` from the clients' ``[B, C]`` each.
+
+  ``"logits"``: ``(1/K) sum_k l_k`` (DENSE's reference; summed in the
+  clients' order, as before the choice existed). ``"probs"``:
+  ``log((1/K) sum_k softmax(l_k)) = logsumexp_k log_softmax(l_k) - log K``,
+  computed in log space so that confident clients do not underflow;
+  ``softmax`` of it is the mean of the clients' softmaxes.
+
+  Args:
+    logits: a sequence of K arrays ``[B, C]`` (or an array ``[K, B, C]``).
+    ensemble: one of ``ENSEMBLES``.
+  """
+  check_ensemble(ensemble)
+  k = len(logits)
+  if ensemble == "logits":
+    return sum(logits[i] for i in range(k)) / k
+  log_p = jax.nn.log_softmax(jnp.stack(list(logits)), -1)
+  return jax.nn.logsumexp(log_p, 0) - jnp.log(float(k))
+
+
 def _augment(key, x, strategy):
   if not strategy:
     return x
@@ -303,42 +357,45 @@ def _take(tree, i):
 
 
 @functools.lru_cache(maxsize=None)
-def ensemble_logits(net: nets.Net):
-  """``f(teachers [K, ...], x) -> mean inference logits``, cached per net.
+def ensemble_logits(net: nets.Net, ensemble: str = "logits"):
+  """``f(teachers [K, ...], x) -> the ensemble's logits``, cached per net.
 
+  The teachers run in inference mode and combine by ``ensemble_of_logits``.
   Unrolled over the (few) teachers rather than vmapped: XLA:CPU turns
   convolutions vmapped over their weights into grouped convolutions,
   several times slower (see ``fedavg.train_local_models``).
   """
+  check_ensemble(ensemble)
 
-  def ensemble(teachers, x):
+  def f(teachers, x):
     k = jax.tree.leaves(teachers)[0].shape[0]
-    return sum(net.logits(_take(teachers, i), x) for i in range(k)) / k
+    return ensemble_of_logits(
+        [net.logits(_take(teachers, i), x) for i in range(k)], ensemble)
 
-  return ensemble
+  return f
 
 
-def _ensemble_and_prior(net: nets.Net, with_bn: bool):
-  """``f(teachers, x) -> (mean logits, DeepInversion loss summed over
+def _ensemble_and_prior(net: nets.Net, with_bn: bool, ensemble: str):
+  """``f(teachers, x) -> (ensemble logits, DeepInversion loss summed over
   teachers)``; the loss is 0 when ``with_bn`` is False."""
 
   def f(teachers, x):
     if not with_bn:
-      return ensemble_logits(net)(teachers, x), 0.0
+      return ensemble_logits(net, ensemble)(teachers, x), 0.0
     k = jax.tree.leaves(teachers)[0].shape[0]
-    total, prior = 0.0, 0.0
+    logits, prior = [], 0.0
     for i in range(k):
-      logits, moments = net.logits_and_moments(_take(teachers, i), x)
-      total = total + logits
+      l, moments = net.logits_and_moments(_take(teachers, i), x)
+      logits.append(l)
       prior = prior + nets.deep_inversion_loss(moments)
-    return total / k, prior
+    return ensemble_of_logits(logits, ensemble), prior
 
   return f
 
 
 @functools.lru_cache(maxsize=None)
 def _generator_programs(net, generator, num_classes, batch, nz, lr_g, oh,
-                        adv, div, bn, aug_strategy):
+                        adv, div, bn, ensemble, aug_strategy):
   """Jitted ``(start_round, generator_step)`` for one static configuration.
 
   Steps are dispatched from Python (see ``fedavg.client_programs`` for
@@ -347,7 +404,7 @@ def _generator_programs(net, generator, num_classes, batch, nz, lr_g, oh,
   settings that shape the program key the cache, so budgets (rounds,
   steps) can change without recompiling.
   """
-  teacher_fn = _ensemble_and_prior(net, bn > 0)
+  teacher_fn = _ensemble_and_prior(net, bn > 0, ensemble)
   g_opt = optax.adam(lr_g, b1=0.5, b2=0.999)
   B = batch
 
@@ -388,9 +445,11 @@ def _generator_programs(net, generator, num_classes, batch, nz, lr_g, oh,
 
 @functools.lru_cache(maxsize=None)
 def kd_programs(net, pool_size, b, kd_lr, kd_momentum, temperature,
-                 aug_strategy):
-  """Jitted ``(kd_order, kd_step, kd_opt)`` for one static configuration."""
-  ensemble = ensemble_logits(net)
+                aug_strategy, ensemble="logits"):
+  """Jitted ``(kd_order, kd_step, kd_opt)`` for one static configuration;
+  the KD target is the ``ensemble`` of the teachers
+  (``ensemble_of_logits``)."""
+  teacher = ensemble_logits(net, ensemble)
   kd_opt = optax.sgd(kd_lr, momentum=kd_momentum)
 
   @jax.jit
@@ -402,7 +461,7 @@ def kd_programs(net, pool_size, b, kd_lr, kd_momentum, temperature,
     """One KD step on pool batch ``i``; returns the summed loss too."""
     idx, w = fedavg.batch_slice(order, i, n, b)
     xb = _augment(aug_key, pool[idx], aug_strategy)
-    t_logits = ensemble(teachers, xb)
+    t_logits = teacher(teachers, xb)
     params, state = net.split(student)
 
     def loss_fn(p):
@@ -447,11 +506,12 @@ def distill(key, teachers, net, input_shape, num_classes, cfg: DenseConfig,
   pool_size = cfg.epochs * B
   start_round, generator_step = _generator_programs(
       net, generator, int(num_classes), B, cfg.nz, cfg.lr_g, cfg.oh,
-      cfg.adv, cfg.div, cfg.bn, cfg.aug_strategy)
+      cfg.adv, cfg.div, cfg.bn, check_ensemble(cfg.ensemble, "cfg.ensemble"),
+      cfg.aug_strategy)
   b = min(cfg.kd_batch, pool_size)
   kd_order, kd_step, kd_opt = kd_programs(
       net, pool_size, b, cfg.kd_lr, cfg.kd_momentum, cfg.temperature,
-      cfg.aug_strategy)
+      cfg.aug_strategy, cfg.ensemble)
   student = net.init(jax.random.fold_in(key, 0), input_shape)
   init = jax.tree.map(jnp.copy, student)  # the steps donate the student
   opt_state = kd_opt.init(net.split(student)[0])
@@ -573,7 +633,8 @@ def run(s, timings: dict, client_params=None) -> dict:
   out = common.model_metrics(
       common.predict(logits, students, s.test_x), s.dataset.test_y, C)
   init_preds = common.predict(logits, inits, s.test_x)
-  ens_preds = common.predict(ensemble_logits(net), teachers, s.test_x)
+  ens_preds = common.predict(ensemble_logits(net, dcfg.ensemble),
+                             teachers, s.test_x)
   avg = fedavg.average_params(teachers, [len(y) for y in ys])
   avg_preds = common.predict(logits, avg, s.test_x)
   test_y = np.asarray(s.dataset.test_y)

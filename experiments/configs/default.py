@@ -232,4 +232,8 @@ def get_config():
   # Weight of DAFL's diversity (ensemble entropy) term, not in the
   # reference; a stand-in for dense_bn with instance-norm teachers.
   c.baseline.dense_div = 0.0
+  # How the clients' logits combine into the teacher: "logits" averages the
+  # logits (the reference); "probs" = log of the mean of their softmaxes, a
+  # deviation (a stronger ensemble of skewed clients in the diagnosis).
+  c.baseline.dense_ensemble = "logits"
   return c
