@@ -67,7 +67,6 @@ import dataclasses
 import json
 import logging
 import pathlib
-import pickle
 import time
 from typing import Dict, List
 
@@ -196,12 +195,38 @@ def _one(tree):
   return jax.tree.map(lambda a: a[None], tree)
 
 
+def _save_params(path: pathlib.Path, params) -> None:
+  """Nested-dict parameters as an ``.npz`` of arrays keyed by their paths."""
+  flat = {"/".join(str(k.key) for k in kp): np.asarray(leaf)
+          for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  np.savez(path, **flat)
+
+
+def _load_params(path: pathlib.Path):
+  """``_save_params``'s file back as nested dicts, read without pickle."""
+  out = {}
+  with np.load(path, allow_pickle=False) as data:
+    for key in data.files:
+      node = out
+      *parents, leaf = key.split("/")
+      for k in parents:
+        node = node.setdefault(k, {})
+      node[leaf] = data[key]
+  return out
+
+
 def train_teachers(s, cache_dir: pathlib.Path, name: str, seed: int):
-  """Client models ``[1, K, ...]`` and their report, cached per run."""
-  path = cache_dir / f"teachers_{name}_seed{seed}_w{FLAGS.width}.pkl"
-  if path.exists():
-    with open(path, "rb") as fh:
-      return pickle.load(fh)
+  """Client models ``[1, K, ...]`` and their record, cached per run.
+
+  The cache is an ``.npz`` of the parameters and a JSON file of the
+  record (no pickle: a cache file is read back as plain arrays and JSON).
+  """
+  stem = cache_dir / f"teachers_{name}_seed{seed}_w{FLAGS.width}"
+  weights, record = stem.with_suffix(".npz"), stem.with_suffix(".json")
+  if weights.exists() and record.exists():
+    out = json.loads(record.read_text())
+    out["params"] = _load_params(weights)
+    return out
   net = fedavg.baseline_net(s)
   lcfg = fedavg.local_train_config(s)
   xs, ys = fedavg.client_data(s)
@@ -210,12 +235,12 @@ def train_teachers(s, cache_dir: pathlib.Path, name: str, seed: int):
       common.baseline_key(s.root, "fedavg"), net, s.input_shape, xs, ys, 1,
       lcfg, s.dataset.num_classes)
   jax.block_until_ready(params)
-  out = {"params": jax.device_get(params), "report": report,
-         "local": fedavg.local_training_record(lcfg, net, report),
+  out = {"local": fedavg.local_training_record(lcfg, net, report),
          "wall_s": time.perf_counter() - t0}
   cache_dir.mkdir(parents=True, exist_ok=True)
-  with open(path, "wb") as fh:
-    pickle.dump(out, fh)
+  record.write_text(json.dumps(out))
+  _save_params(weights, jax.device_get(params))
+  out["params"] = jax.device_get(params)
   return out
 
 
