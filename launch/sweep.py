@@ -365,7 +365,8 @@ def _error_payload(config, cell: Cell, error: BaseException) -> Dict:
 def run_cell(sweep_config, cell: Cell, workdir) -> str:
   """Runs one cell unless it is finished.
 
-  Writes ``cell.json`` first, a per-cell ``log.txt`` of everything logged
+  Writes ``cell.json`` first (with the provenance of this start), a
+  per-cell ``log.txt`` of everything logged
   meanwhile, then either the run's own outputs or ``error.json``.
 
   Returns:
@@ -379,9 +380,12 @@ def run_cell(sweep_config, cell: Cell, workdir) -> str:
     _figures(cell_dir)
     return "skipped"
   cell_dir.mkdir(parents=True, exist_ok=True)
+  # How the cell was started (commit, command, machine, load), also for a
+  # cell that dies before writing results.json.
   _write_json(cell_dir / results_lib.CELL_FILE, {
       "sweep": sweep_name(sweep_config), "index": cell.index,
-      "name": cell.name, "overrides": dict(cell.labels)})
+      "name": cell.name, "overrides": dict(cell.labels),
+      "provenance": provenance.start()})
   stale = cell_dir / results_lib.ERROR_FILE
   if stale.exists():
     stale.unlink()

@@ -19,6 +19,7 @@ from collabdm_jax import setup as setup_lib
 from experiments.configs import fmnist_table_paper
 from experiments.configs import smoke
 from launch import sweep
+from tests import test_provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -139,8 +140,12 @@ def test_failing_cell_is_recorded_and_does_not_stop_the_sweep(swept):
   res = json.loads((workdir / good / "results.json").read_text())
   assert res["alpha"] == 0.5 and res["n_eval"] == 2
   cell = json.loads((workdir / good / "cell.json").read_text())
+  test_provenance.check_record(cell.pop("provenance"), finished=False)
   assert cell == {"sweep": "test_sweep", "index": 1, "name": good,
                   "overrides": {"partition.alpha": 0.5}}
+  # The failed cell says how it was started too.
+  bad_cell = json.loads((workdir / bad / "cell.json").read_text())
+  assert bad_cell["provenance"]["command"]
   assert "accuracy" in (workdir / good / "log.txt").read_text()
   for png in ("synthetic.png", "client_class_counts.png", "loss_curves.png"):
     assert (workdir / good / png).stat().st_size > 0
