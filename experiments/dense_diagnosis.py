@@ -81,6 +81,7 @@ from collabdm_jax import setup as setup_lib
 from collabdm_jax.baselines import common
 from collabdm_jax.baselines import dense
 from collabdm_jax.baselines import fedavg
+from collabdm_jax.baselines import model_cache
 from collabdm_jax.baselines import nets
 from experiments.configs import default
 
@@ -195,26 +196,6 @@ def _one(tree):
   return jax.tree.map(lambda a: a[None], tree)
 
 
-def _save_params(path: pathlib.Path, params) -> None:
-  """Nested-dict parameters as an ``.npz`` of arrays keyed by their paths."""
-  flat = {"/".join(str(k.key) for k in kp): np.asarray(leaf)
-          for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-  np.savez(path, **flat)
-
-
-def _load_params(path: pathlib.Path):
-  """``_save_params``'s file back as nested dicts, read without pickle."""
-  out = {}
-  with np.load(path, allow_pickle=False) as data:
-    for key in data.files:
-      node = out
-      *parents, leaf = key.split("/")
-      for k in parents:
-        node = node.setdefault(k, {})
-      node[leaf] = data[key]
-  return out
-
-
 def train_teachers(s, cache_dir: pathlib.Path, name: str, seed: int):
   """Client models ``[1, K, ...]`` and their record, cached per run.
 
@@ -225,7 +206,7 @@ def train_teachers(s, cache_dir: pathlib.Path, name: str, seed: int):
   weights, record = stem.with_suffix(".npz"), stem.with_suffix(".json")
   if weights.exists() and record.exists():
     out = json.loads(record.read_text())
-    out["params"] = _load_params(weights)
+    out["params"] = model_cache.load_params(weights)
     return out
   net = fedavg.baseline_net(s)
   lcfg = fedavg.local_train_config(s)
@@ -239,7 +220,7 @@ def train_teachers(s, cache_dir: pathlib.Path, name: str, seed: int):
          "wall_s": time.perf_counter() - t0}
   cache_dir.mkdir(parents=True, exist_ok=True)
   record.write_text(json.dumps(out))
-  _save_params(weights, jax.device_get(params))
+  model_cache.save_params(weights, jax.device_get(params))
   out["params"] = jax.device_get(params)
   return out
 

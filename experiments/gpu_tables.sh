@@ -14,11 +14,15 @@
 #      (CollabDM count / uniform, authors' mode, merged local DM, central DM),
 #      grid point by grid point; central DM's copies at the later grid points
 #      after them (the partition does not touch central DM, so they repeat the
-#      first point's runs); then FedAvg and DENSE, grid point by grid point
-#      from K = 5, alpha = 0.5 (each trains every client's ConvNet with
-#      validated lr and epochs, so they are far slower than the DM cells);
+#      first point's runs); then the FedAvg cells, grid point by grid point
+#      from K = 5, alpha = 0.5, then the DENSE cells in the same order. Both
+#      start from every client's ConvNet trained with validated lr and
+#      epochs (far slower than a DM cell); the cells share one client-model
+#      cache ($SW/client_models, baseline.client_cache_dir), so a DENSE
+#      cell reads the models its FedAvg cell trained instead of training
+#      them again;
 #   B (3 workers): reference_table.py:ipc, then reference_table.py:cifar10's
-#      distillation variants, then its FedAvg and DENSE cells;
+#      distillation variants, then its FedAvg and then its DENSE cells;
 #   C (1 worker): paper-budget cells of fmnist_table_paper.py (K = 5, ipc 10,
 #      alpha 0.1 and 0.5; CollabDM, merged local DM, central DM; one seed).
 #
@@ -70,13 +74,13 @@ cells() {
   done | awk '!seen[$0]++' | paste -sd, -
 }
 
-sweep() {  # config workdir workers cells
+sweep() {  # config workdir workers cells [more sweep flags]
   local l
   l=$(left)
   if [ "$l" -le 0 ]; then return; fi
   "$PY" -m launch.sweep --config="$1" --workdir="$2" --workers="$3" \
     --cells="$4" --stop_starting_after_s="$l" \
-    --results_dir="$2/tables" "${EXTRA[@]}" >>"$2.log" 2>&1
+    --results_dir="$2/tables" "${EXTRA[@]}" "${@:5}" >>"$2.log" 2>&1
 }
 
 pack() {
@@ -98,28 +102,27 @@ CIFAR=experiments/configs/reference_table.py:cifar10
 PAPER=experiments/configs/fmnist_table_paper.py:fashion_mnist
 DM='variant=(collabdm_count|collabdm_uniform|authors|merged_local_dm)'
 DMC='variant=(collabdm_count|collabdm_uniform|authors|merged_local_dm|central_dm)'
-FD='variant=(fedavg|dense)'
+GRID=("partition.alpha=0.5,partition.num_clients=5,"
+  "partition.alpha=0.1,partition.num_clients=5,"
+  "partition.alpha=0.5,partition.num_clients=10,"
+  "partition.alpha=0.1,partition.num_clients=10,")
 MAIN_CELLS=$(cells $MAIN \
-  "$DMC,partition.alpha=0.5,partition.num_clients=5," \
-  "$DM,partition.alpha=0.1,partition.num_clients=5," \
-  "$DM,partition.alpha=0.5,partition.num_clients=10," \
-  "$DM,partition.alpha=0.1,partition.num_clients=10," \
+  "$DMC,${GRID[0]}" "$DM,${GRID[1]}" "$DM,${GRID[2]}" "$DM,${GRID[3]}" \
   "$DMC" \
-  "$FD,partition.alpha=0.5,partition.num_clients=5," \
-  "$FD,partition.alpha=0.1,partition.num_clients=5," \
-  "$FD,partition.alpha=0.5,partition.num_clients=10," \
-  "$FD,partition.alpha=0.1,partition.num_clients=10,")
+  "${GRID[@]/#/variant=fedavg,}" "${GRID[@]/#/variant=dense,}")
 IPC_CELLS=$(cells $IPC "variant=")
-CIFAR_CELLS=$(cells $CIFAR "$DMC" "$FD")
+CIFAR_CELLS=$(cells $CIFAR "$DMC" "variant=fedavg" "variant=dense")
+CACHE=(--config.base.baseline.client_cache_dir="$SW/client_models")
 echo "main: $MAIN_CELLS"; echo "ipc: $IPC_CELLS"; echo "cifar10: $CIFAR_CELLS"
 PAPER_FLAGS=(--config.grid.partition.num_clients='(5,)'
   --config.grid.partition.alpha='(0.5,0.1)' --config.grid.server.ipc='(10,)'
   --config.grid.method="('collabdm','merged_local_dm','central_dm')")
 
-(sweep $MAIN "$SW/reference_main" 8 "$MAIN_CELLS") &
+(sweep $MAIN "$SW/reference_main" 8 "$MAIN_CELLS" "${CACHE[@]}") &
 A=$!
 (sweep $IPC "$SW/reference_ipc" 3 "$IPC_CELLS"
- sweep $CIFAR "$SW/reference_cifar10" "${CIFAR_WORKERS:-3}" "$CIFAR_CELLS") &
+ sweep $CIFAR "$SW/reference_cifar10" "${CIFAR_WORKERS:-3}" "$CIFAR_CELLS" \
+   "${CACHE[@]}") &
 B=$!
 (EXTRA+=("${PAPER_FLAGS[@]}")
  PC=$(cells $PAPER "method=")

@@ -17,7 +17,8 @@ PACKAGES = ("collabdm_jax", "launch", "experiments")
 # Names in the drawing that stand for a subpackage, in its own order.
 EXPANSIONS = {
     "data": ("data.types", "data.tabular", "data.images", "data"),
-    "baselines": ("baselines.common", "baselines.nets", "baselines.central_dm",
+    "baselines": ("baselines.common", "baselines.model_cache", "baselines.nets",
+                  "baselines.central_dm",
                   "baselines.merged_local_dm", "baselines.fedavg",
                   "baselines.dense", "baselines"),
 }

@@ -371,6 +371,57 @@ def test_fedavg_is_deterministic(s, fedavg_result):
   assert strip(again["extra"]) == strip(fedavg_result["extra"])
 
 
+def with_baseline(s, **changes):
+  """The same Setup with ``config.baseline`` fields changed."""
+  c = s.config.copy_and_resolve_references()
+  c.baseline.update(changes)
+  return dataclasses.replace(s, config=c)
+
+
+def test_fedavg_and_dense_train_the_client_models_once(s, fedavg_result,
+                                                        tmp_path,
+                                                        monkeypatch):
+  """With a client cache the first run stores the client models and the
+  others read them back: the same models, without training them again."""
+  cached = with_baseline(s, client_cache_dir=str(tmp_path))
+  first = fedavg.run(cached, {})
+  stored = first["extra"]["local_training"]["cache"]
+  assert stored["action"] == "stored"
+  assert fedavg_result["extra"]["local_training"]["cache"] is None
+  # Storing changes nothing: these are the models of the run without cache.
+  chex.assert_trees_all_equal(first["client_params"],
+                              fedavg_result["client_params"])
+  np.testing.assert_array_equal(first["predictions"],
+                                fedavg_result["predictions"])
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("the client models were trained again")
+
+  monkeypatch.setattr(fedavg, "train_local_models", no_training)
+  again = fedavg.run(cached, {})
+  read = again["extra"]["local_training"]
+  assert read["cache"] == dict(stored, action="read")
+  # The record is the training run's, wall times included.
+  strip = lambda rec: {k: v for k, v in rec.items() if k != "cache"}
+  assert strip(read) == strip(first["extra"]["local_training"])
+  np.testing.assert_array_equal(again["predictions"],
+                                fedavg_result["predictions"])
+  # DENSE (another server budget, same clients) reads the same teachers:
+  # its FedAvg of them is FedAvg's.
+  d = dense.run(with_baseline(cached, dense_epochs=1,
+                              dense_g_steps=1), {})
+  assert d["extra"]["local_training"]["cache"]["action"] == "read"
+  np.testing.assert_array_equal(d["fedavg_predictions"],
+                                fedavg_result["predictions"])
+  # Another local training misses the entry and trains.
+  monkeypatch.undo()
+  other = fedavg.run(with_baseline(cached, local_lrs=(0.05,),
+                                   local_val_fraction=0.0, local_epochs=1),
+                     {})
+  assert other["extra"]["local_training"]["cache"]["action"] == "stored"
+  assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
 def test_pipeline_writes_the_baselines_record(s, tmp_path):
   c = s.config.copy_and_resolve_references()
   c.method = "fedavg"

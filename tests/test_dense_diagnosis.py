@@ -2,9 +2,6 @@
 
 import json
 
-import jax
-import numpy as np
-
 import pytest
 
 from collabdm_jax.baselines import dense
@@ -74,20 +71,3 @@ def test_summary_pairs_student_and_fedavg_per_seed(tmp_path):
 def test_unknown_teachers_are_refused():
   with pytest.raises(ValueError, match="gn_selected"):
     diag.teacher_config(diag.base_config(0, 8, 10, 10), "gn_selected")
-
-
-def test_teacher_cache_round_trips_without_pickle(tmp_path):
-  rng = np.random.default_rng(0)
-  params = {"conv0": {"kernel": rng.standard_normal((1, 3, 3, 1, 4)),
-                      "bias": rng.standard_normal((1, 4))},
-            "classifier": {"kernel": rng.standard_normal((1, 8, 2))}}
-  path = tmp_path / "teachers.npz"
-  diag._save_params(path, params)
-  back = diag._load_params(path)
-  assert jax.tree.structure(back) == jax.tree.structure(params)
-  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(a, b)
-  # An object array (what a pickle payload would need) is refused.
-  np.savez(tmp_path / "evil.npz", **{"conv0/kernel": np.array([{}], object)})
-  with pytest.raises(ValueError, match="pickle"):
-    diag._load_params(tmp_path / "evil.npz")

@@ -3,8 +3,8 @@
 DENSE (NeurIPS 2022, reference code ``zj-jayzhang/DENSE``) has two stages.
 
 1. Clients train local models once and upload them. Here they are exactly
-   one-shot FedAvg's client models (``fedavg.train_local_models`` with the
-   FedAvg key and settings: learning rate and epochs chosen on each
+   one-shot FedAvg's client models (``fedavg.client_models``: the FedAvg
+   key and settings, learning rate and epochs chosen on each
    client's validation split), so DENSE and FedAvg differ only in how the
    server combines the same uploads. The teacher is the ensemble of the
    client models (inference mode); ``ensemble`` says how their logits
@@ -597,15 +597,11 @@ def run(s, timings: dict, client_params=None) -> dict:
   C = s.dataset.num_classes
   net = fedavg.baseline_net(s)
   dcfg = dense_config(s, net)
-  lcfg = fedavg.local_train_config(s)
   xs, ys = fedavg.client_data(s)
   t0 = time.perf_counter()
   local = None
   if client_params is None:
-    teachers, report = fedavg.train_local_models(
-        common.baseline_key(s.root, "fedavg"), net, s.input_shape, xs, ys, n,
-        lcfg, C)
-    local = fedavg.local_training_record(lcfg, net, report)
+    teachers, local = fedavg.client_models(s, n, net)
   else:
     teachers = jax.tree.map(jnp.asarray, client_params)
     shape = jax.tree.leaves(teachers)[0].shape[:2]

@@ -52,13 +52,15 @@ left out of BatchNorm's statistics), so the padding changes nothing but the
 shapes. On an accelerator the runs of a client (rates in the search, seeds
 in the refit) train side by side (vmapped); on the CPU one after another.
 
-The client models are also DENSE's teachers (``dense`` calls
-``train_local_models`` with this module's key), so the two baselines share
-them.
+The client models are also DENSE's teachers: both baselines get them from
+``client_models`` (this module's key and settings), which with
+``baseline.client_cache_dir`` trains them once for the two
+(``model_cache``).
 """
 
 import dataclasses
 import functools
+import logging
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -69,12 +71,14 @@ import optax
 
 from collabdm_jax import augment
 from collabdm_jax.baselines import common
+from collabdm_jax.baselines import model_cache
 from collabdm_jax.baselines import nets
 from collabdm_jax import evaluate
 
 # Streams folded into seed i's key (fold_in(key, i)); seed 0's search and
 # split streams serve the per-client selection.
 _INIT, _TRAIN, _SEARCH, _SPLIT = 0, 1, 2, 3
+log = logging.getLogger("collabdm_jax")
 _VAL_CHUNK = 500
 
 
@@ -585,6 +589,48 @@ def local_training_record(cfg: LocalTrainConfig, net: nets.Net,
   }
 
 
+def client_models(s, n: int, net: Optional[nets.Net] = None):
+  """Every client's one-shot models ``[n, K, ...]`` and their training record.
+
+  ``train_local_models`` on the setup's clients with the FedAvg key and
+  ``local_train_config(s)`` (``n`` seeds), or, with
+  ``config.baseline.client_cache_dir`` set, the models an earlier run of
+  the same training stored there (``model_cache``: keyed by the clients'
+  data, the network, the settings, the key and the code). The record is
+  ``local_training_record``'s, plus ``cache``: None without a cache, else
+  the entry's file and whether this run trained (``"stored"``) or read it
+  (``"read"``); a read record keeps the wall times of the run that trained.
+  """
+  net = baseline_net(s) if net is None else net
+  lcfg = local_train_config(s)
+  xs, ys = client_data(s)
+  key = common.baseline_key(s.root, "fedavg")
+  cache_dir = s.config.baseline.get("client_cache_dir")
+  digest = covered = None
+  if cache_dir:
+    digest, covered = model_cache.fingerprint(key, xs, ys, {
+        "net": repr(net.module), "local": dataclasses.asdict(lcfg),
+        "num_seeds": int(n), "num_classes": int(s.dataset.num_classes),
+        "input_shape": [int(d) for d in s.input_shape]})
+    hit = model_cache.load(cache_dir, digest)
+    if hit is not None:
+      params, entry = hit
+      log.info("client models read from the cache entry %s", digest)
+      record = dict(entry["record"])
+      record["cache"] = {"file": str(model_cache.entry_path(cache_dir, digest)),
+                         "fingerprint": digest, "action": "read"}
+      return jax.tree.map(jnp.asarray, params), record
+  params, report = train_local_models(key, net, s.input_shape, xs, ys, n,
+                                      lcfg, s.dataset.num_classes)
+  record = local_training_record(lcfg, net, report)
+  record["cache"] = None
+  if cache_dir:
+    path = model_cache.store(cache_dir, digest, params, record, covered)
+    record["cache"] = {"file": str(path), "fingerprint": digest,
+                       "action": "stored"}
+  return params, record
+
+
 def run(s, timings: dict) -> dict:
   """One-shot FedAvg of the baselines' network, tested per seed.
 
@@ -607,12 +653,9 @@ def run(s, timings: dict) -> dict:
   n = common.check_positive(cfg.eval.num_nets, "eval.num_nets",
                             integer=True)
   net = baseline_net(s)
-  lcfg = local_train_config(s)
-  xs, ys = client_data(s)
+  _, ys = client_data(s)
   t0 = time.perf_counter()
-  client_params, report = train_local_models(
-      common.baseline_key(s.root, "fedavg"), net, s.input_shape, xs, ys, n,
-      lcfg, s.dataset.num_classes)
+  client_params, record = client_models(s, n, net)
   params = average_params(client_params, [len(y) for y in ys])
   jax.block_until_ready(params)
   t1 = time.perf_counter()
@@ -620,7 +663,7 @@ def run(s, timings: dict) -> dict:
   preds = common.predict(logits, params, s.test_x)
   out = common.model_metrics(preds, s.dataset.test_y, s.dataset.num_classes)
   out["extra"] = {
-      "local_training": local_training_record(lcfg, net, report),
+      "local_training": record,
       "client_accuracies": client_accuracies(
           net, client_params, s.test_x, s.dataset.test_y).tolist(),
   }

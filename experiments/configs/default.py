@@ -210,6 +210,10 @@ def get_config():
   c.baseline.local_weight_decay = 5e-4  # SGD weight decay (PyTorch-coupled)
   c.baseline.local_batch = 64  # SGD batch (clients may hold a few hundred)
   c.baseline.local_dsa = config_dict.placeholder(bool)  # eval.dsa
+  # A folder where the trained client models are kept, so the fedavg and
+  # dense runs of one config train them once (the second reads them back;
+  # baselines/model_cache.py). None: always train.
+  c.baseline.client_cache_dir = config_dict.placeholder(str)
   # dense: the server's generator and distillation (DENSE's names). At this
   # budget DENSE came level with or above FedAvg in the diagnosis (2 seeds,
   # experiments/results/dense_diagnosis); at 5 x 5 x 32 it was far below.
