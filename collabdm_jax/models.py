@@ -35,6 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from collabdm_jax import cpu_first_block
+
 Params = Any
 
 _NORM_EPS = 1e-5  # PyTorch GroupNorm / LayerNorm default (Flax uses 1e-6).
@@ -446,6 +448,13 @@ class ConvNet(_Classifier):
         x = first_block_fused(x, kernel, scale, bias, first_padding, act,
                               self.pooling)
         continue
+      if d == 0 and self._first_block_on_cpu_kernel(x, first_padding):
+        kernel, conv_bias = _ConvWeights(self.width, 3, x.shape[-1],
+                                         name="conv0")()
+        scale, bias = _NormWeights(name="norm0")(self.width)
+        x = cpu_first_block.first_block(x, kernel, conv_bias, scale, bias,
+                                        first_padding)
+        continue
       x = _conv(x, self.width, 3, first_padding if d == 0 else 1, f"conv{d}")
       if self.norm == "instancenorm":
         x = InstanceNorm(name=f"norm{d}")(x)
@@ -462,6 +471,15 @@ class ConvNet(_Classifier):
               "smaller depth")
         x = _pool(x, self.pooling)
     return x if output == "map" else _flatten_nchw(x)
+
+  def _first_block_on_cpu_kernel(self, x, padding) -> bool:
+    """Whether block 0 runs as ``cpu_first_block``'s kernel: DM's block
+    (instance norm, ReLU, average pool) on float32 maps big enough to pool,
+    on a CPU where the kernel builds (``cpu_first_block.enabled``)."""
+    return (self.norm == "instancenorm" and self.activation == "relu"
+            and self.pooling == "avgpool" and x.dtype == jnp.float32
+            and min(x.shape[1], x.shape[2]) + 2 * padding - 2 >= 2
+            and self.width <= 1024 and cpu_first_block.enabled())
 
   def feature_map(self, x):
     """Last block's output as NHWC maps [N, H', W', width] (before flatten)."""
