@@ -1,11 +1,11 @@
 // DM's ConvNet first block on the CPU, one image at a time in cache:
-//   out = avgpool2x2(relu(instance_norm(conv3x3(x, pad)) * scale + beta)).
-// An XLA FFI custom call (see cpu_first_block.py, which builds and
-// registers it). Each image's conv map (32x32x128 floats, 512 KiB at the
-// reference shapes) stays in the core's L2 between the convolution, the
-// two statistics passes and the normalise-ReLU-pool pass; XLA:CPU's fused
-// version of the same block wrote and re-read it through memory several
-// times. Images are shared out over XLA's intra-op thread pool.
+//   out = avgpool2x2(relu(instance_norm(conv3x3(x, pad)) * scale + beta)),
+// and its gradient with respect to x: XLA FFI custom calls that
+// cpu_first_block.py builds and registers. Each image's conv map
+// (32x32x128 floats, 512 KiB at the reference shapes) stays in the core's
+// L2 between the convolution, the statistics and the normalise-ReLU-pool
+// pass; XLA:CPU's fusions of the same block wrote and re-read it through
+// memory several times. Images are shared out over XLA's intra-op pool.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -186,11 +186,211 @@ ffi::Error FirstBlockForwardImpl(ffi::ThreadPool pool,
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------
+// Backward pass: dx from dout, channel by channel on "wide" planes. A plane
+// keeps the padded input's row stride wp = w + 2 pad, so output position
+// P = i * wp + j (j < wo valid, the last two columns of a row are junk)
+// reads tap (di, dj) at P + di * wp + dj: every tap is one shifted,
+// contiguous run, and 64 outputs are 4 AVX-512 accumulators held in
+// registers across the taps.
+
+typedef float V16 __attribute__((vector_size(64)));
+
+inline V16 Load(const float* p) {
+  V16 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store(float* p, V16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+inline V16 Splat(float a) { return V16{} + a; }
+
+inline double Total(V16 v) {
+  double s = 0.0;
+  for (int l = 0; l < 16; ++l) s += v[l];
+  return s;
+}
+
+struct Wide {
+  int64_t hp, wp, plane, blocks, margin;
+};
+
+Wide WideOf(const Geometry& g) {
+  Wide w;
+  w.hp = g.h + 2 * g.pad;
+  w.wp = g.w + 2 * g.pad;
+  w.plane = g.ho * w.wp;
+  w.blocks = (w.plane + 63) / 64;
+  w.margin = 2 * w.wp + 2;
+  return w;
+}
+
+struct BackwardScratch {
+  std::vector<float> xpad, y, valid, dz, dyhat, dy, dxpad;
+  BackwardScratch(const Geometry& g, const Wide& w)
+      : xpad(g.ci * (w.hp * w.wp + 64 * w.blocks + 2 * w.wp + 64)),
+        y(64 * w.blocks), valid(64 * w.blocks), dz(64 * w.blocks),
+        dyhat(64 * w.blocks),
+        dy(2 * w.margin + 64 * w.blocks + 2 * w.wp + 64),
+        dxpad(g.ci * 64 * ((w.hp * w.wp + 63) / 64)) {
+    for (int64_t p = 0; p < w.plane; ++p) valid[p] = p % w.wp < g.wo;
+  }
+};
+
+void BackwardImage(const float* x, const float* k, const float* scale,
+                   const float* beta, float eps, const float* dout, float* dx,
+                   BackwardScratch& s, const Geometry& g, const Wide& w) {
+  const int64_t co = g.co, ci_n = g.ci, hw = g.ho * g.wo;
+  const int64_t xplane = s.xpad.size() / ci_n;
+  const int64_t dplane = s.dxpad.size() / ci_n;
+  std::fill(s.xpad.begin(), s.xpad.end(), 0.f);
+  for (int64_t r = 0; r < g.h; ++r)
+    for (int64_t q = 0; q < g.w; ++q)
+      for (int64_t ci = 0; ci < ci_n; ++ci)
+        s.xpad[ci * xplane + (r + g.pad) * w.wp + q + g.pad] =
+            x[(r * g.w + q) * ci_n + ci];
+  std::fill(s.dxpad.begin(), s.dxpad.end(), 0.f);
+  float* y = s.y.data();
+  float* dyv = s.dy.data() + w.margin;
+  for (int64_t c = 0; c < co; ++c) {
+    // Conv map of channel c.
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      V16 a0{}, a1{}, a2{}, a3{};
+      for (int64_t ci = 0; ci < ci_n; ++ci)
+        for (int64_t di = 0; di < 3; ++di)
+          for (int64_t dj = 0; dj < 3; ++dj) {
+            const V16 kv = Splat(k[((di * 3 + dj) * ci_n + ci) * co + c]);
+            const float* src =
+                s.xpad.data() + ci * xplane + 64 * b + di * w.wp + dj;
+            a0 += kv * Load(src);
+            a1 += kv * Load(src + 16);
+            a2 += kv * Load(src + 32);
+            a3 += kv * Load(src + 48);
+          }
+      Store(y + 64 * b, a0);
+      Store(y + 64 * b + 16, a1);
+      Store(y + 64 * b + 32, a2);
+      Store(y + 64 * b + 48, a3);
+    }
+    // Statistics over the valid positions; yhat in place.
+    V16 sum{};
+    for (int64_t p = 0; p < 64 * w.blocks; p += 16)
+      sum += Load(y + p) * Load(s.valid.data() + p);
+    const float mean = static_cast<float>(Total(sum) / hw);
+    V16 sq{};
+    for (int64_t p = 0; p < 64 * w.blocks; p += 16) {
+      const V16 d = (Load(y + p) - mean) * Load(s.valid.data() + p);
+      sq += d * d;
+    }
+    const float rstd =
+        1.f / std::sqrt(static_cast<float>(Total(sq) / hw) + eps);
+    // dz: a quarter of dout in each pooling window, 0 elsewhere.
+    std::fill(s.dz.begin(), s.dz.end(), 0.f);
+    for (int64_t i = 0; i < 2 * g.hq; ++i)
+      for (int64_t j2 = 0; j2 < g.wq; ++j2) {
+        const float v = 0.25f * dout[((i / 2) * g.wq + j2) * co + c];
+        s.dz[i * w.wp + 2 * j2] = v;
+        s.dz[i * w.wp + 2 * j2 + 1] = v;
+      }
+    // dyhat = scale * relu'(yhat * scale + beta) * dz; its sums.
+    const float sc = scale[c], be = beta[c];
+    V16 s1{}, s2{};
+    for (int64_t p = 0; p < 64 * w.blocks; p += 16) {
+      const V16 yh = (Load(y + p) - mean) * rstd;
+      Store(y + p, yh);
+      const V16 t = yh * sc + be;
+      V16 dv = Load(s.dz.data() + p) * sc;
+      dv = t > 0.f ? dv : V16{};
+      Store(s.dyhat.data() + p, dv);
+      s1 += dv;
+      s2 += dv * yh;
+    }
+    const float a = static_cast<float>(Total(s1) / hw);
+    const float bb = static_cast<float>(Total(s2) / hw);
+    // Instance norm's gradient, 0 on the junk columns.
+    for (int64_t p = 0; p < 64 * w.blocks; p += 16) {
+      const V16 dy = (Load(s.dyhat.data() + p) - a - Load(y + p) * bb) *
+                     rstd * Load(s.valid.data() + p);
+      Store(dyv + p, dy);
+    }
+    for (int64_t p = w.plane; p < 64 * w.blocks; ++p) dyv[p] = 0.f;
+    // Input gradient: padded position Q gathers k(di, dj) dy[Q - di wp - dj].
+    for (int64_t ci = 0; ci < ci_n; ++ci) {
+      float* dst = s.dxpad.data() + ci * dplane;
+      for (int64_t b = 0; b < dplane / 64; ++b) {
+        V16 a0{}, a1{}, a2{}, a3{};
+        for (int64_t di = 0; di < 3; ++di)
+          for (int64_t dj = 0; dj < 3; ++dj) {
+            const V16 kv = Splat(k[((di * 3 + dj) * ci_n + ci) * co + c]);
+            const float* src = dyv + 64 * b - di * w.wp - dj;
+            a0 += kv * Load(src);
+            a1 += kv * Load(src + 16);
+            a2 += kv * Load(src + 32);
+            a3 += kv * Load(src + 48);
+          }
+        float* d = dst + 64 * b;
+        Store(d, Load(d) + a0);
+        Store(d + 16, Load(d + 16) + a1);
+        Store(d + 32, Load(d + 32) + a2);
+        Store(d + 48, Load(d + 48) + a3);
+      }
+    }
+  }
+  for (int64_t r = 0; r < g.h; ++r)
+    for (int64_t q = 0; q < g.w; ++q)
+      for (int64_t ci = 0; ci < ci_n; ++ci)
+        dx[(r * g.w + q) * ci_n + ci] =
+            s.dxpad[ci * dplane + (r + g.pad) * w.wp + q + g.pad];
+}
+
+ffi::Error FirstBlockBackwardImpl(ffi::ThreadPool pool,
+                                  ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> kernel,
+                                  ffi::Buffer<ffi::F32> scale,
+                                  ffi::Buffer<ffi::F32> beta,
+                                  ffi::Buffer<ffi::F32> dout,
+                                  ffi::ResultBuffer<ffi::F32> dx,
+                                  int64_t padding, float eps) {
+  Geometry g;
+  if (ffi::Error e = Check(x, kernel, padding, &g); e.failure()) return e;
+  const Wide w = WideOf(g);
+  const float* xp = x.typed_data();
+  const float* kp = kernel.typed_data();
+  const float* sp = scale.typed_data();
+  const float* bp = beta.typed_data();
+  const float* dp = dout.typed_data();
+  float* op = dx->typed_data();
+  const int64_t in_size = g.h * g.w * g.ci, out_size = g.hq * g.wq * g.co;
+  ParallelOverImages(pool, g.n, [=](int64_t begin, auto&& next) {
+    BackwardScratch scratch(g, w);
+    for (int64_t i = begin; i >= 0; i = next()) {
+      BackwardImage(xp + i * in_size, kp, sp, bp, eps, dp + i * out_size,
+                    op + i * in_size, scratch, g, w);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CollabdmFirstBlockForward, FirstBlockForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("padding")
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CollabdmFirstBlockBackward,
+                              FirstBlockBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -1,4 +1,4 @@
-"""DM's ConvNet first block as a compiled CPU kernel (forward pass).
+"""DM's ConvNet first block as compiled CPU kernels (forward and input gradient).
 
 On XLA:CPU the first block of the ConvNet, ``3x3 conv -> instance norm ->
 ReLU -> 2x2 average pool``, is the slowest part of the network for its
@@ -6,15 +6,14 @@ work: at the reference shapes (28x28x1 images padded to 32x32 maps of 128
 channels) it was a third of the forward time of a batch of 64 for 2.5 % of
 the FLOPs, because its 512 KiB conv map per image went through memory
 between XLA's fusions. ``cpu_first_block.cc`` computes the block one image
-at a time with the map in the core's cache; models.ConvNet uses it for the
-forward passes that are not differentiated (the clients' statistics),
-where ``experiments/results/first_block`` measures it.
+at a time with the map in the core's cache, and its gradient with respect
+to the input (the DM losses' image gradients) the same way;
+models.ConvNet runs its first block through them on CPUs
+(``experiments/results/first_block`` measures both against XLA).
 
-Under differentiation (the DM losses' image gradients, training) the block
-runs as XLA's own ops, forward and backward (``first_block``'s custom VJP),
-so gradients are those of the plain layers (up to float rounding: the same
-ops, written out in ``reference``). The kernel's
-values equal theirs up to float rounding (``tests/test_cpu_first_block.py``).
+Parameter gradients (training a network through the block) stay XLA's own
+(``first_block``'s custom VJP). Values and gradients equal those of the
+plain layers up to float rounding (``tests/test_cpu_first_block.py``).
 
 The kernel is C++ against the XLA FFI headers that jaxlib ships, compiled
 on first use with the system's ``g++`` (``-O3 -march=native``) into
@@ -44,6 +43,7 @@ log = logging.getLogger("collabdm_jax")
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_first_block.cc")
 TARGET = "collabdm_first_block_forward"
+BACKWARD_TARGET = "collabdm_first_block_backward"
 EPSILON = 1e-5  # models.InstanceNorm's
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _ENV_SWITCH = "COLLABDM_CPU_KERNELS"
@@ -103,6 +103,9 @@ def _registered() -> bool:
     lib = ctypes.cdll.LoadLibrary(str(path))
     jax.ffi.register_ffi_target(
         TARGET, jax.ffi.pycapsule(lib.CollabdmFirstBlockForward),
+        platform="cpu")
+    jax.ffi.register_ffi_target(
+        BACKWARD_TARGET, jax.ffi.pycapsule(lib.CollabdmFirstBlockBackward),
         platform="cpu")
     return True
   except (OSError, RuntimeError) as e:
@@ -165,7 +168,10 @@ def kernel_forward(x, kernel, scale, beta, padding: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def first_block(x, kernel, bias, scale, beta, padding: int):
-  """The first block: the kernel's forward pass, XLA's under differentiation.
+  """The first block by the compiled kernels, forward and input gradient.
+
+  The parameters' gradients (when a network is trained through it) are
+  XLA's, from ``reference``.
 
   Args:
     x: ``[N, H, W, C]`` float32 images.
@@ -179,17 +185,35 @@ def first_block(x, kernel, bias, scale, beta, padding: int):
   return kernel_forward(x, kernel, scale, beta, padding)
 
 
+def kernel_input_gradient(x, kernel, scale, beta, dout, padding: int):
+  """The block's gradient w.r.t. ``x`` for the output cotangent ``dout``,
+  by the compiled kernel (it recomputes the conv map and its statistics)."""
+  hq, wq, co = _check(x, kernel, scale, beta, padding)
+  if dout.shape != (x.shape[0], hq, wq, co):
+    raise ValueError(f"first block: dout must be {(x.shape[0], hq, wq, co)}, "
+                     f"got {dout.shape}")
+  call = jax.ffi.ffi_call(
+      BACKWARD_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32),
+      vmap_method="sequential")
+  return call(x.astype(jnp.float32), kernel.astype(jnp.float32),
+              scale.astype(jnp.float32), beta.astype(jnp.float32),
+              dout.astype(jnp.float32), padding=np.int64(padding),
+              eps=np.float32(EPSILON))
+
+
 def _first_block_fwd(x, kernel, bias, scale, beta, padding):
-  # Differentiated: the forward and the backward pass are XLA's own, so the
-  # gradients are those of models.ConvNet's layers.
-  out, vjp = jax.vjp(lambda *a: reference(*a, padding), x, kernel, bias,
-                     scale, beta)
-  return out, vjp
+  return (first_block(x, kernel, bias, scale, beta, padding),
+          (x, kernel, bias, scale, beta))
 
 
-def _first_block_bwd(padding, vjp, g):
-  del padding
-  return vjp(g)
+def _first_block_bwd(padding, residuals, dout):
+  x, kernel, bias, scale, beta = residuals
+  dx = kernel_input_gradient(x, kernel, scale, beta, dout, padding)
+  # The parameters' gradients (training) from XLA's ops; a DM loss only
+  # asks for dx, and XLA then drops this computation as unused.
+  _, vjp = jax.vjp(lambda *p: reference(x, *p, padding), kernel, bias, scale,
+                   beta)
+  return (dx, *vjp(dout))
 
 
 first_block.defvjp(_first_block_fwd, _first_block_bwd)

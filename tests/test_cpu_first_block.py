@@ -1,6 +1,6 @@
-"""The CPU first-block kernel: it builds here, computes models.ConvNet's
-first block (and whole embeddings) to float rounding, and leaves gradients
-to XLA's ops."""
+"""The CPU first-block kernels: they build here and compute models.ConvNet's
+first block, its input gradient and whole embeddings and their gradients to
+float rounding; parameter gradients stay XLA's."""
 
 import shutil
 
@@ -52,6 +52,19 @@ def test_kernel_equals_the_layers(shape, width, padding):
   # The bias cancels in the instance norm: the block ignores it.
   out2 = cfb.first_block(x, kernel, bias + 5.0, scale, beta, padding)
   assert rel(out2, ref) < 2e-6
+  # The input gradient for a random cotangent, and every parameter's.
+  dout = jax.random.normal(jax.random.key(9), ref.shape)
+  _, vjp = jax.vjp(lambda *a: cfb.reference(*a, padding), x, kernel, bias,
+                   scale, beta)
+  want = vjp(dout)
+  dx = jax.jit(lambda x, d: cfb.kernel_input_gradient(
+      x, kernel, scale, beta, d, padding))(x, dout)
+  assert rel(dx, want[0]) < 5e-6
+  _, vjp_block = jax.vjp(lambda *a: cfb.first_block(*a, padding), x, kernel,
+                         bias, scale, beta)
+  got = vjp_block(dout)
+  for g, w in zip(got, want):
+    assert rel(g, w) < 5e-6
 
 
 def test_bad_shapes_are_named():
@@ -62,6 +75,9 @@ def test_bad_shapes_are_named():
     cfb.kernel_forward(x, kernel, scale[:3], beta, 1)
   with pytest.raises(ValueError, match="too small to pool"):
     cfb.kernel_forward(x[:, :2, :2], kernel, scale, beta, 0)
+  with pytest.raises(ValueError, match="dout must be"):
+    cfb.kernel_input_gradient(x, kernel, scale, beta, jnp.zeros((2, 4, 4, 3)),
+                              1)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +93,10 @@ def test_convnet_embedding_with_and_without_the_kernel(convnet, monkeypatch):
   f = lambda p, x: embed(p, x)
   with_kernel = jax.jit(f)(params, x)
   grad = jax.jit(jax.grad(lambda x: jnp.sum(embed(params, x) ** 2)))(x)
-  hlo = jax.jit(f).lower(params, x).as_text()
-  assert cfb.TARGET in hlo
+  assert cfb.TARGET in jax.jit(f).lower(params, x).as_text()
+  grad_text = jax.jit(jax.grad(lambda x: jnp.sum(embed(params, x) ** 2))
+                      ).lower(x).as_text()
+  assert cfb.BACKWARD_TARGET in grad_text
   monkeypatch.setenv("COLLABDM_CPU_KERNELS", "0")
   assert not cfb.enabled()
   plain = jax.jit(lambda p, x: embed(p, x))(params, x)
@@ -87,7 +105,6 @@ def test_convnet_embedding_with_and_without_the_kernel(convnet, monkeypatch):
   plain_grad = jax.jit(jax.grad(
       lambda x: jnp.sum(embed(params, x) ** 2) * 1.0))(x)
   assert rel(with_kernel, plain) < 2e-6
-  # Gradients come from XLA's ops either way.
   assert rel(grad, plain_grad) < 1e-5
 
 
