@@ -54,6 +54,7 @@ from ml_collections import config_flags
 
 from collabdm_jax import augment
 from collabdm_jax import client as client_lib
+from collabdm_jax import cpu_first_block
 from collabdm_jax import dm
 from collabdm_jax import evaluate
 from collabdm_jax import losses
@@ -214,6 +215,9 @@ def main(argv):
       "matmul_peak": {"start": peak_start, "end": peak_end},
       "load_average_start": load_start,
       "load_average_end": list(os.getloadavg()),
+      # Whether the ConvNet's first block ran as the compiled CPU kernels
+      # (COLLABDM_CPU_KERNELS=0 turns them off, for a side-by-side run).
+      "cpu_first_block_kernel": cpu_first_block.enabled(),
       "peak_rss_mb": measure.peak_rss_mb(),
       "environment": env,
       "config_values": config.to_dict(),
