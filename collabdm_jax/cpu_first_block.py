@@ -24,6 +24,7 @@ build fails (logged once), or with ``COLLABDM_CPU_KERNELS=0``, everything
 runs as before on XLA's ops.
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -114,10 +115,29 @@ def _registered() -> bool:
     return False
 
 
+_xla_only = False
+
+
+@contextlib.contextmanager
+def xla_ops():
+  """Within it, ConvNets traced run their first block as XLA's ops.
+
+  For counting a program's FLOPs: XLA's cost analysis counts none for a
+  custom call, so a count of a program with the kernels would leave the
+  block's convolutions out.
+  """
+  global _xla_only
+  before, _xla_only = _xla_only, True
+  try:
+    yield
+  finally:
+    _xla_only = before
+
+
 def enabled() -> bool:
-  """Whether ConvNets built now use the kernel (CPU backend, not switched
-  off with ``COLLABDM_CPU_KERNELS=0``, and the kernel builds)."""
-  if os.environ.get(_ENV_SWITCH, "1") == "0":
+  """Whether ConvNets traced now use the kernels (CPU backend, not switched
+  off with ``COLLABDM_CPU_KERNELS=0`` or ``xla_ops``, and they build)."""
+  if _xla_only or os.environ.get(_ENV_SWITCH, "1") == "0":
     return False
   return jax.default_backend() == "cpu" and _registered()
 

@@ -108,6 +108,22 @@ def test_convnet_embedding_with_and_without_the_kernel(convnet, monkeypatch):
   assert rel(grad, plain_grad) < 1e-5
 
 
+def test_xla_ops_traces_the_layers_for_counting_flops(convnet):
+  model, params = convnet
+  x = jnp.zeros((3, 28, 28, 1))
+  f = lambda: jax.jit(lambda p, x: models.embed_fn(model)(p, x)).lower(
+      params, x)
+  with cfb.xla_ops():
+    assert not cfb.enabled()
+    plain = f()
+  assert cfb.enabled()
+  fast = f()
+  assert cfb.TARGET not in plain.as_text() and cfb.TARGET in fast.as_text()
+  # XLA counts nothing for the custom call: fewer FLOPs than the layers.
+  flops = lambda low: low.compile().cost_analysis()["flops"]
+  assert flops(fast) < flops(plain)
+
+
 def test_vmapped_networks_each_use_their_own_parameters(convnet):
   model, _ = convnet
   embed = models.embed_fn(model)
