@@ -48,6 +48,7 @@ if str(REPO) not in sys.path:
 from collabdm_jax import cpu_first_block  # pylint: disable=g-import-not-at-top
 from collabdm_jax import models  # pylint: disable=g-import-not-at-top
 from collabdm_jax import provenance  # pylint: disable=g-import-not-at-top
+from experiments.benchlib import measure  # pylint: disable=g-import-not-at-top
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON document.")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Alternating rounds per case.")
@@ -134,9 +135,9 @@ def main(argv):
                "alone and inside the embedding, interleaved"),
       "cases": cases,
       "settings": {"rounds": rounds, "calls": calls, "quick": _QUICK.value},
-      "environment": {"jax": jax.__version__,
-                      "backend": jax.default_backend(),
-                      "kernel_library": str(cpu_first_block.library_path())},
+      "environment": dict(
+          measure.environment(),
+          kernel_library=str(cpu_first_block.library_path())),
       "provenance": provenance.finish(record),
   }
   text = json.dumps(doc, indent=1)

@@ -21,4 +21,6 @@ def test_quick_times_kernel_and_xla_side_by_side(quick_script_json):
     assert case["ratio_is"] == "xla / kernel" and case["median_ratio"] > 0
     # The two variants compute the same function.
     assert case["max_relative_difference"] < 1e-5
+  assert doc["environment"]["backend"] == "cpu"
+  assert doc["environment"]["kernel_library"].endswith(".so")
   test_provenance.check_record(doc["provenance"])
