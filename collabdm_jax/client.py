@@ -26,7 +26,8 @@ own data (no per-client padding).
 import dataclasses
 import functools
 import math
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import (Callable, Iterator, List, NamedTuple, Optional, Sequence,
+                    Tuple)
 
 import jax
 import jax.numpy as jnp
@@ -401,27 +402,30 @@ def sample_class_slots(key, y, class_start, slot_class, slot_rank):
   return jnp.where(slot_class >= 0, order[class_start[cls] + slot_rank], 0)
 
 
-def augment_per_slot(class_keys, images, slot_class, dsa_strategy):
+def augment_per_slot(class_draws, images, slot_class, dsa_strategy):
   """Applies to every sample the Siamese DSA transform of its class.
 
-  ``class_keys[c]`` is the augmentation key of class c; a sample of class c
-  gets exactly the transform the synthetic images of class c get.
+  ``class_draws`` are the classes' Siamese augmentations
+  (``dm.class_aug_draws``, ``[C, ...]``); a sample of class c gets exactly
+  the transform the synthetic images of class c get. Drawing them once per
+  class, not once per sample, took 2-3 % off the reference client pass.
   """
   if not dsa_strategy or dsa_strategy == "none":
     return images
-  slot_keys = class_keys[jnp.maximum(slot_class, 0)]
-  one = lambda k, im: augment.siamese_augment(k, im[None], dsa_strategy)[0]
-  return jax.vmap(one)(slot_keys, images)
+  slot_draws = jax.tree.map(lambda a: a[jnp.maximum(slot_class, 0)],
+                            class_draws)
+  one = lambda d, im: augment.apply_siamese(d, im[None], dsa_strategy)[0]
+  return jax.vmap(one)(slot_draws, images)
 
 
-def slot_moments(spec, embed, params, class_keys, images, slot_group,
+def slot_moments(spec, embed, params, class_draws, images, slot_group,
                  slot_class, num_groups, embed_batch):
   """Per (group, class) sums, squared sums and counts of embedded slots.
 
   ``images`` ``[S, ...]`` are the slots' samples (S a multiple of
   ``embed_batch``), ``slot_group`` ``[S]`` which group (client) each belongs
   to and ``slot_class`` ``[S]`` its class, -1 for padding. Slots are
-  augmented with their class's key and embedded ``embed_batch`` at a time in
+  augmented with their class's draws and embedded ``embed_batch`` at a time in
   a loop: one flat list keeps every embedding batch full, and small
   batches (32-64 samples) stay in cache where XLA:CPU convolutions run
   fastest. The loop stops after the last batch holding a real slot, so
@@ -438,7 +442,7 @@ def slot_moments(spec, embed, params, class_keys, images, slot_group,
 
   def chunk(i, carry):
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * eb, eb)
-    xs = augment_per_slot(class_keys, sl(images), sl(slot_class),
+    xs = augment_per_slot(class_draws, sl(images), sl(slot_class),
                           spec.dsa_strategy)
     emb = embed(params, xs)
     # Per-segment sums as one small matmul; padding (-1) is a zero row.
@@ -460,18 +464,18 @@ def slot_moments(spec, embed, params, class_keys, images, slot_group,
   return s, q, n.reshape(num_groups, C)
 
 
-def class_moments(spec, embed, params, class_keys, sample_key, x, y,
+def class_moments(spec, embed, params, class_draws, sample_key, x, y,
                   class_start, slot_class, slot_rank):
   """One party's per-class sums, squared sums and counts ``[C, D], [C, D], [C]``.
 
   Draws the samples of every slot (``sample_class_slots``), augments them
-  with their class's key and embeds them (``slot_moments``). ``slot_class``
+  with their class's draws and embeds them (``slot_moments``). ``slot_class``
   must be padded to a multiple of the embed batch (``_padded_slots``).
   Squared sums are a scalar 0 unless ``spec.second_moments``.
   """
   idx = sample_class_slots(sample_key, y, class_start, slot_class, slot_rank)
   eb = min(spec.embed_batch, slot_class.shape[0])
-  s, q, n = slot_moments(spec, embed, params, class_keys, x[idx],
+  s, q, n = slot_moments(spec, embed, params, class_draws, x[idx],
                          jnp.zeros_like(slot_class), slot_class, 1, eb)
   return s[0], (q[0] if spec.second_moments else q), n[0]
 
@@ -501,31 +505,56 @@ def block_slot_indices(prio, y, sample_client, client_offset, class_start,
   return order[client_offset[g] + class_start[g, c] + slot_rank]
 
 
-def block_stats_fn(spec: StatsSpec, mesh, t_chunk: int, embed_batch: int):
-  """Jitted ``(root, t0, block arrays) -> per-client stats of t0..t0+t_chunk``.
+@dataclasses.dataclass(frozen=True)
+class BlockStatsFn:
+  """``(root, t0, block arrays) -> per-client stats of t0..t0+t_chunk``.
 
-  The client pass's compute: ``iter_client_stats`` calls it once per block
-  of clients (``make_blocks``, sharded over ``mesh``) and chunk of
-  ``t_chunk`` iterations; benchmarks call it alone to time the pass. The
-  block arrays are the fields of a ``ClientBlock`` but ``members``.
+  ``inputs`` is the process's shared ``dm.iteration_inputs_fn`` (psi_t and
+  the classes' Siamese augmentations of one t, the very program local DM
+  and the server run, so it compiles once per process); ``program`` is the
+  jitted, client-sharded ``(root, t0, params [Tc, ...], draws [Tc, ...],
+  block arrays)``.
+  """
+  inputs: Callable
+  program: Callable
+  t_chunk: int
+
+  def __call__(self, root, t0, *arrays):
+    t0 = int(t0)
+    per_t = [self.inputs(root, jnp.int32(t0 + i)) for i in range(self.t_chunk)]
+    # Host arrays: replicated inputs of the sharded program on any mesh,
+    # multi-process included.
+    params, draws = jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]),
+                                 *per_t)
+    return self.program(root, jnp.int32(t0), params, draws, *arrays)
+
+
+def block_stats_fn(spec: StatsSpec, mesh, t_chunk: int,
+                   embed_batch: int) -> BlockStatsFn:
+  """The client pass's compute, one block of clients at a time.
+
+  ``iter_client_stats`` calls it once per block of clients
+  (``make_blocks``, sharded over ``mesh``) and chunk of ``t_chunk``
+  iterations; benchmarks call it alone to time the pass. The block arrays
+  are the fields of a ``ClientBlock`` but ``members``.
   """
   embed = models.embed_fn(spec.model, spec.compute_dtype)
 
-  def local(root, t0, x, y, sample_client, client_offset, class_start,
-            client_ids, slot_client, slot_class, slot_rank):
-    def per_t(t):
-      params = dm.network_params(spec.model, root, t, spec.input_shape)
-      class_keys = dm.class_aug_keys(root, t, spec.num_classes)
+  def local(root, t0, params_t, draws_t, x, y, sample_client, client_offset,
+            class_start, client_ids, slot_client, slot_class, slot_rank):
+    def per_t(args):
+      t, params, class_draws = args
       prio = block_priorities(root, t, sample_client, client_offset,
                               client_ids)
       idx = block_slot_indices(prio, y, sample_client, client_offset,
                                class_start, slot_client, slot_class,
                                slot_rank)
-      return slot_moments(spec, embed, params, class_keys, x[idx],
+      return slot_moments(spec, embed, params, class_draws, x[idx],
                           slot_client, slot_class, client_ids.shape[0],
                           embed_batch)
 
-    s, q, n = jax.lax.map(per_t, t0 + jnp.arange(t_chunk))
+    s, q, n = jax.lax.map(per_t, (t0 + jnp.arange(t_chunk), params_t,
+                                  draws_t))
     # [T, G, ...] -> [G, T, ...]; means are what the protocol carries.
     safe = jnp.maximum(n, 1.0)[..., None]
     means = jnp.moveaxis(s / safe, 0, 1)
@@ -534,11 +563,14 @@ def block_stats_fn(spec: StatsSpec, mesh, t_chunk: int, embed_batch: int):
 
   clients = P(parallel.CLIENT_AXIS)
   sharded = jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), P()) + (clients,) * 9,
+      local, mesh=mesh, in_specs=(P(),) * 4 + (clients,) * 9,
       out_specs=(clients, clients if spec.second_moments else P(), clients),
       # Clients never communicate; skip tracking which values vary per device.
       check_vma=False)
-  return jax.jit(sharded)
+  return BlockStatsFn(
+      dm.iteration_inputs_fn(spec.model, tuple(spec.input_shape),
+                             spec.num_classes, spec.dsa_strategy),
+      jax.jit(sharded), t_chunk)
 
 
 def _local_rows(array):
@@ -695,14 +727,15 @@ def _local_dm_step(model, input_shape, num_classes, cfg: LocalDMConfig):
     params = models.init_params(model, jax.random.fold_in(k_it, 0), input_shape)
     aug_keys = jax.vmap(lambda c: jax.random.fold_in(
         jax.random.fold_in(k_it, 1), c))(jnp.arange(num_classes))
-    s, q, n = class_moments(spec, embed, params, aug_keys,
+    aug_draws = dm.aug_draws_of_keys(aug_keys, cfg.dsa_strategy, input_shape)
+    s, q, n = class_moments(spec, embed, params, aug_draws,
                             jax.random.fold_in(k_it, 2), x, y, class_start,
                             slot_class, slot_rank)
     n = jnp.maximum(n, 1.0)[:, None]
     mean = s / n
     std = (losses.std_from_moments(mean, q / n, n, cfg.std_ddof) if need_std
            else jnp.zeros_like(mean))
-    return dm.iteration_step(optimizer, embed, state, params, aug_keys, mean,
+    return dm.iteration_step(optimizer, embed, state, params, aug_draws, mean,
                              std, valid, dsa_strategy=cfg.dsa_strategy,
                              pae=cfg.pae, std_weight=cfg.std_weight,
                              std_ddof=cfg.std_ddof)
@@ -713,7 +746,8 @@ def _local_dm_step(model, input_shape, num_classes, cfg: LocalDMConfig):
 @functools.lru_cache(maxsize=16)
 def shared_local_step(model, input_shape, num_classes, cfg: LocalDMConfig,
                       units_per_piece=None):
-  """Jitted ``(states, root, t, means, stds, valid) -> (states, losses)``.
+  """A ``dm.IterationStep``: ``(states, root, t, means, stds, valid) ->
+  (states, losses)``.
 
   The per-class DM steps of P parties at iteration t. They share psi_t and
   the Siamese keys, and a party's class loss involves only its own images,
@@ -733,9 +767,7 @@ def shared_local_step(model, input_shape, num_classes, cfg: LocalDMConfig,
   embed = models.embed_fn(model, cfg.compute_dtype)
   optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
 
-  def step(states, root, t, means, stds, valid):
-    params = dm.network_params(model, root, t, input_shape)
-    aug_keys = dm.class_aug_keys(root, t, num_classes)
+  def update(states, params, aug_draws, means, stds, valid):
     parties, _, ipc = states.images.shape[:3]
     at_step = jax.vmap(lambda st, v: dm.class_step_points(optimizer, st, v))(
         states, valid)
@@ -747,7 +779,8 @@ def shared_local_step(model, input_shape, num_classes, cfg: LocalDMConfig,
     per_piece = units_per_piece or dm.default_classes_per_piece(
         num_classes * parties, ipc * (4 if cfg.pae else 1))
     unit_losses, grads = dm.class_losses_and_grads(
-        embed, params, units(at_step), jnp.repeat(aug_keys, parties, axis=0),
+        embed, params, units(at_step),
+        jax.tree.map(lambda a: jnp.repeat(a, parties, axis=0), aug_draws),
         units(means), units(stds), dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,
         std_weight=cfg.std_weight, std_ddof=cfg.std_ddof,
         classes_per_piece=per_piece)
@@ -756,7 +789,10 @@ def shared_local_step(model, input_shape, num_classes, cfg: LocalDMConfig,
             states, back(grads), valid)
     return new_states, jnp.where(valid, back(unit_losses), 0.0)
 
-  return optimizer, jax.jit(step, donate_argnums=0)
+  return optimizer, dm.IterationStep(
+      dm.iteration_inputs_fn(model, tuple(input_shape), num_classes,
+                             cfg.dsa_strategy),
+      jax.jit(update, donate_argnums=0))
 
 
 def shared_local_distill(root, client_x, client_y, client_ids, stats,

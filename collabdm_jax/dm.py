@@ -16,7 +16,9 @@ to a class's images, so the C class gradients are computed independently
 and the C sequential steps are applied in closed form.
 """
 
-from typing import NamedTuple
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,35 +61,36 @@ def init_state(images, optimizer):
   return SynthesisState(images, optimizer.init(images))
 
 
-def synthetic_views(images, aug_key, dsa_strategy, pae):
+def synthetic_views(images, aug_draws, dsa_strategy, pae):
   """One class of synthetic images the way the network sees them.
 
   PAE first splits every image into its 4 upsampled quadrants; the Siamese
-  DSA transform is then drawn from ``aug_key``, the same key the real side
-  used for this (iteration, class).
+  DSA transform is then applied with ``aug_draws``
+  (``augment.siamese_draws`` of this (iteration, class)'s key, the key the
+  real side used).
   """
   if pae:
     images = augment.pae_expand(images)
-  return augment.siamese_augment(aug_key, images, dsa_strategy)
+  return augment.apply_siamese(aug_draws, images, dsa_strategy)
 
 
-def synthetic_embeddings(embed, net_params, images, aug_key, dsa_strategy,
+def synthetic_embeddings(embed, net_params, images, aug_draws, dsa_strategy,
                          pae):
   """Embeds one class of synthetic images the way the loss sees them."""
-  return embed(net_params, synthetic_views(images, aug_key, dsa_strategy,
+  return embed(net_params, synthetic_views(images, aug_draws, dsa_strategy,
                                            pae))
 
 
-def class_matching_loss(embed, net_params, class_images, aug_key, mean, std,
+def class_matching_loss(embed, net_params, class_images, aug_draws, mean, std,
                         *, dsa_strategy, pae, std_weight, std_ddof=0):
   """DM's loss of one class: ``||mean - mean_i psi(A(s_i))||^2`` (+ std term).
 
-  ``A`` is the Siamese augmentation drawn from ``aug_key`` and ``psi`` the
-  network ``net_params``; see ``losses.matching_loss``. ``std_ddof`` is the
-  degrees of freedom of the synthetic side's std in the std term
+  ``A`` is the Siamese augmentation ``aug_draws`` parameterise and ``psi``
+  the network ``net_params``; see ``losses.matching_loss``. ``std_ddof`` is
+  the degrees of freedom of the synthetic side's std in the std term
   (``losses.embedding_std``; 1 is the authors' ``torch.std``).
   """
-  emb = synthetic_embeddings(embed, net_params, class_images, aug_key,
+  emb = synthetic_embeddings(embed, net_params, class_images, aug_draws,
                              dsa_strategy, pae)
   return losses.matching_loss(mean, emb, target_std=std,
                               std_weight=std_weight, std_ddof=std_ddof)
@@ -138,7 +141,7 @@ def default_classes_per_piece(num_classes, images_per_class):
   return k
 
 
-def _piece_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
+def _piece_losses_and_grads(embed, net_params, images, aug_draws, target_mean,
                             target_std, *, dsa_strategy, pae, std_weight,
                             std_ddof):
   """``class_losses_and_grads`` of a piece of k classes, one network pass.
@@ -149,13 +152,13 @@ def _piece_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
   products: at ipc 1 that step took 1.8x as long as the scan over classes,
   ``experiments/results/dm_step/trials/run3.json``).
   """
-  views = lambda x, key: synthetic_views(x, key, dsa_strategy, pae)
+  views = lambda x, draws: synthetic_views(x, draws, dsa_strategy, pae)
 
   def total(x):
-    if x.shape[0] == 1:  # no vmap: only the DSA family the key draws runs
-      v = views(x[0], aug_keys[0])[None]
+    if x.shape[0] == 1:  # no vmap: only the DSA family drawn runs
+      v = views(x[0], jax.tree.map(lambda a: a[0], aug_draws))[None]
     else:
-      v = jax.vmap(views)(x, aug_keys)
+      v = jax.vmap(views)(x, aug_draws)
     emb = embed(net_params, v.reshape((-1,) + v.shape[2:]))
     emb = emb.reshape(v.shape[:2] + emb.shape[1:])
     per_class = jax.vmap(lambda m, e, s: losses.matching_loss(
@@ -167,12 +170,13 @@ def _piece_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
   return per_class, g
 
 
-def class_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
+def class_losses_and_grads(embed, net_params, images, aug_draws, target_mean,
                            target_std, *, dsa_strategy, pae, std_weight,
                            std_ddof=0, classes_per_piece=None):
   """Every class's loss and its gradient w.r.t. its own images, independently.
 
-  Entry c is ``class_matching_loss`` of ``images[c]`` (key ``aug_keys[c]``)
+  Entry c is ``class_matching_loss`` of ``images[c]`` (draws
+  ``aug_draws[c]``, a pytree of ``[C, ...]`` arrays, ``class_aug_draws``)
   and its gradient ``[ipc, ...]``. Classes do not interact, so they are
   computed ``classes_per_piece`` at a time (None: ``default_classes_per_
   piece``), the pieces in a ``lax.map``: the images of a piece go through
@@ -190,7 +194,7 @@ def class_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
   piece = lambda xs: _piece_losses_and_grads(
       embed, net_params, *xs, dsa_strategy=dsa_strategy, pae=pae,
       std_weight=std_weight, std_ddof=std_ddof)
-  xs = (images, aug_keys, target_mean, target_std)
+  xs = (images, aug_draws, target_mean, target_std)
   if k == num_classes:
     return piece(xs)
   # Whole pieces in a loop, then the classes left over as one more piece.
@@ -204,7 +208,7 @@ def class_losses_and_grads(embed, net_params, images, aug_keys, target_mean,
   return out
 
 
-def iteration_step(optimizer, embed, state, net_params, aug_keys,
+def iteration_step(optimizer, embed, state, net_params, aug_draws,
                    target_mean, target_std, valid, *, dsa_strategy, pae,
                    std_weight, std_ddof=0, classes_per_piece=None):
   """One DM iteration: a loss and an optimiser step per class, in class order.
@@ -254,7 +258,8 @@ def iteration_step(optimizer, embed, state, net_params, aug_keys,
       own (no batch statistics).
     state: ``SynthesisState`` with images ``[C, ipc, H, W, Ch]``.
     net_params: parameters of this iteration's random network.
-    aug_keys: ``[C]`` Siamese augmentation keys, one per class.
+    aug_draws: the Siamese augmentations of the C classes
+      (``class_aug_draws``: a pytree of ``[C, ...]`` arrays).
     target_mean, target_std: ``[C, D]`` real-data targets.
     valid: ``[C]`` bool.
     std_ddof: see ``class_matching_loss``.
@@ -267,7 +272,7 @@ def iteration_step(optimizer, embed, state, net_params, aug_keys,
   """
   at_step = class_step_points(optimizer, state, valid)
   class_losses, g = class_losses_and_grads(
-      embed, net_params, at_step, aug_keys, target_mean, target_std,
+      embed, net_params, at_step, aug_draws, target_mean, target_std,
       dsa_strategy=dsa_strategy, pae=pae, std_weight=std_weight,
       std_ddof=std_ddof, classes_per_piece=classes_per_piece)
   return (apply_class_steps(optimizer, state, g, valid),
@@ -337,14 +342,59 @@ def network_params(model, root, t, input_shape):
   return models.init_params(model, keys_lib.network_key(root, t), input_shape)
 
 
-def iteration_inputs_fn(model, input_shape, num_classes):
-  """Jitted ``(root, t) -> (params of psi_t, [C] Siamese keys)``."""
+def class_aug_draws(root, t, num_classes, dsa_strategy, sample_shape):
+  """The Siamese augmentations of iteration ``t``'s classes.
+
+  ``augment.siamese_draws`` of every class's key (``class_aug_keys``, the
+  keys the clients' real side augments with), stacked: a pytree of
+  ``[C, ...]`` arrays for ``iteration_step``. ``sample_shape`` is one
+  image's (or table row's) shape.
+  """
+  return aug_draws_of_keys(class_aug_keys(root, t, num_classes), dsa_strategy,
+                           sample_shape)
+
+
+def aug_draws_of_keys(aug_keys, dsa_strategy, sample_shape):
+  """``augment.siamese_draws`` of every key in ``aug_keys [C]``, stacked."""
+  return jax.vmap(lambda k: augment.siamese_draws(k, dsa_strategy,
+                                                  tuple(sample_shape)))(
+      aug_keys)
+
+
+@functools.lru_cache(maxsize=None)
+def iteration_inputs_fn(model, input_shape, num_classes, dsa_strategy):
+  """Jitted ``(root, t) -> (params of psi_t, class_aug_draws)``.
+
+  Every random number of a synthesis iteration, as a program of its own.
+  The steps that differentiate through the network (``IterationStep``)
+  take them as inputs and so compile no random-number code: at the
+  reference config the server step compiled in 1.1-1.2 s instead of
+  1.9-2.4 s. Cached, so the server and local DM of one process (same
+  network, same strategy) share one compiled program.
+  """
 
   def f(root, t):
     return (network_params(model, root, t, input_shape),
-            class_aug_keys(root, t, num_classes))
+            class_aug_draws(root, t, num_classes, dsa_strategy, input_shape))
 
   return jax.jit(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class IterationStep:
+  """A synthesis iteration as two compiled programs.
+
+  ``inputs(root, t) -> (net_params, aug_draws)`` draws psi_t and the
+  Siamese augmentations (``iteration_inputs_fn``); ``update(state,
+  net_params, aug_draws, *targets) -> (state, losses)`` takes the DM steps
+  (its state donated: updated in place). Calling the step runs both:
+  ``step(state, root, t, *targets)``.
+  """
+  inputs: Callable
+  update: Callable
+
+  def __call__(self, state, root, t, *targets):
+    return self.update(state, *self.inputs(root, t), *targets)
 
 
 def initial_images(key, x, y, num_classes, ipc, init, pae):

@@ -296,7 +296,7 @@ def _clipped_sums_fn(spec: client_lib.StatsSpec, clip_norm: float,
                      t_chunk: int, embed_batch: int):
   """Jitted ``(root, t0, x [Tc, B, ...], cls [Tc, B]) -> sums [Tc, C, D]``.
 
-  Per iteration: psi_t and the Siamese keys, then the drawn examples
+  Per iteration: psi_t and the Siamese augmentations, then the drawn examples
   (``cls`` their class, -1 on padding, which comes last) are augmented,
   embedded ``embed_batch`` at a time, clipped and summed per class. The
   loop stops after the last drawn example, so padding costs nothing.
@@ -307,12 +307,14 @@ def _clipped_sums_fn(spec: client_lib.StatsSpec, clip_norm: float,
 
   def per_t(root, t, x, cls):
     params = dm.network_params(spec.model, root, t, spec.input_shape)
-    class_keys = dm.class_aug_keys(root, t, C)
+    class_draws = dm.class_aug_draws(root, t, C, spec.dsa_strategy,
+                                     spec.input_shape)
 
     def chunk(i, sums):
       sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * eb, eb)
       c = sl(cls)
-      xs = client_lib.augment_per_slot(class_keys, sl(x), c, spec.dsa_strategy)
+      xs = client_lib.augment_per_slot(class_draws, sl(x), c,
+                                       spec.dsa_strategy)
       emb = clip_rows(embed(params, xs).astype(jnp.float32), clip_norm)
       return sums + jax.nn.one_hot(c, C, dtype=emb.dtype).T @ emb
 

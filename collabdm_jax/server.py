@@ -54,24 +54,26 @@ def make_step(model, input_shape, num_classes, cfg: ServerConfig):
   """Returns ``(optimizer, step)`` with ``step(state, root, t, targets)``.
 
   ``targets`` is a ``losses.ClassMoments`` of one iteration (``[C, D]``).
-  ``step`` is one compiled program (state donated: updated in place) that
-  rebuilds psi_t and the Siamese keys of iteration t and takes the per-class
-  DM steps (``dm.iteration_step``: the class gradients, then the C momentum
-  steps in closed form); it returns ``(state, losses [C])``.
+  ``step`` is a ``dm.IterationStep``: one program rebuilds psi_t and the
+  Siamese augmentations of iteration t, a second (state donated: updated in
+  place) takes the per-class DM steps (``dm.iteration_step``: the class
+  gradients, then the C momentum steps in closed form); it returns
+  ``(state, losses [C])``.
   """
   embed = models.embed_fn(model, cfg.compute_dtype)
   optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
   input_shape = tuple(input_shape)
 
-  def step(state, root, t, targets):
-    params = dm.network_params(model, root, t, input_shape)
-    aug_keys = dm.class_aug_keys(root, t, num_classes)
+  def update(state, params, aug_draws, targets):
     return dm.iteration_step(
-        optimizer, embed, state, params, aug_keys, targets.mean, targets.std,
-        targets.valid, dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,
-        std_weight=cfg.std_weight)
+        optimizer, embed, state, params, aug_draws, targets.mean,
+        targets.std, targets.valid, dsa_strategy=cfg.dsa_strategy,
+        pae=cfg.pae, std_weight=cfg.std_weight)
 
-  return optimizer, jax.jit(step, donate_argnums=0)
+  return optimizer, dm.IterationStep(
+      dm.iteration_inputs_fn(model, input_shape, num_classes,
+                             cfg.dsa_strategy),
+      jax.jit(update, donate_argnums=0))
 
 
 def initial_synthetic_set(key, init, num_classes, ipc, input_shape,

@@ -157,7 +157,7 @@ def compiled(f, args, conv=None):
   """``(f lowered and compiled for args under conv, seconds it took)``."""
   start = time.perf_counter()
   with convolution(conv):
-    out = f.lower(*args).compile()
+    out = one_program(f).lower(*args).compile()
   return out, time.perf_counter() - start
 
 
@@ -238,9 +238,9 @@ def server_case(model, ipc, before, im2col_conv, sizes, peak, with_convs):
     def step(state, root, t, targets):
       return dm.iteration_step(
           optimizer, embed, state, dm.network_params(model, root, t, SHAPE),
-          dm.class_aug_keys(root, t, C), targets.mean, targets.std,
-          targets.valid, dsa_strategy=strategy, pae=False, std_weight=0.0,
-          classes_per_piece=classes_per_piece)
+          dm.class_aug_draws(root, t, C, strategy, SHAPE), targets.mean,
+          targets.std, targets.valid, dsa_strategy=strategy, pae=False,
+          std_weight=0.0, classes_per_piece=classes_per_piece)
     return optimizer, jax.jit(step, donate_argnums=0)
 
   def before_step():
@@ -303,12 +303,20 @@ def server_case(model, ipc, before, im2col_conv, sizes, peak, with_convs):
   return out
 
 
+def one_program(step):
+  """A ``dm.IterationStep`` (random inputs, then the update) as one jitted
+  program, the form every variant here has; other steps unchanged."""
+  if isinstance(step, dm.IterationStep):
+    return jax.jit(lambda *args: step(*args), donate_argnums=0)
+  return step
+
+
 def xla_ops_flops(build, *args):
   """XLA's FLOPs of a freshly built step with the ConvNet's first block as
   XLA's ops (the CPU kernel is a custom call, which XLA counts as 0)."""
   with cpu_first_block.xla_ops():
     _, step = build()
-    return measure.flops_of(step.lower(*args).compile())
+    return measure.flops_of(one_program(step).lower(*args).compile())
 
 
 def local_case(model, before, im2col_conv, sizes, peak):
@@ -329,9 +337,13 @@ def local_case(model, before, im2col_conv, sizes, peak):
   def vmapped(iteration_step, optimizer, **kw):
     def step(states, root, t, means, stds, valid):
       params = dm.network_params(model, root, t, SHAPE)
-      keys_ = dm.class_aug_keys(root, t, C)
+      # base_commit's step takes the classes' keys, this checkout's their
+      # draws.
+      aug = (dm.class_aug_keys(root, t, C) if iteration_step is
+             before.iteration_step else
+             dm.class_aug_draws(root, t, C, strategy, SHAPE))
       return jax.vmap(lambda st, m, s, v: iteration_step(
-          optimizer, embed, st, params, keys_, m, s, v,
+          optimizer, embed, st, params, aug, m, s, v,
           dsa_strategy=strategy, pae=False, std_weight=0.0, **kw))(
               states, means, stds, valid)
     return optimizer, jax.jit(step, donate_argnums=0)

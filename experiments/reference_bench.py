@@ -94,19 +94,20 @@ def loop_once_flops(f, *args):
 
 
 def server_class_step_flops(s, cfg: server_lib.ServerConfig):
-  """FLOPs of one server class step (loss, image gradient, update)."""
+  """FLOPs of one server class step (loss, image gradient, update).
+
+  Counted on the step's update program alone: psi_t and the augmentations
+  are drawn once per iteration, not per class, by a program of their own.
+  """
   _, step = server_lib.make_step(s.model, s.input_shape, 1, cfg)
   optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
   d = models.feature_dim(s.model, s.input_shape)
   state = dm.init_state(jnp.zeros((1, cfg.ipc) + s.input_shape), optimizer)
   targets = losses.ClassMoments(
       jnp.zeros((1, d)), jnp.zeros((1, d)), jnp.ones((1,), bool))
-  total = measure.flops_of(step.lower(state, s.root, jnp.int32(0), targets)
-                         .compile())
-  # Take psi_t's initialisation out: it runs once per iteration, not class.
-  init = loop_once_flops(lambda r: dm.network_params(s.model, r, 0,
-                                                     s.input_shape), s.root)
-  return total - init
+  inputs = step.inputs(s.root, jnp.int32(0))
+  return measure.flops_of(step.update.lower(state, *inputs, targets)
+                          .compile())
 
 
 def shared_local_class_step_flops(s, lcfg, num_clients):
@@ -117,12 +118,9 @@ def shared_local_class_step_flops(s, lcfg, num_clients):
   images = jnp.zeros((num_clients, 1, lcfg.ipc) + s.input_shape)
   states = jax.vmap(lambda im: dm.init_state(im, optimizer))(images)
   z = jnp.zeros((num_clients, 1, d))
-  total = measure.flops_of(step.lower(
-      states, s.root, jnp.int32(0), z, z,
-      jnp.ones((num_clients, 1), bool)).compile())
-  init = loop_once_flops(lambda r: dm.network_params(s.model, r, 0,
-                                                     s.input_shape), s.root)
-  return total - init
+  inputs = step.inputs(s.root, jnp.int32(0))
+  return measure.flops_of(step.update.lower(
+      states, *inputs, z, z, jnp.ones((num_clients, 1), bool)).compile())
 
 
 def eval_flops(s, num_train):

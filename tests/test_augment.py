@@ -179,6 +179,16 @@ def test_translate_by_hand():
   np.testing.assert_array_equal(out, expected)
 
 
+def test_translate_past_the_border_gives_zeros():
+  img = jnp.arange(1.0, 17.0).reshape(4, 4, 1)
+  for dy, dx in ((4, 0), (-9, 1), (0, 5), (2, -4)):
+    np.testing.assert_array_equal(A._translate_image(img, dy, dx), 0.0)
+  # Under jit the shifts are traced values.
+  shifted = jax.jit(A._translate_image)(img, -1, 3)
+  np.testing.assert_array_equal(shifted[1:, :1], img[:3, 3:])
+  assert float(jnp.abs(shifted).sum()) == float(img[:3, 3:].sum())
+
+
 _all_shifts = jax.jit(
     lambda x, dys, dxs: jax.vmap(lambda dy, dx: jax.vmap(
         lambda im: A._translate_image(im, dy, dx))(x))(dys, dxs))
@@ -473,3 +483,58 @@ def test_tabular_augment_siamese_and_mask_rate():
   assert not np.array_equal(per_row[0], per_row[1])
   grad = jax.grad(lambda t: jnp.sum(A.tabular_augment(key, t) ** 2))(small)
   assert np.isfinite(np.asarray(grad)).all() and np.abs(grad).max() > 0
+
+
+# ---------------------------------------------------------------------------
+# Draws apart from the transform (what the synthesis steps take as inputs).
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", [A.DEFAULT_STRATEGY, "crop", "scale_rotate",
+                                      "none"])
+@pytest.mark.parametrize("siamese", [True, False])
+@pytest.mark.parametrize("one_family", [True, False])
+def test_draws_drawn_in_their_own_program_give_dsa_exactly(strategy, siamese,
+                                                           one_family):
+  x = _images(5, 10, 12, 3, seed=4)
+  draw = jax.jit(functools.partial(
+      A.dsa_draws, strategy=strategy, image_hw=(10, 12),
+      batch=None if siamese else 5, one_family=one_family))
+  apply = jax.jit(functools.partial(A.apply_dsa, strategy=strategy,
+                                    one_family=one_family))
+  seen = set()
+  for key in _keys(12, seed=3):
+    draws = draw(key)
+    want = A.dsa(key, x, strategy, siamese=siamese, one_family=one_family)
+    got = apply(draws, x)
+    np.testing.assert_array_equal(got, want)
+    # Their gradients too: the same function of the images.
+    g = lambda f: jax.grad(lambda z: jnp.sum(f(z) ** 3))(x)
+    np.testing.assert_array_equal(
+        g(lambda z: apply(draws, z)),
+        g(lambda z: A.dsa(key, z, strategy, siamese=siamese,
+                          one_family=one_family)))
+    if "family" in draws:
+      seen.add(int(draws["family"]))
+  families = len(A.parse_strategy(strategy))
+  if one_family and families > 1:
+    assert len(seen) > 1  # several families drawn over the keys
+  # Every family is drawn whichever applies; Siamese draws are scalars.
+  draws = draw(jax.random.key(0))
+  assert set(draws) - {"family"} == set(A.parse_strategy(strategy))
+  for leaf in jax.tree.leaves({k: v for k, v in draws.items() if k != "family"}):
+    assert leaf.shape == (() if siamese else (5,))
+
+
+@pytest.mark.parametrize("strategy", [A.DEFAULT_STRATEGY, A.TABULAR_STRATEGY,
+                                      "none"])
+def test_siamese_draws_apply_to_any_batch_as_siamese_augment(strategy):
+  shape = (7,) if strategy == A.TABULAR_STRATEGY else (9, 9, 1)
+  rng = np.random.default_rng(0)
+  for key in _keys(6, seed=8):
+    draws = jax.jit(A.siamese_draws, static_argnums=(1, 2))(key, strategy,
+                                                            shape)
+    for n in (1, 4):
+      x = jnp.asarray(rng.standard_normal((n,) + shape), jnp.float32)
+      np.testing.assert_array_equal(A.apply_siamese(draws, x, strategy),
+                                    A.siamese_augment(key, x, strategy))

@@ -17,6 +17,7 @@ from collabdm_jax import dm
 from collabdm_jax import keys
 from collabdm_jax import losses
 from collabdm_jax import models
+from collabdm_jax import parallel
 from collabdm_jax import server
 
 SHAPE = (28, 28, 1)
@@ -209,7 +210,7 @@ def test_server_step_lowers_loss_on_fixed_problem(tiny):
 
 
 def _per_class_reference(lr, momentum, embed, images, trace, params,
-                         aug_keys, mean, std, valid, *, strategy, pae=False,
+                         aug_draws, mean, std, valid, *, strategy, pae=False,
                          std_weight=0.0, std_ddof=0):
   """The reference's loop, written out: one optax SGD-momentum step over the
   whole tensor per valid class in turn. Returns (images, trace, losses)."""
@@ -222,7 +223,8 @@ def _per_class_reference(lr, momentum, embed, images, trace, params,
       losses_.append(0.0)
       continue
     def loss(im, c=c):
-      return dm.class_matching_loss(embed, params, im[c], aug_keys[c],
+      return dm.class_matching_loss(embed, params, im[c],
+                                    jax.tree.map(lambda a: a[c], aug_draws),
                                     mean[c], std[c], dsa_strategy=strategy,
                                     pae=pae, std_weight=std_weight,
                                     std_ddof=std_ddof)
@@ -242,7 +244,7 @@ def test_per_class_steps_share_momentum():
       (2, 1) + shape).astype(np.float32))
   params = dm.network_params(model, ROOT, 0, shape)
   embed = models.embed_fn(model)
-  keys_ = dm.class_aug_keys(ROOT, 0, 2)
+  keys_ = dm.class_aug_draws(ROOT, 0, 2, "", shape)
   target = jnp.ones((2, models.feature_dim(model, shape)))
   valid = jnp.array([True, True])
   state = dm.init_state(jnp.array(images), opt)
@@ -278,7 +280,7 @@ def _compare_with_loop(model, dtype, valid, pae, std_weight, std_ddof,
   for t in range(3):
     params = jax.tree.map(lambda a: a.astype(dtype),
                           dm.network_params(model, ROOT, t, shape))
-    keys_ = dm.class_aug_keys(ROOT, t, 4)
+    keys_ = dm.class_aug_draws(ROOT, t, 4, STRATEGY, shape)
     mean = jax.random.normal(jax.random.fold_in(ROOT, 100 + t), (4, D), dtype)
     std = jnp.abs(jax.random.normal(jax.random.fold_in(ROOT, 200 + t), (4, D),
                                     dtype))
@@ -350,7 +352,7 @@ def test_skipped_class_drifts_by_its_momentum_only():
   images = jnp.asarray(np.random.default_rng(3).standard_normal(
       (3, 2) + shape).astype(np.float32))
   params = dm.network_params(model, ROOT, 0, shape)
-  keys_ = dm.class_aug_keys(ROOT, 0, 3)
+  keys_ = dm.class_aug_draws(ROOT, 0, 3, "", shape)
   target = jnp.ones((3, models.feature_dim(model, shape)))
   step = jax.jit(lambda st, v: dm.iteration_step(
       opt, embed, st, params, keys_, target, target, v, dsa_strategy="",
@@ -482,7 +484,7 @@ def test_many_clients_compile_the_block_function_once(tiny):
                                 clients_per_device=2)
   finally:
     client.block_stats_fn = before
-  assert len(made) == 1 and made[0]._cache_size() == 1
+  assert len(made) == 1 and made[0].program._cache_size() == 1
   # Copies of the same data under different ids draw different subsets
   # only through their ids; with full-class statistics they agree.
   np.testing.assert_allclose(stats.means[0], stats.means[3], rtol=1e-5,
@@ -542,7 +544,8 @@ def test_shared_local_dm_targets_are_the_uploaded_means(tiny):
       mean = jnp.asarray(stats.means[k, t])
       state, _ = dm.iteration_step(
           opt, embed, state, dm.network_params(model, ROOT, t, SHAPE),
-          dm.class_aug_keys(ROOT, t, C), mean, jnp.zeros_like(mean),
+          dm.class_aug_draws(ROOT, t, C, STRATEGY, SHAPE), mean,
+          jnp.zeros_like(mean),
           jnp.asarray(stats.counts[k, t] > 0), dsa_strategy=STRATEGY,
           pae=False, std_weight=0.0)
     held = np.bincount(y, minlength=C) > 0
@@ -582,7 +585,8 @@ def test_shared_local_step_equals_each_partys_iteration_step(units_per_piece):
     for p in range(parties):
       want[p], losses_p = dm.iteration_step(
           opt, embed, want[p], dm.network_params(model, ROOT, t, shape),
-          dm.class_aug_keys(ROOT, t, C), jnp.asarray(means[t, p]),
+          dm.class_aug_draws(ROOT, t, C, STRATEGY, shape),
+          jnp.asarray(means[t, p]),
           jnp.zeros((C, d)), jnp.asarray(valid[p]), dsa_strategy=STRATEGY,
           pae=False, std_weight=0.0)
       np.testing.assert_allclose(got_losses[p], losses_p, rtol=1e-5)
@@ -615,3 +619,27 @@ def test_shared_local_dm_std_term_needs_second_moments(tiny):
   with pytest.raises(ValueError, match="second_moments"):
     client.shared_local_distill(ROOT, xs[:1], ys[:1], [0], stats, C, model,
                                 SHAPE, cfg)
+
+
+def test_one_program_draws_every_iterations_randomness():
+  """The client pass, local DM and the server share one compiled program
+  for psi_t and the Siamese augmentations, and it gives what they would
+  draw themselves."""
+  model = models.make_model("convnet", C, width=8, depth=2)
+  shape = (12, 12, 1)
+  _, srv = server.make_step(model, shape, C,
+                            server.ServerConfig(ipc=2, dsa_strategy=STRATEGY))
+  _, loc = client.shared_local_step(
+      model, shape, C, client.LocalDMConfig(ipc=2, dsa_strategy=STRATEGY))
+  spec = client.StatsSpec(model=model, input_shape=shape, num_classes=C,
+                          dsa_strategy=STRATEGY)
+  blk = client.block_stats_fn(spec, parallel.client_mesh(), 2, 8)
+  assert srv.inputs is loc.inputs is blk.inputs
+  for t in (0, 5):
+    params, draws = srv.inputs(ROOT, jnp.int32(t))
+    equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+    equal(params, dm.network_params(model, ROOT, t, shape))
+    for c in range(C):
+      equal(jax.tree.map(lambda a: a[c], draws),
+                 augment.siamese_draws(keys.augment_key(ROOT, t, c),
+                                       STRATEGY, shape))

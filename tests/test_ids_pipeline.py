@@ -118,13 +118,14 @@ def test_collabdm_without_gtp_learns_from_noise_with_tabular_augmentation(
   # (used there for ipc >= 100) covers that distance in 30 iterations.
   c.server.lr = 10.0
   seen = []
-  original = augment.tabular_augment
+  original = augment.apply_siamese
 
-  def spy(key, x, **kw):
-    seen.append(tuple(x.shape))
-    return original(key, x, **kw)
+  def spy(draws, x, strategy):
+    if strategy == augment.TABULAR_STRATEGY:
+      seen.append(tuple(x.shape))
+    return original(draws, x, strategy)
 
-  monkeypatch.setattr(augment, "tabular_augment", spy)
+  monkeypatch.setattr(augment, "apply_siamese", spy)
   results = pipeline.run(c, tmp_path)
   check_detection_results(results)
   assert results["config"]["dsa_strategy"] == "tabular"

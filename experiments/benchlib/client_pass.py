@@ -149,8 +149,8 @@ def time_chunks(p: ClientPass, fn, arrays, t_chunk, timed, precision, where):
 
 def measurement_record(fn, timing, t_chunk, timed):
   """The ``measurement`` field of a client case."""
-  cache_size = fn._cache_size() if hasattr(fn, "_cache_size") else None
-  if cache_size is not None and cache_size != 1:
+  cache_size = fn.program._cache_size()
+  if cache_size != 1:
     raise RuntimeError(f"block function compiled {cache_size} times; every "
                        "block should share one shape")
   new_traces, new_compiles = timing["new_traces"], timing["new_compiles"]

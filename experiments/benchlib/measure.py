@@ -189,19 +189,20 @@ def flops_per_image(spec):
   x = np.zeros((eb,) + tuple(spec.input_shape), np.float32)
   root = jax.random.key(0)
   params = dm.network_params(spec.model, root, 0, spec.input_shape)
-  class_keys = dm.class_aug_keys(root, 0, C)
+  class_draws = dm.class_aug_draws(root, 0, C, spec.dsa_strategy,
+                                   spec.input_shape)
   embed = models.embed_fn(spec.model)
 
-  def moments(params, class_keys, key, x, y, class_start, slot_class,
+  def moments(params, class_draws, key, x, y, class_start, slot_class,
               slot_rank):
-    return client_lib.class_moments(spec, embed, params, class_keys, key, x,
+    return client_lib.class_moments(spec, embed, params, class_draws, key, x,
                                     y, class_start, slot_class, slot_rank)
 
   # One embed batch: every loop in class_moments runs once, so XLA's count
   # (which counts a loop body once) is exact. Committed to the CPU, so that
   # XLA:CPU compiles (and counts) it.
   cpu = jax.devices("cpu")[0]
-  args = jax.device_put((params, class_keys, jax.random.key(1), x, y,
+  args = jax.device_put((params, class_draws, jax.random.key(1), x, y,
                          class_start, slot_class, slot_rank), cpu)
   with cpu_first_block.xla_ops():
     total = flops_of(jax.jit(moments).lower(*args).compile())
