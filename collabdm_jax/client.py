@@ -519,8 +519,8 @@ class BlockStatsFn:
   program: Callable
   t_chunk: int
 
-  def __call__(self, root, t0, *arrays):
-    t0 = int(t0)
+  def __call__(self, root, t0: int, *arrays):
+    t0 = int(t0)  # a Python int: no wait on a device value
     per_t = [self.inputs(root, jnp.int32(t0 + i)) for i in range(self.t_chunk)]
     # Host arrays: replicated inputs of the sharded program on any mesh,
     # multi-process included.
@@ -646,7 +646,7 @@ def iter_client_stats(root, client_x, client_y, client_ids, spec: StatsSpec,
     means = counts = sq = None
     for blk in blocks:
       arrays = resident or parallel.to_global(mesh, blk[:9])
-      out = fn(root, jnp.int32(t0), *arrays)
+      out = fn(root, t0, *arrays)
       m, n = _local_rows(out[0]), _local_rows(out[2])
       q = _local_rows(out[1]) if spec.second_moments else None
       if means is None:

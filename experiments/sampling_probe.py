@@ -91,7 +91,7 @@ def probe(dataset, num_clients, sizes, t_chunk, reps):
     out["seconds_per_call"][name] = best_time(f, args, reps)
   fn = client_lib.block_stats_fn(spec, mesh, t_chunk, layout.embed_batch)
   out["seconds_per_call"]["block_function"] = best_time(
-      lambda: fn(root, jnp.int32(0), *arrays), (), reps)
+      lambda: fn(root, 0, *arrays), (), reps)
   share = out["seconds_per_call"]["draw_and_gather"] / out[
       "seconds_per_call"]["block_function"]
   out["draw_and_gather_share_of_block_function"] = share

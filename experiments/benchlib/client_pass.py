@@ -115,7 +115,7 @@ def time_chunks(p: ClientPass, fn, arrays, t_chunk, timed, precision, where):
   def call(kind, t):
     t0 = time.perf_counter()
     with jax.default_matmul_precision(precision):
-      out = fn(jax.random.key(0), jnp.int32(t * t_chunk), *arrays[kind])
+      out = fn(jax.random.key(0), t * t_chunk, *arrays[kind])
       jax.device_get(out)
     return time.perf_counter() - t0
 
