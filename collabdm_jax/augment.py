@@ -172,9 +172,8 @@ def _translate_image(img, dy, dx):
   h, w = img.shape[0], img.shape[1]
   # A window of the zero-padded image rather than two gathers and a mask:
   # the same values, and its gradient is a slice instead of scatters, which
-  # XLA:CPU compiles faster (the reference server step with crop as its only
-  # family: 0.53 s instead of 0.58). Shifts of a whole side or more give
-  # only zeros, so they are clipped to the padding.
+  # XLA:CPU compiles faster. Shifts of a whole side or more give only zeros,
+  # so they are clipped to the padding.
   dy = jnp.clip(dy, -h, h)
   dx = jnp.clip(dx, -w, w)
   padded = jnp.pad(img, ((h, h), (w, w), (0, 0)))
@@ -383,9 +382,7 @@ def dsa_draws(key, strategy: str, image_hw: Tuple[int, int],
   ``dsa(key, x, ...) == apply_dsa(dsa_draws(key, ..., x.shape[1:3]), x, ...)``
   exactly. Drawing apart from applying lets a program that differentiates
   through the augmentation take the numbers as an input, so it compiles no
-  random-number code (``dm.iteration_inputs_fn``: with psi_t's
-  initialisation also drawn apart, the reference server step compiled in
-  1.1-1.2 s instead of 1.9-2.4 s).
+  random-number code (``dm.iteration_inputs_fn``).
 
   Args:
     key: PRNG key.

@@ -407,8 +407,8 @@ def augment_per_slot(class_draws, images, slot_class, dsa_strategy):
 
   ``class_draws`` are the classes' Siamese augmentations
   (``dm.class_aug_draws``, ``[C, ...]``); a sample of class c gets exactly
-  the transform the synthetic images of class c get. Drawing them once per
-  class, not once per sample, took 2-3 % off the reference client pass.
+  the transform the synthetic images of class c get. They are drawn once
+  per class (not once per sample) and gathered for each sample.
   """
   if not dsa_strategy or dsa_strategy == "none":
     return images
@@ -524,8 +524,8 @@ class BlockStatsFn:
     per_t = [self.inputs(root, jnp.int32(t0 + i)) for i in range(self.t_chunk)]
     # Host arrays: replicated inputs of the sharded program on any mesh,
     # multi-process included.
-    params, draws = jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]),
-                                 *per_t)
+    params, draws = jax.tree.map(
+        lambda *a: np.stack([np.asarray(v) for v in a]), *per_t)
     return self.program(root, jnp.int32(t0), params, draws, *arrays)
 
 
