@@ -745,49 +745,39 @@ def _local_dm_step(model, input_shape, num_classes, cfg: LocalDMConfig):
 
 @functools.lru_cache(maxsize=16)
 def shared_local_step(model, input_shape, num_classes, cfg: LocalDMConfig,
-                      units_per_piece=None):
+                      classes_per_piece=None):
   """A ``dm.IterationStep``: ``(states, root, t, means, stds, valid) ->
   (states, losses)``.
 
   The per-class DM steps of P parties at iteration t. They share psi_t and
-  the Siamese keys, and a party's class loss involves only its own images,
-  so the P x C (party, class) losses are independent "classes" of one
-  problem: their gradients are computed together, ``units_per_piece``
-  (party, class) units per network pass (None: ``dm.default_classes_per_
-  piece``, about ``dm.CPU_IMAGES_PER_PIECE`` images on a CPU), class-major
-  so that a piece's units mostly share an augmentation. Each party's C
-  sequential steps are then applied in closed form
+  the Siamese augmentations, and a party's class loss involves only its
+  own images, so a class's P (party, class) losses are the units of one
+  class of one problem (``dm.class_losses_and_grads`` with units): the
+  parties' images of a class are augmented together with the class's
+  draws and their gradients computed in one network pass,
+  ``classes_per_piece`` classes per pass (None: ``dm.default_classes_per_
+  piece``, one class of P * ipc images at the reference config). Each
+  party's C sequential steps are then applied in closed form
   (``dm.apply_class_steps``), exactly as ``dm.iteration_step`` would per
-  party. One party's class per pass (all P parties' images of a class,
-  15 at the reference config) went past the batch at which XLA:CPU's
-  network gradient falls out of cache: 2.2 ms per image at 15 or 16
-  images against 1.4-1.5 at 8-12 (fwd + input gradient, ConvNet-3 on
-  28x28x1, this project's 2-core CPU).
+  party.
   """
   embed = models.embed_fn(model, cfg.compute_dtype)
   optimizer = dm.make_optimizer(cfg.lr, cfg.momentum)
 
   def update(states, params, aug_draws, means, stds, valid):
-    parties, _, ipc = states.images.shape[:3]
     at_step = jax.vmap(lambda st, v: dm.class_step_points(optimizer, st, v))(
         states, valid)
-    # [P, C, ...] -> class-major units [C * P, ...] and back.
-    units = lambda a: jnp.swapaxes(a, 0, 1).reshape(
-        (num_classes * parties,) + a.shape[2:])
-    back = lambda a: jnp.swapaxes(
-        a.reshape((num_classes, parties) + a.shape[1:]), 0, 1)
-    per_piece = units_per_piece or dm.default_classes_per_piece(
-        num_classes * parties, ipc * (4 if cfg.pae else 1))
+    # Party-major [P, C, ...] <-> class-major [C, P, ...].
+    swap = lambda a: jnp.swapaxes(a, 0, 1)
     unit_losses, grads = dm.class_losses_and_grads(
-        embed, params, units(at_step),
-        jax.tree.map(lambda a: jnp.repeat(a, parties, axis=0), aug_draws),
-        units(means), units(stds), dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,
+        embed, params, swap(at_step), aug_draws, swap(means), swap(stds),
+        dsa_strategy=cfg.dsa_strategy, pae=cfg.pae,
         std_weight=cfg.std_weight, std_ddof=cfg.std_ddof,
-        classes_per_piece=per_piece)
+        classes_per_piece=classes_per_piece)
     new_states = jax.vmap(
         lambda st, g, v: dm.apply_class_steps(optimizer, st, g, v))(
-            states, back(grads), valid)
-    return new_states, jnp.where(valid, back(unit_losses), 0.0)
+            states, swap(grads), valid)
+    return new_states, jnp.where(valid, swap(unit_losses), 0.0)
 
   return optimizer, dm.IterationStep(
       dm.iteration_inputs_fn(model, tuple(input_shape), num_classes,

@@ -146,28 +146,36 @@ def _piece_losses_and_grads(embed, net_params, images, aug_draws, target_mean,
                             std_ddof):
   """``class_losses_and_grads`` of a piece of k classes, one network pass.
 
-  Each class is augmented with its own key, then the k * ipc views go
-  through ``embed`` as ONE plain batch (vmapping the network over classes
-  instead turned the im2col convolution gradients into many small batched
+  ``images`` ``[k, U, n, ...]``: U units of n images per class, each unit
+  with its own target (``[k, U, D]``). A class's U * n images are
+  augmented together with its draws, then the piece's views go through
+  ``embed`` as ONE plain batch (vmapping the network over classes instead
+  turned the im2col convolution gradients into many small batched
   products: at ipc 1 that step took 1.8x as long as the scan over classes,
-  ``experiments/results/dm_step/trials/run3.json``).
+  ``experiments/results/dm_step/trials/run3.json``). With one class per
+  piece the augmentation is not vmapped either, so only the family drawn
+  runs (vmapped, a ``lax.switch`` runs every branch).
   """
-  views = lambda x, draws: synthetic_views(x, draws, dsa_strategy, pae)
+
+  def views(x, draws):  # [U, n, ...] -> [U, n', ...] (n' = 4n with PAE)
+    v = synthetic_views(x.reshape((-1,) + x.shape[2:]), draws, dsa_strategy,
+                        pae)
+    return v.reshape(x.shape[:1] + (-1,) + v.shape[1:])
 
   def total(x):
-    if x.shape[0] == 1:  # no vmap: only the DSA family drawn runs
+    if x.shape[0] == 1:
       v = views(x[0], jax.tree.map(lambda a: a[0], aug_draws))[None]
     else:
       v = jax.vmap(views)(x, aug_draws)
-    emb = embed(net_params, v.reshape((-1,) + v.shape[2:]))
-    emb = emb.reshape(v.shape[:2] + emb.shape[1:])
-    per_class = jax.vmap(lambda m, e, s: losses.matching_loss(
-        m, e, target_std=s, std_weight=std_weight, std_ddof=std_ddof))(
-            target_mean, emb, target_std)
-    return per_class.sum(), per_class
+    emb = embed(net_params, v.reshape((-1,) + v.shape[3:]))
+    emb = emb.reshape(v.shape[:3] + emb.shape[1:])
+    unit_loss = lambda m, e, s: losses.matching_loss(
+        m, e, target_std=s, std_weight=std_weight, std_ddof=std_ddof)
+    per_unit = jax.vmap(jax.vmap(unit_loss))(target_mean, emb, target_std)
+    return per_unit.sum(), per_unit
 
-  (_, per_class), g = jax.value_and_grad(total, has_aux=True)(images)
-  return per_class, g
+  (_, per_unit), g = jax.value_and_grad(total, has_aux=True)(images)
+  return per_unit, g
 
 
 def class_losses_and_grads(embed, net_params, images, aug_draws, target_mean,
@@ -177,35 +185,45 @@ def class_losses_and_grads(embed, net_params, images, aug_draws, target_mean,
 
   Entry c is ``class_matching_loss`` of ``images[c]`` (draws
   ``aug_draws[c]``, a pytree of ``[C, ...]`` arrays, ``class_aug_draws``)
-  and its gradient ``[ipc, ...]``. Classes do not interact, so they are
-  computed ``classes_per_piece`` at a time (None: ``default_classes_per_
-  piece``), the pieces in a ``lax.map``: the images of a piece go through
-  ``embed`` as one batch, which is exact because every network here embeds
-  each image on its own (instance or layer norm, never batch statistics),
-  so the gradient of a piece's summed losses is each class's own gradient.
+  and its gradient ``[ipc, ...]``. With targets ``[C, U, D]`` a class has
+  U units instead, ``images`` ``[C, U, ipc, ...]``, each unit matched to its
+  own target under the class's augmentation (local DM: the clients' images
+  of a class); losses are then ``[C, U]``. Classes do not interact, so they
+  are computed ``classes_per_piece`` at a time (None:
+  ``default_classes_per_piece``), the pieces in a ``lax.map``: the images
+  of a piece go through ``embed`` as one batch, which is exact because
+  every network here embeds each image on its own (instance or layer norm,
+  never batch statistics), so the gradient of a piece's summed losses is
+  each unit's own gradient.
 
   Returns:
-    ``(losses [C], grads [C, ipc, ...])``.
+    ``(losses [C], grads [C, ipc, ...])`` (``[C, U]``, ``[C, U, ipc, ...]``
+    with units).
   """
+  units = target_mean.ndim == 3
+  if not units:
+    images, target_mean, target_std = (a[:, None] for a in
+                                       (images, target_mean, target_std))
   num_classes = images.shape[0]
   k = classes_per_piece or default_classes_per_piece(
-      num_classes, images.shape[1] * (4 if pae else 1))
+      num_classes, images.shape[1] * images.shape[2] * (4 if pae else 1))
   k = min(k, num_classes)
   piece = lambda xs: _piece_losses_and_grads(
       embed, net_params, *xs, dsa_strategy=dsa_strategy, pae=pae,
       std_weight=std_weight, std_ddof=std_ddof)
   xs = (images, aug_draws, target_mean, target_std)
   if k == num_classes:
-    return piece(xs)
-  # Whole pieces in a loop, then the classes left over as one more piece.
-  full = num_classes // k * k
-  out = jax.lax.map(piece, jax.tree.map(
-      lambda a: a[:full].reshape((-1, k) + a.shape[1:]), xs))
-  out = jax.tree.map(lambda a: a.reshape((full,) + a.shape[2:]), out)
-  if full < num_classes:
-    rest = piece(jax.tree.map(lambda a: a[full:], xs))
-    out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
-  return out
+    out = piece(xs)
+  else:
+    # Whole pieces in a loop, then the classes left over as one more piece.
+    full = num_classes // k * k
+    out = jax.lax.map(piece, jax.tree.map(
+        lambda a: a[:full].reshape((-1, k) + a.shape[1:]), xs))
+    out = jax.tree.map(lambda a: a.reshape((full,) + a.shape[2:]), out)
+    if full < num_classes:
+      rest = piece(jax.tree.map(lambda a: a[full:], xs))
+      out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, rest)
+  return out if units else jax.tree.map(lambda a: a[:, 0], out)
 
 
 def iteration_step(optimizer, embed, state, net_params, aug_draws,

@@ -558,18 +558,21 @@ def test_shared_local_dm_targets_are_the_uploaded_means(tiny):
   assert 2 not in got[0][1]
 
 
-@pytest.mark.parametrize("units_per_piece", [1, 2, 4, 6])
-def test_shared_local_step_equals_each_partys_iteration_step(units_per_piece):
-  """The P x C (party, class) gradients of one shared local step, computed
-  ``units_per_piece`` at a time (4 leaves a remainder of 2 of the 6 units),
-  give every party exactly its own dm.iteration_step: momentum carried over
-  from an earlier step, and a class the party lacks skipped."""
+@pytest.mark.parametrize("classes_per_piece", [None, 1, 2, 3])
+def test_shared_local_step_equals_each_partys_iteration_step(
+    classes_per_piece):
+  """The P x C (party, class) gradients of one shared local step, the
+  parties' images of ``classes_per_piece`` classes per network pass (2
+  leaves a remainder of 1 of the 3 classes), give every party exactly its
+  own dm.iteration_step: momentum carried over from an earlier step, and a
+  class the party lacks skipped."""
   model = models.make_model("convnet", C, width=8, depth=2)
   shape = (12, 12, 1)
   parties, ipc = 2, 2
   cfg = client.LocalDMConfig(ipc=ipc, iterations=1, lr=0.5,
                              dsa_strategy=STRATEGY)
-  opt, step = client.shared_local_step(model, shape, C, cfg, units_per_piece)
+  opt, step = client.shared_local_step(model, shape, C, cfg,
+                                       classes_per_piece)
   rng = np.random.default_rng(7)
   images = rng.standard_normal((parties, C, ipc) + shape).astype(np.float32)
   d = models.feature_dim(model, shape)
