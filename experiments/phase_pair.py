@@ -36,7 +36,6 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -46,6 +45,7 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 from collabdm_jax import provenance  # pylint: disable=g-import-not-at-top
+from experiments.benchlib import measure  # pylint: disable=g-import-not-at-top
 
 _TREES = flags.DEFINE_list("trees", None, "Two (or more) checkouts to time.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
@@ -155,10 +155,7 @@ def main(argv):
           b[p] / a[p] for a, b in zip(runs[base], rs)) for p in phases}
       for t, rs in runs.items() if t != base}
   doc["provenance"] = provenance.finish(record)
-  text = json.dumps(doc, indent=2)
-  if _OUT.value:
-    pathlib.Path(_OUT.value).write_text(text + "\n")
-  print(text)
+  measure.write_document(doc, _OUT.value)
 
 
 if __name__ == "__main__":

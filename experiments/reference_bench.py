@@ -38,7 +38,6 @@ first block is counted as XLA's ops (direct convolution, instance norm,
 ReLU, pooling) also where the CPU kernels of ``cpu_first_block`` run it.
 """
 
-import json
 import os
 import pathlib
 import subprocess
@@ -230,12 +229,7 @@ def main(argv):
       "config_values": config.to_dict(),
       "upload_bytes_total": results["upload_bytes_total"],
   }
-  text = json.dumps(doc, indent=2, default=str)
-  if _OUT.value:
-    path = pathlib.Path(_OUT.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-  print(text)
+  measure.write_document(doc, _OUT.value)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ sample), and the whole block function, on the blocks the benchmark builds,
   python experiments/sampling_probe.py --quick     # tiny sizes (CPU check)
 """
 
-import json
 import pathlib
 import sys
 
@@ -110,10 +109,7 @@ def main(argv):
   doc = {"environment": measure.environment(),
          "cases": [probe(ds, k, sizes, t_chunk, reps) for ds, k in probes]}
   doc["provenance"] = provenance.finish(record)
-  text = json.dumps(doc, indent=2)
-  if _OUT.value:
-    pathlib.Path(_OUT.value).write_text(text + "\n")
-  print(text)
+  measure.write_document(doc, _OUT.value)
 
 
 if __name__ == "__main__":

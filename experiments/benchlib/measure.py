@@ -5,7 +5,9 @@ Shared by ``experiments/bench.py`` and the probes (``sampling_probe.py``,
 """
 
 import contextlib
+import json
 import os
+import pathlib
 import platform
 import statistics
 import time
@@ -28,6 +30,18 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 peak_rss_mb = provenance.peak_rss_mb
 cpu_model = provenance.cpu_model
+
+
+def write_document(doc, out=None) -> str:
+  """Prints a result document as indented JSON and writes it to ``out``
+  (a path; its folder is created) when given. Returns the text."""
+  text = json.dumps(doc, indent=2, default=str)
+  if out:
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+  print(text)
+  return text
 
 
 def flops_of(compiled):
