@@ -1,11 +1,14 @@
 // DM's ConvNet first block on the CPU, one image at a time in cache:
 //   out = avgpool2x2(relu(instance_norm(conv3x3(x, pad)) * scale + beta)),
 // and its gradient with respect to x: XLA FFI custom calls that
-// cpu_first_block.py builds and registers. Each image's conv map
-// (32x32x128 floats, 512 KiB at the reference shapes) stays in the core's
-// L2 between the convolution, the statistics and the normalise-ReLU-pool
-// pass; XLA:CPU's fusions of the same block wrote and re-read it through
-// memory several times. Images are shared out over XLA's intra-op pool.
+// cpu_first_block.py builds and registers. XLA:CPU's fusions of the block
+// wrote each image's conv map (32x32x128 floats, 512 KiB at the reference
+// shapes) to memory and re-read it several times. Here the forward pass
+// never stores it: the instance-norm statistics come from the image's
+// patch moments (ChannelMoments), then each pooling window is computed,
+// normalised, rectified and averaged in registers. The backward pass keeps
+// one map per image in the core's L2. Images are shared out over XLA's
+// intra-op pool.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -24,79 +27,205 @@ struct Geometry {
   int64_t n, h, w, ci, co, pad, ho, wo, hq, wq;
 };
 
-// conv3x3 (no bias: instance norm cancels it) of one image into y [ho, wo, co].
-template <int CO>
-void Conv(const float* x, const float* k, float* y, const Geometry& g) {
-  const int64_t co = CO > 0 ? CO : g.co;
-  for (int64_t i = 0; i < g.ho; ++i) {
-    for (int64_t j = 0; j < g.wo; ++j) {
-      float acc[CO > 0 ? CO : 1024];
-      for (int64_t c = 0; c < co; ++c) acc[c] = 0.f;
-      for (int64_t di = 0; di < 3; ++di) {
-        const int64_t r = i + di - g.pad;
-        if (r < 0 || r >= g.h) continue;
-        for (int64_t dj = 0; dj < 3; ++dj) {
-          const int64_t q = j + dj - g.pad;
-          if (q < 0 || q >= g.w) continue;
-          const float* xv = x + (r * g.w + q) * g.ci;
-          const float* kv = k + (di * 3 + dj) * g.ci * co;
-          for (int64_t ci = 0; ci < g.ci; ++ci) {
-            const float a = xv[ci];
-            const float* kr = kv + ci * co;
-            for (int64_t c = 0; c < co; ++c) acc[c] += a * kr[c];
-          }
-        }
-      }
-      float* out = y + (i * g.wo + j) * co;
-      for (int64_t c = 0; c < co; ++c) out[c] = acc[c];
+typedef float V16 __attribute__((vector_size(64)));
+typedef double V8d __attribute__((vector_size(64)));
+
+inline V16 Load(const float* p) {
+  V16 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store(float* p, V16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+inline V16 Splat(float a) { return V16{} + a; }
+
+inline double Total(V16 v) {
+  double s = 0.0;
+  for (int l = 0; l < 16; ++l) s += v[l];
+  return s;
+}
+
+inline V8d LoadD(const double* p) {
+  V8d v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline double TotalD(V8d v) {
+  double s = 0.0;
+  for (int l = 0; l < 8; ++l) s += v[l];
+  return s;
+}
+
+// Sum over the ho x wo window of the row-major plane a (row stride wp) of
+// a[i * wp + j] * b[i * wp + j], in double.
+double WindowDot(const double* a, const double* b, int64_t ho, int64_t wo,
+                 int64_t wp) {
+  V8d acc0{}, acc1{};
+  double tail = 0.0;
+  for (int64_t i = 0; i < ho; ++i) {
+    const double* ra = a + i * wp;
+    const double* rb = b + i * wp;
+    int64_t j = 0;
+    for (; j + 16 <= wo; j += 16) {
+      acc0 += LoadD(ra + j) * LoadD(rb + j);
+      acc1 += LoadD(ra + j + 8) * LoadD(rb + j + 8);
     }
+    for (; j + 8 <= wo; j += 8) acc0 += LoadD(ra + j) * LoadD(rb + j);
+    for (; j < wo; ++j) tail += ra[j] * rb[j];
+  }
+  return TotalD(acc0 + acc1) + tail;
+}
+
+// The same window's sum of a alone.
+double WindowSum(const double* a, int64_t ho, int64_t wo, int64_t wp) {
+  V8d acc{};
+  double tail = 0.0;
+  for (int64_t i = 0; i < ho; ++i) {
+    const double* ra = a + i * wp;
+    int64_t j = 0;
+    for (; j + 8 <= wo; j += 8) acc += LoadD(ra + j);
+    for (; j < wo; ++j) tail += ra[j];
+  }
+  return TotalD(acc) + tail;
+}
+
+// Every channel's instance-norm statistics without the conv map. With P_p
+// the zero-padded 3x3 patch at output position p (K = 9 ci taps, in the
+// kernel's row order (di, dj, ci)), mu = mean_p P_p and
+// C = mean_p P_p P_p^T - mu mu^T, channel c of y = P w_c has mean mu . w_c
+// and biased variance w_c^T C w_c: one pass over the image for the K x K
+// moments instead of two over its 32x32x128 map. In double, as the
+// variance of centred values it replaces (the raw second moment loses
+// nothing to cancellation in double unless an image's mean is ~1e4 times
+// its spread). Fills mean[c] and var[c].
+void ChannelMoments(const float* x, const float* k, const Geometry& g,
+                    double* mean, double* var, std::vector<double>& scratch) {
+  const int64_t kk = 9 * g.ci, hw = g.ho * g.wo;
+  const int64_t hp = g.h + 2 * g.pad, wp = g.w + 2 * g.pad;
+  // Padded planes, channel-major (each tap reads a shifted window of one).
+  scratch.assign(g.ci * hp * wp + kk + kk * kk + 2 * kk * g.co, 0.0);
+  double* plane = scratch.data();
+  double* mu = plane + g.ci * hp * wp;
+  double* cov = mu + kk;
+  for (int64_t r = 0; r < g.h; ++r)
+    for (int64_t q = 0; q < g.w; ++q)
+      for (int64_t ci = 0; ci < g.ci; ++ci)
+        plane[(ci * hp + r + g.pad) * wp + q + g.pad] =
+            x[(r * g.w + q) * g.ci + ci];
+  auto tap = [&](int64_t a) {
+    const int64_t di = a / (3 * g.ci), dj = (a / g.ci) % 3, ci = a % g.ci;
+    return plane + (ci * hp + di) * wp + dj;
+  };
+  for (int64_t a = 0; a < kk; ++a)
+    mu[a] = WindowSum(tap(a), g.ho, g.wo, wp) / hw;
+  for (int64_t a = 0; a < kk; ++a)
+    for (int64_t b = a; b < kk; ++b)
+      cov[a * kk + b] = cov[b * kk + a] =
+          WindowDot(tap(a), tap(b), g.ho, g.wo, wp) / hw - mu[a] * mu[b];
+  // var = sum_a w_a * (C w)_a, channel by channel, in double.
+  double* w = cov + kk * kk;
+  double* cw = w + kk * g.co;
+  for (int64_t i = 0; i < kk * g.co; ++i) w[i] = k[i];
+  for (int64_t i = 0; i < kk * g.co; ++i) cw[i] = 0.0;
+  for (int64_t a = 0; a < kk; ++a)
+    for (int64_t b = 0; b < kk; ++b) {
+      const double cab = cov[a * kk + b];
+      for (int64_t c = 0; c < g.co; ++c) cw[a * g.co + c] += cab * w[b * g.co + c];
+    }
+  for (int64_t c = 0; c < g.co; ++c) mean[c] = var[c] = 0.0;
+  for (int64_t a = 0; a < kk; ++a)
+    for (int64_t c = 0; c < g.co; ++c) {
+      mean[c] += mu[a] * w[a * g.co + c];
+      var[c] += w[a * g.co + c] * cw[a * g.co + c];
+    }
+  for (int64_t c = 0; c < g.co; ++c) var[c] = std::max(var[c], 0.0);
+}
+
+// gain = scale / sqrt(var + eps), shift = beta - mean * gain.
+void NormAffine(const double* mean, const double* var, const float* scale,
+                const float* beta, float eps, float* gain, float* shift,
+                int64_t co) {
+  for (int64_t c = 0; c < co; ++c) {
+    gain[c] = scale[c] / std::sqrt(static_cast<float>(var[c]) + eps);
+    shift[c] = beta[c] - static_cast<float>(mean[c]) * gain[c];
   }
 }
 
-// The block of one image; y is scratch for its conv map. Statistics as
-// models.InstanceNorm: mean, then the biased variance of the centred
-// values (sums in double).
-template <int CO>
-void ForwardImage(const float* x, const float* k, const float* scale,
-                  const float* beta, float eps, float* out, float* y,
-                  double* sums, float* gain, float* shift,
-                  const Geometry& g) {
-  const int64_t co = CO > 0 ? CO : g.co;
-  Conv<CO>(x, k, y, g);
-  const int64_t hw = g.ho * g.wo;
-  for (int64_t c = 0; c < co; ++c) sums[c] = 0.0;
-  for (int64_t p = 0; p < hw; ++p) {
-    const float* v = y + p * co;
-    for (int64_t c = 0; c < co; ++c) sums[c] += v[c];
-  }
-  float mean[CO > 0 ? CO : 1024];
-  for (int64_t c = 0; c < co; ++c) mean[c] = static_cast<float>(sums[c] / hw);
-  for (int64_t c = 0; c < co; ++c) sums[c] = 0.0;
-  for (int64_t p = 0; p < hw; ++p) {
-    const float* v = y + p * co;
-    for (int64_t c = 0; c < co; ++c) {
-      const float d = v[c] - mean[c];
-      sums[c] += d * d;
+// The zero-padded image, channel-last [hp, wp, ci]: every tap a plain read.
+void PadImage(const float* x, const Geometry& g, std::vector<float>& xpad) {
+  const int64_t wp = g.w + 2 * g.pad;
+  xpad.assign((g.h + 2 * g.pad) * wp * g.ci, 0.f);
+  for (int64_t r = 0; r < g.h; ++r)
+    std::copy(x + r * g.w * g.ci, x + (r + 1) * g.w * g.ci,
+              xpad.data() + ((r + g.pad) * wp + g.pad) * g.ci);
+}
+
+// One pooling window's output for the channels [c0, c0 + 16 V): its four
+// conv outputs (corner = the window's top-left tap in the padded image),
+// normalised, rectified and averaged in registers. The four positions go
+// together, so each kernel vector loaded serves four FMAs.
+template <int V>
+inline void PoolWindow(const float* corner, const float* k, int64_t ci_n,
+                       int64_t co, int64_t wp, int64_t c0, const float* gain,
+                       const float* shift, float* o) {
+  V16 acc[4][V] = {};  // [position (p, q)][channel vector]
+  for (int64_t di = 0; di < 3; ++di)
+    for (int64_t dj = 0; dj < 3; ++dj)
+      for (int64_t ci = 0; ci < ci_n; ++ci) {
+        const float* kv = k + ((di * 3 + dj) * ci_n + ci) * co + c0;
+        V16 kvec[V];
+        for (int v = 0; v < V; ++v) kvec[v] = Load(kv + 16 * v);
+        for (int pq = 0; pq < 4; ++pq) {
+          const V16 a =
+              Splat(corner[((pq / 2 + di) * wp + pq % 2 + dj) * ci_n + ci]);
+          for (int v = 0; v < V; ++v) acc[pq][v] += a * kvec[v];
+        }
+      }
+  for (int v = 0; v < V; ++v) {
+    const int64_t c = c0 + 16 * v;
+    const V16 gv = Load(gain + c), sv = Load(shift + c);
+    V16 sum{};
+    for (int pq = 0; pq < 4; ++pq) {
+      const V16 z = acc[pq][v] * gv + sv;
+      sum += z > 0.f ? z : V16{};
     }
+    Store(o + c, sum * 0.25f);
   }
-  for (int64_t c = 0; c < co; ++c) {
-    const float var = static_cast<float>(sums[c] / hw);
-    gain[c] = scale[c] / std::sqrt(var + eps);
-    shift[c] = beta[c] - mean[c] * gain[c];
-  }
+}
+
+// The block of one image: the statistics first (ChannelMoments), then one
+// pass over the pooling windows (PoolWindow), so the conv map is never
+// stored: 64 channels at a time, then 16, then one.
+void ForwardImage(const float* x, const float* k, const float* scale,
+                  const float* beta, float eps, float* out,
+                  std::vector<double>& scratch, std::vector<float>& xpad,
+                  double* mean, double* var, float* gain, float* shift,
+                  const Geometry& g) {
+  const int64_t co = g.co, ci_n = g.ci, wp = g.w + 2 * g.pad;
+  const int64_t quad_co = co / 64 * 64, vec_co = co / 16 * 16;
+  ChannelMoments(x, k, g, mean, var, scratch);
+  NormAffine(mean, var, scale, beta, eps, gain, shift, co);
+  PadImage(x, g, xpad);
   for (int64_t i = 0; i < g.hq; ++i) {
     for (int64_t j = 0; j < g.wq; ++j) {
-      const float* a = y + ((2 * i) * g.wo + 2 * j) * co;
-      const float* b = a + co;
-      const float* c2 = a + g.wo * co;
-      const float* d = c2 + co;
+      const float* corner = xpad.data() + ((2 * i) * wp + 2 * j) * ci_n;
       float* o = out + (i * g.wq + j) * co;
-      for (int64_t c = 0; c < co; ++c) {
-        const float s = std::max(a[c] * gain[c] + shift[c], 0.f) +
-                        std::max(b[c] * gain[c] + shift[c], 0.f) +
-                        std::max(c2[c] * gain[c] + shift[c], 0.f) +
-                        std::max(d[c] * gain[c] + shift[c], 0.f);
-        o[c] = 0.25f * s;
+      for (int64_t c0 = 0; c0 < quad_co; c0 += 64)
+        PoolWindow<4>(corner, k, ci_n, co, wp, c0, gain, shift, o);
+      for (int64_t c0 = quad_co; c0 < vec_co; c0 += 16)
+        PoolWindow<1>(corner, k, ci_n, co, wp, c0, gain, shift, o);
+      for (int64_t c = vec_co; c < co; ++c) {
+        float sum = 0.f;
+        for (int64_t pq = 0; pq < 4; ++pq) {
+          float acc = 0.f;
+          for (int64_t t = 0; t < 9 * ci_n; ++t)
+            acc += corner[((pq / 2 + t / (3 * ci_n)) * wp + pq % 2 +
+                           (t / ci_n) % 3) * ci_n + t % ci_n] * k[t * co + c];
+          sum += std::max(acc * gain[c] + shift[c], 0.f);
+        }
+        o[c] = 0.25f * sum;
       }
     }
   }
@@ -170,179 +299,250 @@ ffi::Error FirstBlockForwardImpl(ffi::ThreadPool pool,
   float* op = out->typed_data();
   const int64_t in_size = g.h * g.w * g.ci, out_size = g.hq * g.wq * g.co;
   ParallelOverImages(pool, g.n, [=](int64_t begin, auto&& next) {
-    std::vector<float> y(g.ho * g.wo * g.co);
-    std::vector<double> sums(g.co);
-    std::vector<float> gain(g.co), shift(g.co);
-    for (int64_t i = begin; i >= 0; i = next()) {
-      if (g.co == 128) {
-        ForwardImage<128>(xp + i * in_size, kp, sp, bp, eps, op + i * out_size,
-                          y.data(), sums.data(), gain.data(), shift.data(), g);
-      } else {
-        ForwardImage<0>(xp + i * in_size, kp, sp, bp, eps, op + i * out_size,
-                        y.data(), sums.data(), gain.data(), shift.data(), g);
-      }
-    }
+    std::vector<double> scratch, mean(g.co), var(g.co);
+    std::vector<float> xpad, gain(g.co), shift(g.co);
+    for (int64_t i = begin; i >= 0; i = next())
+      ForwardImage(xp + i * in_size, kp, sp, bp, eps, op + i * out_size,
+                   scratch, xpad, mean.data(), var.data(), gain.data(),
+                   shift.data(), g);
   });
   return ffi::Error::Success();
 }
 
 
 // ---------------------------------------------------------------------------
-// Backward pass: dx from dout, channel by channel on "wide" planes. A plane
-// keeps the padded input's row stride wp = w + 2 pad, so output position
-// P = i * wp + j (j < wo valid, the last two columns of a row are junk)
-// reads tap (di, dj) at P + di * wp + dj: every tap is one shifted,
-// contiguous run, and 64 outputs are 4 AVX-512 accumulators held in
-// registers across the taps.
-
-typedef float V16 __attribute__((vector_size(64)));
-
-inline V16 Load(const float* p) {
-  V16 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store(float* p, V16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
-
-inline V16 Splat(float a) { return V16{} + a; }
-
-inline double Total(V16 v) {
-  double s = 0.0;
-  for (int l = 0; l < 16; ++l) s += v[l];
-  return s;
-}
-
-struct Wide {
-  int64_t hp, wp, plane, blocks, margin;
-};
-
-Wide WideOf(const Geometry& g) {
-  Wide w;
-  w.hp = g.h + 2 * g.pad;
-  w.wp = g.w + 2 * g.pad;
-  w.plane = g.ho * w.wp;
-  w.blocks = (w.plane + 63) / 64;
-  w.margin = 2 * w.wp + 2;
-  return w;
-}
+// Backward pass, channel-last like the forward. With yhat = (y - mean) rstd
+// (statistics from ChannelMoments), z = scale yhat + beta, dz the pooling's
+// gradient (a quarter of dout in each window, 0 on an unpooled last row or
+// column) and dv = scale relu'(z) dz, instance norm's gradient is
+//   dy = rstd (dv - mean_p dv - yhat mean_p (dv yhat)),
+// and dx the transposed conv of dy. Three passes over the image's map, which
+// stays in the core's cache:
+//   1. conv, yhat stored, the two sums over positions;
+//   2. dy in place of yhat;
+//   3. dx, four pixels of a row at a time.
+// The map is stored with a zero border of two positions, so pass 3 reads
+// every tap without bounds checks.
 
 struct BackwardScratch {
-  std::vector<float> xpad, y, valid, dz, dyhat, dy, dxpad;
-  BackwardScratch(const Geometry& g, const Wide& w)
-      : xpad(g.ci * (w.hp * w.wp + 64 * w.blocks + 2 * w.wp + 64)),
-        y(64 * w.blocks), valid(64 * w.blocks), dz(64 * w.blocks),
-        dyhat(64 * w.blocks),
-        dy(2 * w.margin + 64 * w.blocks + 2 * w.wp + 64),
-        dxpad(g.ci * 64 * ((w.hp * w.wp + 63) / 64)) {
-    for (int64_t p = 0; p < w.plane; ++p) valid[p] = p % w.wp < g.wo;
+  std::vector<double> moments, mean, var, s1, s2;
+  std::vector<float> xpad, storage, rstd, a, b;
+  float* map;  // storage's first 64-byte boundary: whole-line vector reads
+  BackwardScratch(const Geometry& g)
+      : mean(g.co), var(g.co), s1(g.co), s2(g.co),
+        storage((g.ho + 4) * (g.wo + 4) * g.co + 16, 0.f), rstd(g.co),
+        a(g.co), b(g.co) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(storage.data());
+    map = storage.data() + ((64 - p % 64) % 64) / sizeof(float);
   }
 };
+
+// The conv at P consecutive positions (i, j..j+P-1) of an output row for
+// V vectors of channels from c0: each kernel vector loaded serves P FMAs.
+template <int P, int V>
+inline void ConvTile(const float* xpad, const float* k, const Geometry& g,
+                     int64_t wp, int64_t i, int64_t j, int64_t c0,
+                     V16 (&acc)[P][V]) {
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < V; ++v) acc[p][v] = V16{};
+  for (int64_t di = 0; di < 3; ++di)
+    for (int64_t dj = 0; dj < 3; ++dj)
+      for (int64_t ci = 0; ci < g.ci; ++ci) {
+        const float* kv = k + ((di * 3 + dj) * g.ci + ci) * g.co + c0;
+        V16 kvec[V];
+        for (int v = 0; v < V; ++v) kvec[v] = Load(kv + 16 * v);
+        const float* xv = xpad + ((i + di) * wp + j + dj) * g.ci + ci;
+        for (int p = 0; p < P; ++p) {
+          const V16 x = Splat(xv[p * g.ci]);
+          for (int v = 0; v < V; ++v) acc[p][v] += x * kvec[v];
+        }
+      }
+}
+
+// Passes 1 and 2 for the channels [c0, c0 + 16 V) of output row i, the
+// channels' constants held in registers across the row. Pass 1 stores yhat
+// and adds the row's dv and dv yhat to s1 and s2; pass 2 turns yhat into dy.
+template <int V>
+void RowPass1(const float* xp, const float* k, const float* dout,
+              const float* scale, const float* beta, const float* mean,
+              BackwardScratch& s, const Geometry& g, int64_t wp, int64_t i,
+              int64_t c0, float* row) {
+  V16 mv[V], rv[V], sv[V], bv[V], s1[V], s2[V];
+  for (int v = 0; v < V; ++v) {
+    const int64_t c = c0 + 16 * v;
+    mv[v] = Load(mean + c);
+    rv[v] = Load(s.rstd.data() + c);
+    sv[v] = Load(scale + c);
+    bv[v] = Load(beta + c);
+    s1[v] = s2[v] = V16{};
+  }
+  const bool pooled_row = i < 2 * g.hq;
+  auto finish = [&](const V16* acc, int64_t j) {
+    float* m = row + j * g.co;
+    const float* dz4 = pooled_row && j < 2 * g.wq
+        ? dout + ((i / 2) * g.wq + j / 2) * g.co : nullptr;
+    for (int v = 0; v < V; ++v) {
+      const int64_t c = c0 + 16 * v;
+      const V16 yh = (acc[v] - mv[v]) * rv[v];
+      Store(m + c, yh);
+      if (dz4) {
+        const V16 dz = Load(dz4 + c) * 0.25f * sv[v];
+        const V16 dv = yh * sv[v] + bv[v] > 0.f ? dz : V16{};
+        s1[v] += dv;
+        s2[v] += dv * yh;
+      }
+    }
+  };
+  int64_t j = 0;
+  for (; j + 4 <= g.wo; j += 4) {
+    V16 acc[4][V];
+    ConvTile<4, V>(xp, k, g, wp, i, j, c0, acc);
+    for (int p = 0; p < 4; ++p) finish(acc[p], j + p);
+  }
+  for (; j < g.wo; ++j) {
+    V16 acc[1][V];
+    ConvTile<1, V>(xp, k, g, wp, i, j, c0, acc);
+    finish(acc[0], j);
+  }
+  for (int v = 0; v < V; ++v) {
+    const int64_t c = c0 + 16 * v;
+    for (int l = 0; l < 16; ++l) {
+      s.s1[c + l] += s1[v][l];
+      s.s2[c + l] += s2[v][l];
+    }
+  }
+}
+
+template <int V>
+void RowPass2(const float* dout, const float* scale, const float* beta,
+              BackwardScratch& s, const Geometry& g, int64_t i, int64_t c0,
+              float* row) {
+  V16 sv[V], bv[V], av[V], bbv[V], rv[V];
+  for (int v = 0; v < V; ++v) {
+    const int64_t c = c0 + 16 * v;
+    sv[v] = Load(scale + c);
+    bv[v] = Load(beta + c);
+    av[v] = Load(s.a.data() + c);
+    bbv[v] = Load(s.b.data() + c);
+    rv[v] = Load(s.rstd.data() + c);
+  }
+  const bool pooled_row = i < 2 * g.hq;
+  for (int64_t j = 0; j < g.wo; ++j) {
+    float* m = row + j * g.co;
+    const float* dz4 = pooled_row && j < 2 * g.wq
+        ? dout + ((i / 2) * g.wq + j / 2) * g.co : nullptr;
+    for (int v = 0; v < V; ++v) {
+      const int64_t c = c0 + 16 * v;
+      const V16 yh = Load(m + c);
+      V16 dv{};
+      if (dz4) {
+        const V16 dz = Load(dz4 + c) * 0.25f * sv[v];
+        dv = yh * sv[v] + bv[v] > 0.f ? dz : V16{};
+      }
+      Store(m + c, (dv - av[v] - yh * bbv[v]) * rv[v]);
+    }
+  }
+}
 
 void BackwardImage(const float* x, const float* k, const float* scale,
                    const float* beta, float eps, const float* dout, float* dx,
-                   BackwardScratch& s, const Geometry& g, const Wide& w) {
+                   BackwardScratch& s, const Geometry& g) {
   const int64_t co = g.co, ci_n = g.ci, hw = g.ho * g.wo;
-  const int64_t xplane = s.xpad.size() / ci_n;
-  const int64_t dplane = s.dxpad.size() / ci_n;
-  std::fill(s.xpad.begin(), s.xpad.end(), 0.f);
-  for (int64_t r = 0; r < g.h; ++r)
-    for (int64_t q = 0; q < g.w; ++q)
-      for (int64_t ci = 0; ci < ci_n; ++ci)
-        s.xpad[ci * xplane + (r + g.pad) * w.wp + q + g.pad] =
-            x[(r * g.w + q) * ci_n + ci];
-  std::fill(s.dxpad.begin(), s.dxpad.end(), 0.f);
-  float* y = s.y.data();
-  float* dyv = s.dy.data() + w.margin;
+  const int64_t wp = g.w + 2 * g.pad, mw = g.wo + 4;  // padded widths
+  const int64_t pair_co = co / 32 * 32, vec_co = co / 16 * 16;
+  ChannelMoments(x, k, g, s.mean.data(), s.var.data(), s.moments);
+  std::vector<float> meanf(co);
   for (int64_t c = 0; c < co; ++c) {
-    // Conv map of channel c.
-    for (int64_t b = 0; b < w.blocks; ++b) {
-      V16 a0{}, a1{}, a2{}, a3{};
-      for (int64_t ci = 0; ci < ci_n; ++ci)
-        for (int64_t di = 0; di < 3; ++di)
-          for (int64_t dj = 0; dj < 3; ++dj) {
-            const V16 kv = Splat(k[((di * 3 + dj) * ci_n + ci) * co + c]);
-            const float* src =
-                s.xpad.data() + ci * xplane + 64 * b + di * w.wp + dj;
-            a0 += kv * Load(src);
-            a1 += kv * Load(src + 16);
-            a2 += kv * Load(src + 32);
-            a3 += kv * Load(src + 48);
-          }
-      Store(y + 64 * b, a0);
-      Store(y + 64 * b + 16, a1);
-      Store(y + 64 * b + 32, a2);
-      Store(y + 64 * b + 48, a3);
-    }
-    // Statistics over the valid positions; yhat in place.
-    V16 sum{};
-    for (int64_t p = 0; p < 64 * w.blocks; p += 16)
-      sum += Load(y + p) * Load(s.valid.data() + p);
-    const float mean = static_cast<float>(Total(sum) / hw);
-    V16 sq{};
-    for (int64_t p = 0; p < 64 * w.blocks; p += 16) {
-      const V16 d = (Load(y + p) - mean) * Load(s.valid.data() + p);
-      sq += d * d;
-    }
-    const float rstd =
-        1.f / std::sqrt(static_cast<float>(Total(sq) / hw) + eps);
-    // dz: a quarter of dout in each pooling window, 0 elsewhere.
-    std::fill(s.dz.begin(), s.dz.end(), 0.f);
-    for (int64_t i = 0; i < 2 * g.hq; ++i)
-      for (int64_t j2 = 0; j2 < g.wq; ++j2) {
-        const float v = 0.25f * dout[((i / 2) * g.wq + j2) * co + c];
-        s.dz[i * w.wp + 2 * j2] = v;
-        s.dz[i * w.wp + 2 * j2 + 1] = v;
-      }
-    // dyhat = scale * relu'(yhat * scale + beta) * dz; its sums.
-    const float sc = scale[c], be = beta[c];
-    V16 s1{}, s2{};
-    for (int64_t p = 0; p < 64 * w.blocks; p += 16) {
-      const V16 yh = (Load(y + p) - mean) * rstd;
-      Store(y + p, yh);
-      const V16 t = yh * sc + be;
-      V16 dv = Load(s.dz.data() + p) * sc;
-      dv = t > 0.f ? dv : V16{};
-      Store(s.dyhat.data() + p, dv);
-      s1 += dv;
-      s2 += dv * yh;
-    }
-    const float a = static_cast<float>(Total(s1) / hw);
-    const float bb = static_cast<float>(Total(s2) / hw);
-    // Instance norm's gradient, 0 on the junk columns.
-    for (int64_t p = 0; p < 64 * w.blocks; p += 16) {
-      const V16 dy = (Load(s.dyhat.data() + p) - a - Load(y + p) * bb) *
-                     rstd * Load(s.valid.data() + p);
-      Store(dyv + p, dy);
-    }
-    for (int64_t p = w.plane; p < 64 * w.blocks; ++p) dyv[p] = 0.f;
-    // Input gradient: padded position Q gathers k(di, dj) dy[Q - di wp - dj].
-    for (int64_t ci = 0; ci < ci_n; ++ci) {
-      float* dst = s.dxpad.data() + ci * dplane;
-      for (int64_t b = 0; b < dplane / 64; ++b) {
-        V16 a0{}, a1{}, a2{}, a3{};
-        for (int64_t di = 0; di < 3; ++di)
-          for (int64_t dj = 0; dj < 3; ++dj) {
-            const V16 kv = Splat(k[((di * 3 + dj) * ci_n + ci) * co + c]);
-            const float* src = dyv + 64 * b - di * w.wp - dj;
-            a0 += kv * Load(src);
-            a1 += kv * Load(src + 16);
-            a2 += kv * Load(src + 32);
-            a3 += kv * Load(src + 48);
-          }
-        float* d = dst + 64 * b;
-        Store(d, Load(d) + a0);
-        Store(d + 16, Load(d + 16) + a1);
-        Store(d + 32, Load(d + 32) + a2);
-        Store(d + 48, Load(d + 48) + a3);
+    meanf[c] = static_cast<float>(s.mean[c]);
+    s.rstd[c] = 1.f / std::sqrt(static_cast<float>(s.var[c]) + eps);
+    s.s1[c] = s.s2[c] = 0.0;
+  }
+  PadImage(x, g, s.xpad);
+  const float* xp = s.xpad.data();
+  auto at = [&](int64_t i, int64_t j) {  // the map at output position (i, j)
+    return s.map + ((i + 2) * mw + j + 2) * co;
+  };
+  auto window = [&](int64_t i, int64_t j) -> const float* {
+    if (i >= 2 * g.hq || j >= 2 * g.wq) return nullptr;
+    return dout + ((i / 2) * g.wq + j / 2) * co;
+  };
+  // Pass 1: yhat and the sums, 32 channels at a time, then 16, then one.
+  for (int64_t i = 0; i < g.ho; ++i) {
+    for (int64_t c0 = 0; c0 < pair_co; c0 += 32)
+      RowPass1<2>(xp, k, dout, scale, beta, meanf.data(), s, g, wp, i, c0,
+                  at(i, 0));
+    for (int64_t c0 = pair_co; c0 < vec_co; c0 += 16)
+      RowPass1<1>(xp, k, dout, scale, beta, meanf.data(), s, g, wp, i, c0,
+                  at(i, 0));
+    for (int64_t j = 0; j < g.wo; ++j) {
+      const float* dz4 = window(i, j);
+      for (int64_t c = vec_co; c < co; ++c) {
+        float y = 0.f;
+        for (int64_t t = 0; t < 9 * ci_n; ++t)
+          y += xp[((i + t / (3 * ci_n)) * wp + j + (t / ci_n) % 3) * ci_n +
+                  t % ci_n] * k[t * co + c];
+        const float yh = (y - meanf[c]) * s.rstd[c];
+        at(i, j)[c] = yh;
+        if (dz4 && yh * scale[c] + beta[c] > 0.f) {
+          const float dv = dz4[c] * 0.25f * scale[c];
+          s.s1[c] += dv;
+          s.s2[c] += dv * yh;
+        }
       }
     }
   }
-  for (int64_t r = 0; r < g.h; ++r)
-    for (int64_t q = 0; q < g.w; ++q)
-      for (int64_t ci = 0; ci < ci_n; ++ci)
-        dx[(r * g.w + q) * ci_n + ci] =
-            s.dxpad[ci * dplane + (r + g.pad) * w.wp + q + g.pad];
+  for (int64_t c = 0; c < co; ++c) {
+    s.a[c] = static_cast<float>(s.s1[c] / hw);
+    s.b[c] = static_cast<float>(s.s2[c] / hw);
+  }
+  // Pass 2: dy = rstd (dv - a - yhat b).
+  for (int64_t i = 0; i < g.ho; ++i) {
+    for (int64_t c0 = 0; c0 < pair_co; c0 += 32)
+      RowPass2<2>(dout, scale, beta, s, g, i, c0, at(i, 0));
+    for (int64_t c0 = pair_co; c0 < vec_co; c0 += 16)
+      RowPass2<1>(dout, scale, beta, s, g, i, c0, at(i, 0));
+    for (int64_t j = 0; j < g.wo; ++j) {
+      float* m = at(i, j);
+      const float* dz4 = window(i, j);
+      for (int64_t c = vec_co; c < co; ++c) {
+        const float yh = m[c];
+        const float dv = dz4 && yh * scale[c] + beta[c] > 0.f
+                             ? dz4[c] * 0.25f * scale[c] : 0.f;
+        m[c] = (dv - s.a[c] - yh * s.b[c]) * s.rstd[c];
+      }
+    }
+  }
+  // Pass 3: dx[r, q, ci] = sum over taps and channels of k dy[r + pad - di,
+  // q + pad - dj] (the border reads zeros).
+  for (int64_t ci = 0; ci < ci_n; ++ci)
+    for (int64_t r = 0; r < g.h; ++r)
+      for (int64_t q = 0; q < g.w; q += 4) {
+        const int64_t n = std::min<int64_t>(4, g.w - q);
+        V16 acc[4][2] = {};
+        float tail[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int64_t di = 0; di < 3; ++di)
+          for (int64_t dj = 0; dj < 3; ++dj) {
+            const float* kv = k + ((di * 3 + dj) * ci_n + ci) * co;
+            const float* d = at(r + g.pad - di, q + g.pad - dj);
+            int64_t c = 0;
+            for (; c < pair_co; c += 32) {  // two independent sums a pixel
+              const V16 k0 = Load(kv + c), k1 = Load(kv + c + 16);
+              for (int p = 0; p < 4; ++p) {
+                acc[p][0] += Load(d + p * co + c) * k0;
+                acc[p][1] += Load(d + p * co + c + 16) * k1;
+              }
+            }
+            for (; c < vec_co; c += 16) {
+              const V16 k0 = Load(kv + c);
+              for (int p = 0; p < 4; ++p) acc[p][0] += Load(d + p * co + c) * k0;
+            }
+            for (c = vec_co; c < co; ++c)
+              for (int p = 0; p < 4; ++p) tail[p] += d[p * co + c] * kv[c];
+          }
+        for (int64_t p = 0; p < n; ++p)
+          dx[(r * g.w + q + p) * ci_n + ci] =
+              static_cast<float>(Total(acc[p][0] + acc[p][1])) + tail[p];
+      }
 }
 
 ffi::Error FirstBlockBackwardImpl(ffi::ThreadPool pool,
@@ -355,7 +555,6 @@ ffi::Error FirstBlockBackwardImpl(ffi::ThreadPool pool,
                                   int64_t padding, float eps) {
   Geometry g;
   if (ffi::Error e = Check(x, kernel, padding, &g); e.failure()) return e;
-  const Wide w = WideOf(g);
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
   const float* sp = scale.typed_data();
@@ -364,11 +563,10 @@ ffi::Error FirstBlockBackwardImpl(ffi::ThreadPool pool,
   float* op = dx->typed_data();
   const int64_t in_size = g.h * g.w * g.ci, out_size = g.hq * g.wq * g.co;
   ParallelOverImages(pool, g.n, [=](int64_t begin, auto&& next) {
-    BackwardScratch scratch(g, w);
-    for (int64_t i = begin; i >= 0; i = next()) {
+    BackwardScratch scratch(g);
+    for (int64_t i = begin; i >= 0; i = next())
       BackwardImage(xp + i * in_size, kp, sp, bp, eps, dp + i * out_size,
-                    op + i * in_size, scratch, g, w);
-    }
+                    op + i * in_size, scratch, g);
   });
   return ffi::Error::Success();
 }

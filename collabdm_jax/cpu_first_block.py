@@ -6,10 +6,13 @@ work: at the reference shapes (28x28x1 images padded to 32x32 maps of 128
 channels) it was a third of the forward time of a batch of 64 for 2.5 % of
 the FLOPs, because its 512 KiB conv map per image went through memory
 between XLA's fusions. ``cpu_first_block.cc`` computes the block one image
-at a time with the map in the core's cache, and its gradient with respect
-to the input (the DM losses' image gradients) the same way;
-models.ConvNet runs its first block through them on CPUs
-(``experiments/results/first_block`` measures both against XLA).
+at a time: the forward pass takes the instance-norm statistics from the
+image's 3x3 patch moments (channel c of ``y = P w_c`` has mean ``mu . w_c``
+and variance ``w_c^T Cov(P) w_c``), so it never stores the map; the
+gradient with respect to the input (the DM losses' image gradients) keeps
+one map per image in the core's cache. models.ConvNet runs its first block
+through them on CPUs (``experiments/results/first_block`` measures both
+against XLA).
 
 Parameter gradients (training a network through the block) stay XLA's own
 (``first_block``'s custom VJP). Values and gradients equal those of the
