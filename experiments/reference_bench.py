@@ -6,6 +6,9 @@ writes ONE JSON document: per phase the wall time, the FLOPs XLA counts for
 the work the phase did, the GFLOP/s that makes and its fraction of a float32
 2048 x 2048 matmul timed in the same run (best of its start and end
 timings); the accuracy; git commit, command line, machine and load average.
+The server's entry also holds its per-iteration wall times
+(``server_iteration_times``): the step (median over iterations 2..T) and
+the time until the first iteration ended (compilation included).
 
   python -m experiments.reference_bench \
       --out=experiments/results/reference/reference.json
@@ -59,6 +62,7 @@ from collabdm_jax import cpu_first_block
 from collabdm_jax import dm
 from collabdm_jax import evaluate
 from collabdm_jax import losses
+from collabdm_jax import metrics as metrics_lib
 from collabdm_jax import models
 from collabdm_jax import pipeline
 from collabdm_jax import server as server_lib
@@ -73,7 +77,7 @@ _MATMUL_N = flags.DEFINE_integer(
     "matmul_n", 2048, "Size of the square float32 matmul whose best time is "
     "the peak (a GPU needs 8192 to fill).")
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (default: a temporary one, removed).")
+    "workdir", None, "Run directory (default: a new temporary one, kept).")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -147,6 +151,26 @@ def eval_flops(s, num_train):
   return step - init, logit
 
 
+def server_iteration_times(workdir, server_wall_s):
+  """The server phase's per-iteration wall times, from ``metrics.jsonl``.
+
+  A server row is written when its iteration's losses reach the host, so
+  the differences of consecutive rows' times are the iterations' wall
+  times (the step, the host's work and the row's writing). ``first_s`` is
+  the rest of the phase: the aggregation, the starting set, the update
+  program's compilation and the first iteration.
+  """
+  rows = sorted((r for r in metrics_lib.read_metrics(workdir)
+                 if r["phase"] == "server"), key=lambda r: r["step"])
+  times = np.array([r["time"] for r in rows])
+  steps = np.diff(times)
+  return {"iterations": len(rows),
+          "first_s": server_wall_s - float(times[-1] - times[0]),
+          "step_median_s": float(np.median(steps)),
+          "step_mean_s": float(steps.mean()),
+          "step_max_s": float(steps.max())}
+
+
 def phase_flops(s, results):
   """FLOPs of each phase of the run (see the module docstring)."""
   # The ConvNet's first block as XLA's ops: the CPU kernels that run it are
@@ -202,10 +226,14 @@ def main(argv):
       entry["gflops"] = flops[name] / seconds / 1e9
       entry["fraction_of_matmul_peak"] = entry["gflops"] / peak
     phases[name] = entry
+  if "server" in phases:
+    phases["server"]["iterations"] = server_iteration_times(
+        workdir, phases["server"]["wall_s"])
   total_flops = sum(flops.values())
   doc = {
       "config": "experiments/configs/reference.py",
       "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "workdir": str(workdir),
       "git": git_state(),
       "total_s": results["wall_s"]["total"],
       "script_wall_s": wall,

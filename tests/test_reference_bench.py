@@ -28,5 +28,12 @@ def test_reference_bench_writes_phases_flops_and_provenance(tmp_path):
     assert p["fraction_of_matmul_peak"] == pytest.approx(
         p["flops"] / p["wall_s"] / 1e9 / doc["matmul_peak_gflops"])
   assert doc["config_values"]["num_iterations"] == 3
+  # The server's iteration times, from the run's metrics.jsonl: one row per
+  # iteration, the steps and the first iteration together make the phase.
+  its = doc["phases"]["server"]["iterations"]
+  assert its["iterations"] == 3
+  assert 0 < its["step_median_s"] <= its["step_max_s"]
+  assert its["first_s"] + 2 * its["step_mean_s"] == pytest.approx(
+      doc["phases"]["server"]["wall_s"])
   assert len(doc["git"]["commit"]) == 40
   assert doc["load_average_start"] and doc["environment"]["cpu_count"]
