@@ -13,8 +13,8 @@ config's shapes (28x28x1 images, width 128, depth 3):
   client statistics' unit of work (``stats.embed_batch`` on CPU), with the
   kernel and with ``COLLABDM_CPU_KERNELS=0``;
 * ``image_gradient_10``: the input gradient of the embedding on 10 images,
-  a server or local-DM piece. Both variants run XLA's ops there (the kernel
-  is forward-only), so the ratio shows that nothing changed.
+  a server or local-DM piece: the kernels' forward and input gradient
+  against XLA's ops (``COLLABDM_CPU_KERNELS=0``).
 
 Each case alternates the two variants for ``--rounds`` rounds of
 ``--calls`` calls and records every round's seconds per call, the minimum
