@@ -828,6 +828,7 @@ def shared_local_distill(root, client_x, client_y, client_ids, stats,
                                       cfg)
   states = jax.vmap(lambda im: dm.init_state(im, optimizer))(
       jnp.asarray(np.stack(inits)))
+  inputs = step.inputs(root, jnp.int32(0))
   for it in range(cfg.iterations):
     t = it % num_its
     mean = stats.means[:, t]
@@ -837,8 +838,13 @@ def shared_local_distill(root, client_x, client_y, client_ids, stats,
           mean, stats.second_moments[:, t], n, cfg.std_ddof))
     else:
       std = np.zeros_like(mean)
-    states, loss = step(states, root, jnp.int32(t), jnp.asarray(mean),
-                        jnp.asarray(std), jnp.asarray(stats.counts[:, t] > 0))
+    states, loss = step.update(states, *inputs, jnp.asarray(mean),
+                               jnp.asarray(std),
+                               jnp.asarray(stats.counts[:, t] > 0))
+    if it + 1 < cfg.iterations:
+      # The next iteration's network and augmentations, queued before the
+      # progress callback waits for this one's losses (as server.synthesize).
+      inputs = step.inputs(root, jnp.int32((it + 1) % num_its))
     if progress is not None:
       progress(it, loss)
   images = np.asarray(states.images)
