@@ -183,8 +183,8 @@ def synthesize(root, target_chunks: Iterable[Tuple[int, losses.ClassMoments]],
       state, class_losses = step.update(state, *inputs, targets)
       if i + 1 < n:
         # Iteration t + 1's network and augmentations are queued before
-        # on_iteration waits for t's losses, so they are computed meanwhile
-        # (a few ms an iteration at the reference config, side by side).
+        # on_iteration waits for t's losses, so they are computed while the
+        # host handles them.
         inputs = step.inputs(root, jnp.int32(t + 1))
       if on_iteration is not None:
         on_iteration(t, state, class_losses)
