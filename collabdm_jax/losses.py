@@ -12,6 +12,7 @@ this federated: the real-side mean is assembled at the server from client
 statistics (``aggregate_class_moments``), so raw data never leaves a client.
 """
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -125,6 +126,16 @@ def class_moment_sums(means, counts, class_counts, second_moments=None,
   if weighting not in ("count", "uniform"):
     raise ValueError(
         f"weighting must be 'count' or 'uniform', got {weighting!r}")
+  return _class_moment_sums(means, counts, class_counts, second_moments,
+                            weighting)
+
+
+# One program for the whole reduction: run op by op, its first call compiled
+# every operation as a program of its own (the server aggregates once per run,
+# so that compilation was all of its cost).
+@functools.partial(jax.jit, static_argnames="weighting")
+def _class_moment_sums(means, counts, class_counts, second_moments,
+                       weighting):
   counts = jnp.asarray(counts)
   class_counts = jnp.asarray(class_counts)
   extra = counts.ndim - class_counts.ndim  # iteration axes between K and C
@@ -144,6 +155,7 @@ def class_moment_sums(means, counts, class_counts, second_moments=None,
   return MomentSums(weighted_sum(means), sq, jnp.sum(w, axis=0))
 
 
+@jax.jit
 def moments_from_sums(sums: MomentSums) -> ClassMoments:
   """Per-class targets from (possibly summed-up) ``MomentSums``."""
   valid = sums.weight > 0
