@@ -116,7 +116,10 @@ def _momentum_tables(lr, momentum, num_classes, dtype):
 # micro-batches, ``evaluate.MICRO_BATCH_CPU``). At the reference shapes
 # (ConvNet-3 width 128, 28x28x1, ipc 10) all 100 images in one pass took
 # 1.6x as long as one class of 10 at a time
-# (``experiments/results/dm_step/dm_step.json``, ``all_classes``).
+# (``experiments/results/dm_step/dm_step.json``, ``all_classes``; measured
+# before the first block ran as ``cpu_first_block``'s kernels). A piece of
+# more than one class also vmaps the augmentation, which then runs every
+# DSA family (see ``_piece_losses_and_grads``).
 CPU_IMAGES_PER_PIECE = 10
 
 
@@ -131,10 +134,8 @@ def default_classes_per_piece(num_classes, images_per_class):
     return num_classes
   k = max(1, min(num_classes, CPU_IMAGES_PER_PIECE // images_per_class))
   # Rather a piece size that divides the classes, when one is at least half
-  # as large: the classes left over would be a second program to compile,
-  # 2-3 s on this CPU, as long as 10-20 iterations of the reference config's
-  # local DM (50 (party, class) units of 3 images: pieces of 2 compiled in
-  # 3.6 s, pieces of 3 in 6.2 s, at the same 0.24 s per iteration).
+  # as large: the classes left over would be a second piece program to
+  # compile, seconds on this CPU, as long as several iterations of a step.
   for d in range(k, (k + 1) // 2 - 1, -1):
     if num_classes % d == 0:
       return d
