@@ -444,6 +444,39 @@ void RowPass2(const float* dout, const float* scale, const float* beta,
   }
 }
 
+// dx of P consecutive pixels (r, q..q+P-1) of input channel ci from the
+// padded dy map (at(i, j): output position (i, j)): each kernel vector
+// loaded serves P pixels, two independent sums a pixel.
+template <int P, typename At>
+inline void DxTile(const float* k, int64_t co, int64_t ci_n, int64_t ci,
+                   int64_t pad, const At& at, int64_t r, int64_t q,
+                   float* out) {
+  const int64_t pair_co = co / 32 * 32, vec_co = co / 16 * 16;
+  V16 acc[P][2] = {};
+  float tail[P] = {};
+  for (int64_t di = 0; di < 3; ++di)
+    for (int64_t dj = 0; dj < 3; ++dj) {
+      const float* kv = k + ((di * 3 + dj) * ci_n + ci) * co;
+      const float* d = at(r + pad - di, q + pad - dj);
+      int64_t c = 0;
+      for (; c < pair_co; c += 32) {
+        const V16 k0 = Load(kv + c), k1 = Load(kv + c + 16);
+        for (int p = 0; p < P; ++p) {
+          acc[p][0] += Load(d + p * co + c) * k0;
+          acc[p][1] += Load(d + p * co + c + 16) * k1;
+        }
+      }
+      for (; c < vec_co; c += 16) {
+        const V16 k0 = Load(kv + c);
+        for (int p = 0; p < P; ++p) acc[p][0] += Load(d + p * co + c) * k0;
+      }
+      for (c = vec_co; c < co; ++c)
+        for (int p = 0; p < P; ++p) tail[p] += d[p * co + c] * kv[c];
+    }
+  for (int p = 0; p < P; ++p)
+    out[p * ci_n] = static_cast<float>(Total(acc[p][0] + acc[p][1])) + tail[p];
+}
+
 void BackwardImage(const float* x, const float* k, const float* scale,
                    const float* beta, float eps, const float* dout, float* dx,
                    BackwardScratch& s, const Geometry& g) {
@@ -513,36 +546,18 @@ void BackwardImage(const float* x, const float* k, const float* scale,
     }
   }
   // Pass 3: dx[r, q, ci] = sum over taps and channels of k dy[r + pad - di,
-  // q + pad - dj] (the border reads zeros).
+  // q + pad - dj] (the border reads zeros), four pixels at a time, then the
+  // rest of the row one by one (reading only the row's own positions).
   for (int64_t ci = 0; ci < ci_n; ++ci)
-    for (int64_t r = 0; r < g.h; ++r)
-      for (int64_t q = 0; q < g.w; q += 4) {
-        const int64_t n = std::min<int64_t>(4, g.w - q);
-        V16 acc[4][2] = {};
-        float tail[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int64_t di = 0; di < 3; ++di)
-          for (int64_t dj = 0; dj < 3; ++dj) {
-            const float* kv = k + ((di * 3 + dj) * ci_n + ci) * co;
-            const float* d = at(r + g.pad - di, q + g.pad - dj);
-            int64_t c = 0;
-            for (; c < pair_co; c += 32) {  // two independent sums a pixel
-              const V16 k0 = Load(kv + c), k1 = Load(kv + c + 16);
-              for (int p = 0; p < 4; ++p) {
-                acc[p][0] += Load(d + p * co + c) * k0;
-                acc[p][1] += Load(d + p * co + c + 16) * k1;
-              }
-            }
-            for (; c < vec_co; c += 16) {
-              const V16 k0 = Load(kv + c);
-              for (int p = 0; p < 4; ++p) acc[p][0] += Load(d + p * co + c) * k0;
-            }
-            for (c = vec_co; c < co; ++c)
-              for (int p = 0; p < 4; ++p) tail[p] += d[p * co + c] * kv[c];
-          }
-        for (int64_t p = 0; p < n; ++p)
-          dx[(r * g.w + q + p) * ci_n + ci] =
-              static_cast<float>(Total(acc[p][0] + acc[p][1])) + tail[p];
-      }
+    for (int64_t r = 0; r < g.h; ++r) {
+      int64_t q = 0;
+      for (; q + 4 <= g.w; q += 4)
+        DxTile<4>(k, co, ci_n, ci, g.pad, at, r, q,
+                  dx + (r * g.w + q) * ci_n + ci);
+      for (; q < g.w; ++q)
+        DxTile<1>(k, co, ci_n, ci, g.pad, at, r, q,
+                  dx + (r * g.w + q) * ci_n + ci);
+    }
 }
 
 ffi::Error FirstBlockBackwardImpl(ffi::ThreadPool pool,

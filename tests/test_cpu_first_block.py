@@ -2,7 +2,9 @@
 first block, its input gradient and whole embeddings and their gradients to
 float rounding; parameter gradients stay XLA's."""
 
+import pathlib
 import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,9 @@ def test_the_kernel_builds_and_is_used_on_this_machine():
     ((2, 32, 32, 3), 128, 1),  # CIFAR-10
     ((3, 9, 11, 3), 8, 1),  # odd sides: the last row and column unpooled
     ((1, 4, 4, 2), 20, 0),  # no padding, a width the kernel does not unroll
+    ((2, 7, 5, 1), 16, 0),  # rows of 5 pixels: the gradient's one-by-one tail
+    ((2, 10, 10, 3), 40, 1),  # 32 + 8 channels
+    ((2, 6, 10, 1), 96, 1),  # 64 + 32 channels
 ])
 def test_kernel_equals_the_layers(shape, width, padding):
   x, kernel, bias, scale, beta = block_inputs(shape, width)
@@ -146,3 +151,31 @@ def test_other_blocks_and_dtypes_keep_xla(convnet):
     assert cfb.TARGET not in text
   bf16 = models.embed_fn(model, "bfloat16")
   assert cfb.TARGET not in jax.jit(bf16).lower(params, x).as_text()
+
+
+@pytest.mark.slow  # builds the kernel source with the sanitizers (~20 s)
+def test_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
+  """The hand-written loops read and write only their buffers.
+
+  ``tests/data/cpu_first_block_asan.cc`` runs one image's forward and input
+  gradient over edge geometries (odd sides, no padding, widths off every
+  vector multiple, rows not a multiple of four pixels), built with
+  AddressSanitizer and UndefinedBehaviorSanitizer: an out-of-bounds access
+  aborts it. A read past the dy map's end at rows of 5 pixels and no
+  padding, whose values were then discarded, once went unnoticed by the
+  value tests above.
+  """
+  harness = pathlib.Path(__file__).with_name("data") / "cpu_first_block_asan.cc"
+  exe = tmp_path / "asan"
+  build = subprocess.run(
+      ["g++", "-O1", "-g", "-fsanitize=address,undefined",
+       "-fno-sanitize-recover=all", "-march=native", "-std=c++17",
+       "-I", jax.ffi.include_dir(), f'-DKERNEL_SOURCE="{cfb.SOURCE}"',
+       str(harness), "-o", str(exe)], capture_output=True, text=True)
+  if build.returncode != 0 and "asan" in build.stderr.lower():
+    pytest.skip("this g++ has no AddressSanitizer runtime")
+  assert build.returncode == 0, build.stderr[-3000:]
+  run = subprocess.run([str(exe)], capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.count(" ok") == 10
