@@ -320,7 +320,7 @@ ffi::Error FirstBlockForwardImpl(ffi::ThreadPool pool,
 // stays in the core's cache:
 //   1. conv, yhat stored, the two sums over positions;
 //   2. dy in place of yhat;
-//   3. dx, four pixels of a row at a time.
+//   3. dx, four pixels of a row at a time (a row's last few one by one).
 // The map is stored with a zero border of two positions, so pass 3 reads
 // every tap without bounds checks.
 
