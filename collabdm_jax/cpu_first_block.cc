@@ -162,6 +162,17 @@ void PadImage(const float* x, const Geometry& g, std::vector<float>& xpad) {
               xpad.data() + ((r + g.pad) * wp + g.pad) * g.ci);
 }
 
+// Channel c of the conv at output position (i, j), one tap after another
+// (the channels past the last vector).
+inline float ConvAt(const float* xpad, const float* k, const Geometry& g,
+                    int64_t wp, int64_t i, int64_t j, int64_t c) {
+  float y = 0.f;
+  for (int64_t t = 0; t < 9 * g.ci; ++t)
+    y += xpad[((i + t / (3 * g.ci)) * wp + j + (t / g.ci) % 3) * g.ci +
+              t % g.ci] * k[t * g.co + c];
+  return y;
+}
+
 // One pooling window's output for the channels [c0, c0 + 16 V): its four
 // conv outputs (corner = the window's top-left tap in the padded image),
 // normalised, rectified and averaged in registers. The four positions go
@@ -219,10 +230,8 @@ void ForwardImage(const float* x, const float* k, const float* scale,
       for (int64_t c = vec_co; c < co; ++c) {
         float sum = 0.f;
         for (int64_t pq = 0; pq < 4; ++pq) {
-          float acc = 0.f;
-          for (int64_t t = 0; t < 9 * ci_n; ++t)
-            acc += corner[((pq / 2 + t / (3 * ci_n)) * wp + pq % 2 +
-                           (t / ci_n) % 3) * ci_n + t % ci_n] * k[t * co + c];
+          const float acc =
+              ConvAt(xpad.data(), k, g, wp, 2 * i + pq / 2, 2 * j + pq % 2, c);
           sum += std::max(acc * gain[c] + shift[c], 0.f);
         }
         o[c] = 0.25f * sum;
@@ -326,12 +335,12 @@ ffi::Error FirstBlockForwardImpl(ffi::ThreadPool pool,
 
 struct BackwardScratch {
   std::vector<double> moments, mean, var, s1, s2;
-  std::vector<float> xpad, storage, rstd, a, b;
+  std::vector<float> xpad, storage, meanf, rstd, a, b;
   float* map;  // storage's first 64-byte boundary: whole-line vector reads
   BackwardScratch(const Geometry& g)
       : mean(g.co), var(g.co), s1(g.co), s2(g.co),
-        storage((g.ho + 4) * (g.wo + 4) * g.co + 16, 0.f), rstd(g.co),
-        a(g.co), b(g.co) {
+        storage((g.ho + 4) * (g.wo + 4) * g.co + 16, 0.f), meanf(g.co),
+        rstd(g.co), a(g.co), b(g.co) {
     const uintptr_t p = reinterpret_cast<uintptr_t>(storage.data());
     map = storage.data() + ((64 - p % 64) % 64) / sizeof(float);
   }
@@ -359,28 +368,34 @@ inline void ConvTile(const float* xpad, const float* k, const Geometry& g,
       }
 }
 
+// dout at the pooling window of output position (i, j), or nullptr off the
+// pooled area (an odd side's last row or column gets no gradient).
+inline const float* PoolingGradient(const float* dout, const Geometry& g,
+                                    int64_t i, int64_t j) {
+  if (i >= 2 * g.hq || j >= 2 * g.wq) return nullptr;
+  return dout + ((i / 2) * g.wq + j / 2) * g.co;
+}
+
 // Passes 1 and 2 for the channels [c0, c0 + 16 V) of output row i, the
 // channels' constants held in registers across the row. Pass 1 stores yhat
 // and adds the row's dv and dv yhat to s1 and s2; pass 2 turns yhat into dy.
 template <int V>
 void RowPass1(const float* xp, const float* k, const float* dout,
-              const float* scale, const float* beta, const float* mean,
-              BackwardScratch& s, const Geometry& g, int64_t wp, int64_t i,
-              int64_t c0, float* row) {
+              const float* scale, const float* beta, BackwardScratch& s,
+              const Geometry& g, int64_t wp, int64_t i, int64_t c0,
+              float* row) {
   V16 mv[V], rv[V], sv[V], bv[V], s1[V], s2[V];
   for (int v = 0; v < V; ++v) {
     const int64_t c = c0 + 16 * v;
-    mv[v] = Load(mean + c);
+    mv[v] = Load(s.meanf.data() + c);
     rv[v] = Load(s.rstd.data() + c);
     sv[v] = Load(scale + c);
     bv[v] = Load(beta + c);
     s1[v] = s2[v] = V16{};
   }
-  const bool pooled_row = i < 2 * g.hq;
   auto finish = [&](const V16* acc, int64_t j) {
     float* m = row + j * g.co;
-    const float* dz4 = pooled_row && j < 2 * g.wq
-        ? dout + ((i / 2) * g.wq + j / 2) * g.co : nullptr;
+    const float* dz4 = PoolingGradient(dout, g, i, j);
     for (int v = 0; v < V; ++v) {
       const int64_t c = c0 + 16 * v;
       const V16 yh = (acc[v] - mv[v]) * rv[v];
@@ -426,11 +441,9 @@ void RowPass2(const float* dout, const float* scale, const float* beta,
     bbv[v] = Load(s.b.data() + c);
     rv[v] = Load(s.rstd.data() + c);
   }
-  const bool pooled_row = i < 2 * g.hq;
   for (int64_t j = 0; j < g.wo; ++j) {
     float* m = row + j * g.co;
-    const float* dz4 = pooled_row && j < 2 * g.wq
-        ? dout + ((i / 2) * g.wq + j / 2) * g.co : nullptr;
+    const float* dz4 = PoolingGradient(dout, g, i, j);
     for (int v = 0; v < V; ++v) {
       const int64_t c = c0 + 16 * v;
       const V16 yh = Load(m + c);
@@ -484,9 +497,8 @@ void BackwardImage(const float* x, const float* k, const float* scale,
   const int64_t wp = g.w + 2 * g.pad, mw = g.wo + 4;  // padded widths
   const int64_t pair_co = co / 32 * 32, vec_co = co / 16 * 16;
   ChannelMoments(x, k, g, s.mean.data(), s.var.data(), s.moments);
-  std::vector<float> meanf(co);
   for (int64_t c = 0; c < co; ++c) {
-    meanf[c] = static_cast<float>(s.mean[c]);
+    s.meanf[c] = static_cast<float>(s.mean[c]);
     s.rstd[c] = 1.f / std::sqrt(static_cast<float>(s.var[c]) + eps);
     s.s1[c] = s.s2[c] = 0.0;
   }
@@ -495,26 +507,19 @@ void BackwardImage(const float* x, const float* k, const float* scale,
   auto at = [&](int64_t i, int64_t j) {  // the map at output position (i, j)
     return s.map + ((i + 2) * mw + j + 2) * co;
   };
-  auto window = [&](int64_t i, int64_t j) -> const float* {
-    if (i >= 2 * g.hq || j >= 2 * g.wq) return nullptr;
-    return dout + ((i / 2) * g.wq + j / 2) * co;
-  };
   // Pass 1: yhat and the sums, 32 channels at a time, then 16, then one.
   for (int64_t i = 0; i < g.ho; ++i) {
     for (int64_t c0 = 0; c0 < pair_co; c0 += 32)
-      RowPass1<2>(xp, k, dout, scale, beta, meanf.data(), s, g, wp, i, c0,
+      RowPass1<2>(xp, k, dout, scale, beta, s, g, wp, i, c0,
                   at(i, 0));
     for (int64_t c0 = pair_co; c0 < vec_co; c0 += 16)
-      RowPass1<1>(xp, k, dout, scale, beta, meanf.data(), s, g, wp, i, c0,
+      RowPass1<1>(xp, k, dout, scale, beta, s, g, wp, i, c0,
                   at(i, 0));
     for (int64_t j = 0; j < g.wo; ++j) {
-      const float* dz4 = window(i, j);
+      const float* dz4 = PoolingGradient(dout, g, i, j);
       for (int64_t c = vec_co; c < co; ++c) {
-        float y = 0.f;
-        for (int64_t t = 0; t < 9 * ci_n; ++t)
-          y += xp[((i + t / (3 * ci_n)) * wp + j + (t / ci_n) % 3) * ci_n +
-                  t % ci_n] * k[t * co + c];
-        const float yh = (y - meanf[c]) * s.rstd[c];
+        const float yh =
+            (ConvAt(xp, k, g, wp, i, j, c) - s.meanf[c]) * s.rstd[c];
         at(i, j)[c] = yh;
         if (dz4 && yh * scale[c] + beta[c] > 0.f) {
           const float dv = dz4[c] * 0.25f * scale[c];
@@ -536,7 +541,7 @@ void BackwardImage(const float* x, const float* k, const float* scale,
       RowPass2<1>(dout, scale, beta, s, g, i, c0, at(i, 0));
     for (int64_t j = 0; j < g.wo; ++j) {
       float* m = at(i, j);
-      const float* dz4 = window(i, j);
+      const float* dz4 = PoolingGradient(dout, g, i, j);
       for (int64_t c = vec_co; c < co; ++c) {
         const float yh = m[c];
         const float dv = dz4 && yh * scale[c] + beta[c] > 0.f
