@@ -23,6 +23,8 @@ from collabdm_jax.baselines import dense
 from collabdm_jax.baselines import fedavg
 from collabdm_jax.baselines import merged_local_dm
 from collabdm_jax.baselines import nets
+from collabdm_jax import evaluate
+from collabdm_jax import fast_convnet
 from collabdm_jax import keys
 from collabdm_jax import models
 from collabdm_jax import pipeline
@@ -317,7 +319,9 @@ def test_fedavg_selection_is_real_validation_then_refit(s):
       jax.random.fold_in(jax.random.fold_in(seed0, 3), 0), y, 0.15, C)
   assert (len(tr), len(va)) == (c["n_train"], c["n_val"])
   programs = fedavg.client_programs(net, s.input_shape, 32,
-                                    base.dsa_strategy, None)
+                                    base.dsa_strategy,
+                                    evaluate.default_micro_batch(),
+                                    evaluate.default_fast_convnet())
   pad = lambda a: np.concatenate([a, np.zeros((len(y) - len(a),)
                                               + a.shape[1:], a.dtype)])
   model, _ = fedavg.train_runs(
@@ -337,6 +341,30 @@ def test_fedavg_selection_is_real_validation_then_refit(s):
   with pytest.raises(ValueError, match="too few"):
     fedavg.train_local_models(key, net, s.input_shape, [x[:3]], [y[:3]], 1,
                               cfg, C)
+
+
+def test_fedavg_client_step_with_fast_convnet_kernels_matches_models(s):
+  """The CPU path (fast_convnet's kernels) takes the same SGD step as the
+  models' own network, to float rounding, for several steps."""
+  net = fedavg.baseline_net(s)
+  assert fast_convnet.supports(net.module, s.input_shape)
+  xs, ys = fedavg.client_data(s)
+  x, y = jnp.asarray(xs[0]), jnp.asarray(ys[0])
+  cfg = fedavg.local_train_config(s)
+  key = [jax.random.key(5)]
+  out = []
+  for fast in (False, True):
+    programs = fedavg.client_programs(net, s.input_shape, 16,
+                                      cfg.dsa_strategy, 4, fast)
+    out.append(fedavg.train_runs(programs, key, key, [0.1], x, y,
+                                 len(ys[0]), 2, cfg)[0])
+  start = fedavg.client_programs(net, s.input_shape, 16, cfg.dsa_strategy,
+                                 4)[0](jnp.stack(key), 0.9, 5e-4)[0]
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                       out[0], start)
+  # The steps moved the kernels far beyond the tolerance below.
+  assert min(moved["conv0"]["kernel"], moved["conv1"]["kernel"]) > 1e-2
+  chex.assert_trees_all_close(out[1], out[0], rtol=2e-4, atol=2e-5)
 
 
 def test_fedavg_patience_stops_a_run_early(s):
