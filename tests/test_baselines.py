@@ -22,6 +22,7 @@ from collabdm_jax.baselines import common
 from collabdm_jax.baselines import dense
 from collabdm_jax.baselines import fedavg
 from collabdm_jax.baselines import merged_local_dm
+from collabdm_jax.baselines import model_cache
 from collabdm_jax.baselines import nets
 from collabdm_jax import evaluate
 from collabdm_jax import fast_convnet
@@ -448,6 +449,51 @@ def test_fedavg_and_dense_train_the_client_models_once(s, fedavg_result,
                      {})
   assert other["extra"]["local_training"]["cache"]["action"] == "stored"
   assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_an_interrupted_client_training_resumes_with_the_clients_it_finished(
+    s, tmp_path, monkeypatch):
+  """Client models are stored one client at a time: a training cut off
+  after client 0 reads client 0 back when started again, trains only the
+  others and ends with the models of an uninterrupted training; the
+  partial entries go once the whole entry is stored."""
+  cached = with_baseline(s, client_cache_dir=str(tmp_path), local_lrs=(0.05,),
+                         local_val_fraction=0.0, local_epochs=1)
+  K = len(s.partition.client_indices)
+  assert K >= 2
+  calls = []
+  train_runs = fedavg.train_runs
+  monkeypatch.setattr(fedavg, "train_runs",
+                      lambda *a, **kw: calls.append(1) or train_runs(*a, **kw))
+  save = model_cache.ClientProgress.save
+
+  def save_then_stop(self, k, params, entry):
+    save(self, k, params, entry)
+    if k == 0:
+      raise KeyboardInterrupt("machine lost")
+
+  monkeypatch.setattr(model_cache.ClientProgress, "save", save_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    fedavg.client_models(cached, 2)
+  per_client = len(calls)  # one refit call per seed on the CPU
+  # Client 0's partial entry was stored before the stop, nothing else.
+  [entry] = [p.name for p in tmp_path.glob("*.npz")]
+  digest = entry[:-len("-client0.npz")]
+  assert entry == model_cache.client_entry_name(digest, 0) + ".npz"
+  monkeypatch.setattr(model_cache.ClientProgress, "save", save)
+  params, record = fedavg.client_models(cached, 2)
+  assert len(calls) == per_client * K  # client 0 was not trained again
+  assert [c.get("resumed", False) for c in record["clients"]] == \
+      [True] + [False] * (K - 1)
+  assert record["cache"]["action"] == "stored"
+  # Only the whole entry is left.
+  assert [p.name for p in tmp_path.glob("*.npz")] == [f"{digest}.npz"]
+  assert record["cache"]["fingerprint"] == digest
+  whole, _ = fedavg.train_local_models(
+      common.baseline_key(s.root, "fedavg"), fedavg.baseline_net(s),
+      s.input_shape, *fedavg.client_data(s), 2,
+      fedavg.local_train_config(cached), s.dataset.num_classes)
+  chex.assert_trees_all_equal(params, whole)
 
 
 def test_pipeline_writes_the_baselines_record(s, tmp_path):

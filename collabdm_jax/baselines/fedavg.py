@@ -441,7 +441,8 @@ def _pad(a, capacity):
 
 def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
                        num_seeds: int, cfg: LocalTrainConfig,
-                       num_classes: int):
+                       num_classes: int,
+                       progress: Optional[model_cache.ClientProgress] = None):
   """Every client's one-shot model, ``num_seeds`` times (module docstring).
 
   Args:
@@ -455,12 +456,20 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
     num_seeds: independent repetitions (different shared inits).
     cfg: local training settings.
     num_classes: C (the split is stratified over 0..C-1).
+    progress: optional per-client store of this same training
+      (``model_cache.ClientProgress``): a client found there is read, not
+      trained, and every client trained is saved there at once, so an
+      interrupted training resumes where it stopped. A client's training
+      does not depend on the others' (only on the shapes, which all
+      clients' sizes fix before any trains), so the result is the same.
 
   Returns:
     ``(variables, report)``: variables with leaves ``[num_seeds, K, ...]``;
     ``report[k]`` holds client k's sizes, the chosen ``lr`` and
     ``epochs``, the validation ``curves`` per learning rate, its best
-    check, and ``search_s`` / ``refit_s`` wall seconds.
+    check, and ``search_s`` / ``refit_s`` wall seconds (of the run that
+    trained it; ``resumed`` is True when this call read it from
+    ``progress``).
 
   Raises:
     ValueError: bad sizes, or (before any training) a client too small for
@@ -507,6 +516,12 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
   seed_keys = [jax.random.fold_in(key, i) for i in range(num_seeds)]
   out, report = [], []
   for k in range(len(ns)):
+    hit = progress.load(k) if progress is not None else None
+    if hit is not None:
+      log.info("client %d's models read from the interrupted training", k)
+      out.append(jax.tree.map(jnp.asarray, hit[0]))
+      report.append(dict(hit[1], resumed=True))
+      continue
     x, y = np.asarray(client_x[k], np.float32), np.asarray(client_y[k],
                                                            np.int32)
     entry = {"n": ns[k]}
@@ -555,6 +570,8 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
     jax.block_until_ready(params)
     entry.update(search_s=round(t1 - t0, 3),
                  refit_s=round(time.perf_counter() - t1, 3))
+    if progress is not None:
+      progress.save(k, params, entry)
     out.append(params)
     report.append(entry)
   return jax.tree.map(lambda *a: jnp.stack(a, 1), *out), report
@@ -621,7 +638,9 @@ def client_models(s, n: int, net: Optional[nets.Net] = None):
   ``local_train_config(s)`` (``n`` seeds), or, with
   ``config.baseline.client_cache_dir`` set, the models an earlier run of
   the same training stored there (``model_cache``: keyed by the clients'
-  data, the network, the settings, the key and the code). The record is
+  data, the network, the settings, the key and the code). With a cache, a
+  training that was cut off resumes with the clients it finished
+  (``model_cache.ClientProgress``). The record is
   ``local_training_record``'s, plus ``cache``: None without a cache, else
   the entry's file and whether this run trained (``"stored"``) or read it
   (``"read"``); a read record keeps the wall times of the run that trained.
@@ -645,12 +664,15 @@ def client_models(s, n: int, net: Optional[nets.Net] = None):
       record["cache"] = {"file": str(model_cache.entry_path(cache_dir, digest)),
                          "fingerprint": digest, "action": "read"}
       return jax.tree.map(jnp.asarray, params), record
+  progress = model_cache.ClientProgress(cache_dir, digest, covered) \
+      if cache_dir else None
   params, report = train_local_models(key, net, s.input_shape, xs, ys, n,
-                                      lcfg, s.dataset.num_classes)
+                                      lcfg, s.dataset.num_classes, progress)
   record = local_training_record(lcfg, net, report)
   record["cache"] = None
   if cache_dir:
     path = model_cache.store(cache_dir, digest, params, record, covered)
+    progress.clear(len(xs))
     record["cache"] = {"file": str(path), "fingerprint": digest,
                        "action": "stored"}
   return params, record

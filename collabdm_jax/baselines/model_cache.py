@@ -20,6 +20,14 @@ in the nested dicts, read with ``allow_pickle=False``) and
 ``<fingerprint>.json`` (the training record, the leaf shapes and what the
 fingerprint covered), each written to a temporary name and renamed, the
 JSON last, so a reader never sees half an entry.
+
+While a training is under way, each client's models are stored as soon as
+they are trained, as the partial entry ``<fingerprint>-client<k>``
+(``ClientProgress``). A training that is cut off (a time box, a lost
+machine) and started again with the same fingerprint reads the clients
+it finished instead of training them again: on a CPU one client of a
+reference-table partition takes hours. The partial entries are removed
+once the whole entry is stored.
 """
 
 import hashlib
@@ -173,3 +181,38 @@ def store(directory, digest, params, record: Dict[str, Any],
   os.replace(tmp_w, weights)
   os.replace(tmp_r, record_path)
   return weights
+
+
+def client_entry_name(digest: str, client: int) -> str:
+  """The name of client ``client``'s partial entry of training ``digest``."""
+  return f"{digest}-client{int(client)}"
+
+
+class ClientProgress:
+  """Per-client partial entries of one training (see the module docstring).
+
+  ``fedavg.train_local_models`` calls ``load(k)`` before it trains client
+  ``k`` and ``save(k, ...)`` after; ``clear(K)`` removes the partial
+  entries once the whole training is stored.
+  """
+
+  def __init__(self, directory, digest: str, covered: Dict[str, Any]):
+    self.directory = pathlib.Path(directory)
+    self.digest = digest
+    self.covered = covered
+
+  def load(self, client: int) -> Optional[Tuple[Any, Dict[str, Any]]]:
+    """``(params, report entry)`` of a client trained before, or None."""
+    hit = load(self.directory, client_entry_name(self.digest, client))
+    return None if hit is None else (hit[0], hit[1]["record"])
+
+  def save(self, client: int, params, report_entry: Dict[str, Any]) -> None:
+    """Stores client ``client``'s models and its report entry."""
+    store(self.directory, client_entry_name(self.digest, client), params,
+          report_entry, dict(self.covered, client=int(client)))
+
+  def clear(self, num_clients: int) -> None:
+    """Removes the partial entries of clients ``0 .. num_clients - 1``."""
+    for k in range(num_clients):
+      for path in _paths(self.directory, client_entry_name(self.digest, k)):
+        path.unlink(missing_ok=True)
