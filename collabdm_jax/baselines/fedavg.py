@@ -501,7 +501,7 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
   b = min(cfg.batch_size, capacity)
   micro = None if net.has_batchnorm else evaluate.default_micro_batch()
   # On CPU the instance-norm ConvNet trains with fast_convnet's kernels
-  # (2.6x faster per sample at the reference table's settings,
+  # (2.5x faster per sample at the reference table's settings,
   # experiments/results/client_training/).
   programs = client_programs(net, tuple(input_shape), b, cfg.dsa_strategy,
                              micro, evaluate.default_fast_convnet())

@@ -25,9 +25,10 @@ While a training is under way, each client's models are stored as soon as
 they are trained, as the partial entry ``<fingerprint>-client<k>``
 (``ClientProgress``). A training that is cut off (a time box, a lost
 machine) and started again with the same fingerprint reads the clients
-it finished instead of training them again: on a CPU one client of a
-reference-table partition takes hours. The partial entries are removed
-once the whole entry is stored.
+it finished instead of training them again: on this project's 2-core
+CPU one client of a reference-table partition (K = 5) trains for 0.4 to 5
+hours (``experiments/results/client_training/``). The partial entries are
+removed once the whole entry is stored.
 """
 
 import hashlib
