@@ -6,8 +6,10 @@ most of a run's time. This module computes the same network, with the same
 parameters (``models.ConvNet``'s pytree), in fewer floating-point operations
 and fewer passes over memory. Values and gradients equal ``models.ConvNet``'s
 up to float rounding (relative 1e-5 or better, ``tests/test_fast_convnet.py``).
-It serves evaluation only: the embedding networks of the distillation loss
-keep ``models.py``'s own arithmetic.
+It serves evaluation and, on a CPU, the model baselines' networks
+(``baselines.nets.Net.fast_kernels``: FedAvg's clients, DENSE's teachers,
+student and generator gradients); the embedding networks of the
+distillation loss keep ``models.py``'s own arithmetic.
 
 It covers DM's default ConvNet: blocks ``[3x3 conv, instance norm, ReLU,
 2x2 average pool]`` (any width and depth) whose convolution outputs have even

@@ -13,8 +13,10 @@ make up the two baselines' cells, and projects a cell's time from them:
   each, so compilation is outside the times). Per kernel: the time per
   sample-step of each call; ``ratio_median``: the median over pairs of
   models' time / fast time (a slow drift of the load does not bias it).
-* ``dense_server``: ``dense.distill`` for one seed with K random teachers at
-  the reference batches (256 generated samples per step, KD batch 256), run
+* ``dense_server``: per kernel (as above; the baselines' networks use
+  ``fast_convnet``'s on CPU for teachers, student and generator gradients),
+  ``dense.distill`` for one seed with K random teachers at the reference
+  batches (256 generated samples per step, KD batch 256), run
   for ``--dense_rounds`` rounds with 1 and with ``--dense_g_steps``
   generator steps per round (after a warm-up run of each). The two runs
   differ only in generator steps, so
@@ -23,10 +25,11 @@ make up the two baselines' cells, and projects a cell's time from them:
   (``dense.server_budget``; a round's other work counts as KD), each from
   the medians over ``--repeats``.
 
-``projection`` multiplies these by the reference budgets. A FedAvg search
-runs every learning rate of ``local_lrs`` on the 85 % training split (about
-51,000 of a partition's 60,000 images) until ``local_patience`` checks every
-``local_val_every`` epochs bring no improvement, so a search run lasts at
+``projection`` multiplies the ``fast_convnet`` figures by the reference
+budgets. A FedAvg search runs every learning rate of ``local_lrs`` on the
+85 % training split (about 51,000 of a partition's 60,000 images) until
+``local_patience`` checks every ``local_val_every`` epochs bring no
+improvement, so a search run lasts at
 least ``local_val_every * (local_patience + 1)`` epochs and at most
 ``local_epochs``; the refit trains ``eval.num_nets`` models on all 60,000
 images for the chosen epochs (at least ``local_val_every``). Which epochs
@@ -41,7 +44,7 @@ with FedAvg.
   python -m experiments.baseline_cost \\
       --out=experiments/results/client_training/baseline_cost.json
 
-About 6 minutes on an idle 2-core machine. Time it on an otherwise idle
+About 11 minutes on an idle 2-core machine. Time it on an otherwise idle
 machine; the load average is recorded at the start and end.
 """
 
@@ -110,9 +113,9 @@ def time_client_training(s, images: int, pairs: int):
   micro = evaluate.default_micro_batch()
   key = [jax.random.key(0)]
   kernels = {"models": False, "fast_convnet": True}
-  programs = {name: fedavg.client_programs(net, tuple(s.input_shape), batch,
-                                           lcfg.dsa_strategy, micro, fast)
-              for name, fast in kernels.items()}
+  programs = {name: fedavg.client_programs(
+      dataclasses.replace(net, fast_kernels=fast), tuple(s.input_shape),
+      batch, lcfg.dsa_strategy, micro) for name, fast in kernels.items()}
 
   def epoch(name):
     t = time.perf_counter()
@@ -143,10 +146,10 @@ def time_client_training(s, images: int, pairs: int):
   }
 
 
-def time_dense_server(s, teachers_k: int, rounds: int, g_steps: int,
+def time_dense_server(s, net, teachers_k: int, rounds: int, g_steps: int,
                       repeats: int):
-  """``generator_step_s`` and ``kd_step_s`` from two budgets (docstring)."""
-  net = fedavg.baseline_net(s)
+  """``generator_step_s`` and ``kd_step_s`` of ``net`` from two budgets
+  (docstring)."""
   base = dense.dense_config(s, net)
   teachers = jax.tree.map(
       lambda *a: jnp.stack(a),
@@ -230,17 +233,19 @@ def main(argv):
   s = reference_setup(quick)
   client = time_client_training(s, 64 if quick else _CLIENT_IMAGES.value,
                                 1 if quick else _PAIRS.value)
-  server = time_dense_server(s, 2 if quick else _TEACHERS.value,
-                             2 if quick else _DENSE_ROUNDS.value,
-                             2 if quick else _DENSE_G_STEPS.value,
-                             1 if quick else _REPEATS.value)
+  net = fedavg.baseline_net(s)
+  server = {name: time_dense_server(
+      s, dataclasses.replace(net, fast_kernels=fast),
+      2 if quick else _TEACHERS.value, 2 if quick else _DENSE_ROUNDS.value,
+      2 if quick else _DENSE_G_STEPS.value, 1 if quick else _REPEATS.value)
+            for name, fast in (("models", False), ("fast_convnet", True))}
   doc = {
       "benchmark": "baseline_cost",
       "quick": quick,
       "environment": measure.environment(),
       "client_training": client,
       "dense_server": server,
-      "projection": projection(s, client, server),
+      "projection": projection(s, client, server["fast_convnet"]),
       "provenance": provenance.finish(record),
   }
   measure.write_document(doc, _OUT.value)

@@ -18,7 +18,8 @@ def test_quick_times_both_kernels_and_projects_the_cells(quick_script_json):
   assert all(len(v) == 1 and v[0] > 0 for v in per.values())
   assert client["ratio_median"] == pytest.approx(
       per["models"][0] / per["fast_convnet"][0], rel=1e-2)
-  server = doc["dense_server"]
+  assert sorted(doc["dense_server"]) == ["fast_convnet", "models"]
+  server = doc["dense_server"]["fast_convnet"]
   one, many = (statistics.median(server["run_s"][str(g)])
                for g in server["g_steps"])
   rounds, g = server["rounds"], server["g_steps"][1]

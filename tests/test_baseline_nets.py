@@ -139,3 +139,37 @@ def test_choose_prefers_accuracy_then_loss_then_fewer_epochs():
                  "val_loss": 0.7}
   with pytest.raises(ValueError, match="no validation"):
     fedavg.choose([[], []], (0.01, 0.1))
+
+
+def test_fast_kernels_give_the_same_logits_and_gradients():
+  """``Net.fast_kernels`` (fast_convnet's kernels, the CPU default of the
+  baselines) computes the ConvNet's function: logits, parameter gradients
+  and input gradients (DENSE's generator learns through the teachers)
+  match the models' network to float rounding; other networks ignore it."""
+  plain = nets.make_net("convnet", 10, {"width": 8, "depth": 2})
+  fast = nets.make_net("convnet", 10, {"width": 8, "depth": 2},
+                       fast_kernels=True)
+  assert fast.fast_kernels and not plain.fast_kernels
+  v = plain.init(jax.random.key(4), (28, 28, 1))
+  x = jax.random.normal(jax.random.key(5), (6, 28, 28, 1))
+  y = jnp.arange(6) % 10
+
+  def loss(net, v, x):
+    logits, _ = net.train_logits(v, x)
+    return jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(6), y])
+
+  np.testing.assert_allclose(fast.logits(v, x), plain.logits(v, x),
+                             rtol=1e-4, atol=1e-4)
+  gp, gx = jax.grad(loss, argnums=(1, 2))(plain, v, x)
+  fp, fx = jax.grad(loss, argnums=(1, 2))(fast, v, x)
+  assert float(jnp.max(jnp.abs(gx))) > 1e-3  # a real gradient to compare
+  np.testing.assert_allclose(fx, gx, rtol=1e-3, atol=1e-5)
+  for name in ("conv0", "conv1", "classifier"):
+    np.testing.assert_allclose(fp[name]["kernel"], gp[name]["kernel"],
+                               rtol=1e-3, atol=1e-5)
+  # The convolution biases drop out of instance norm: fast_convnet gives
+  # them an exact zero gradient, the models' network float noise.
+  assert float(jnp.max(jnp.abs(gp["conv1"]["bias"]))) < 1e-5
+  bn = nets.make_net("convnet", 10, {"width": 8, "depth": 2}, "batchnorm",
+                     fast_kernels=True)
+  assert not bn.fast_kernels  # BatchNorm: the models' kernels

@@ -51,8 +51,7 @@ run's own samples in a fresh random order (ragged last batch masked, and
 left out of BatchNorm's statistics), so the padding changes nothing but the
 shapes. On an accelerator the runs of a client (rates in the search, seeds
 in the refit) train side by side (vmapped); on the CPU one after another,
-and the instance-norm ConvNet takes its gradients through ``fast_convnet``
-(as ``evaluate`` does there).
+with ``fast_convnet``'s kernels (``baseline_net``).
 
 The client models are also DENSE's teachers: both baselines get them from
 ``client_models`` (this module's key and settings), which with
@@ -151,12 +150,17 @@ def local_train_config(s) -> LocalTrainConfig:
 
 
 def baseline_net(s) -> nets.Net:
-  """The network FedAvg and DENSE train (``baseline.net_norm``)."""
+  """The network FedAvg and DENSE train (``baseline.net_norm``); on a CPU
+  with ``fast_convnet``'s kernels, as evaluation trains there
+  (``evaluate.default_fast_convnet``: 2.5x faster per sample for a client's
+  SGD at the reference table's settings, ``experiments/results/
+  client_training/``)."""
   cfg = s.config
   kwargs = cfg.eval.model_kwargs.to_dict() if "model_kwargs" in cfg.eval \
       else {}
   return nets.make_net(cfg.eval.arch, s.dataset.num_classes, kwargs,
-                       cfg.baseline.net_norm)
+                       cfg.baseline.net_norm,
+                       fast_kernels=evaluate.default_fast_convnet())
 
 
 # ---------------------------------------------------------------------------
@@ -247,21 +251,18 @@ def sgd(lr, momentum, weight_decay):
 # everything compiles once.
 @functools.lru_cache(maxsize=None)
 def client_programs(net: nets.Net, input_shape, batch: int,
-                    dsa_strategy: str, micro_batch=None,
-                    use_fast_convnet: bool = False):
+                    dsa_strategy: str, micro_batch=None):
   """Jitted ``(init, order, step, val_sums)`` vmapped over runs, per config.
 
   ``step`` takes one learning rate per run. ``micro_batch`` computes a
   stateless network's gradient in pieces of that many samples
   (``evaluate.weighted_loss_and_grad``); a BatchNorm network takes the
-  whole batch at once (its statistics are the batch's). With
-  ``use_fast_convnet``, a network that ``fast_convnet.supports`` (the
-  instance-norm ConvNet) takes its gradient through that module's kernels,
-  as ``evaluate`` trains: the same function up to float rounding.
+  whole batch at once (its statistics are the batch's). A ``Net`` with
+  ``fast_kernels`` prepares ``fast_convnet``'s kernels once per step, not
+  once per micro-batch, as ``evaluate`` does.
   """
 
-  fast = use_fast_convnet and not net.has_batchnorm and \
-      fast_convnet.supports(net.module, input_shape)
+  fast = net.fast_kernels and fast_convnet.supports(net.module, input_shape)
 
   def fast_loss_sum(eval_params, xb, yb, w):
     ce = optax.softmax_cross_entropy_with_integer_labels(
@@ -406,6 +407,8 @@ def train_runs(programs, init_keys, run_keys, lrs, x, y, n: int,
     if val is None or not (done % cfg.val_every == 0 or done == epochs):
       continue
     acc, loss = _validate(val_sums, variables, val)
+    log.info("epoch %d: validation accuracy %s, loss %s", done,
+             np.round(acc, 4).tolist(), np.round(loss, 4).tolist())
     for r in range(R):
       if not active[r]:
         continue
@@ -500,11 +503,8 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
   capacity = max(ns)
   b = min(cfg.batch_size, capacity)
   micro = None if net.has_batchnorm else evaluate.default_micro_batch()
-  # On CPU the instance-norm ConvNet trains with fast_convnet's kernels
-  # (2.5x faster per sample at the reference table's settings,
-  # experiments/results/client_training/).
   programs = client_programs(net, tuple(input_shape), b, cfg.dsa_strategy,
-                             micro, evaluate.default_fast_convnet())
+                             micro)
   # On CPU the runs train one after another (a run axis of 1): XLA:CPU
   # turns convolutions vmapped over weights into slow grouped convolutions
   # (see evaluate.py). Same keys and arithmetic, so the same models up to
@@ -547,6 +547,9 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
           curves[j] = c
       chosen = choose(curves, cfg.lrs)
       lr, epochs = chosen["lr"], chosen["epochs"]
+      log.info("client %d: chose lr %g and %d epochs (validation accuracy "
+               "%.4f) in %.0f s", k, lr, epochs, chosen["val_accuracy"],
+               time.perf_counter() - t0)
       entry.update(n_train=len(tr), n_val=len(va), **chosen,
                    search_epochs=int(sum(c[-1][0] for c in curves)),
                    curves={repr(l): [list(p) for p in c]
@@ -570,6 +573,8 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
     jax.block_until_ready(params)
     entry.update(search_s=round(t1 - t0, 3),
                  refit_s=round(time.perf_counter() - t1, 3))
+    log.info("client %d of %d trained (%d samples) in %.0f s", k, len(ns),
+             ns[k], time.perf_counter() - t0)
     if progress is not None:
       progress.save(k, params, entry)
     out.append(params)
@@ -653,7 +658,8 @@ def client_models(s, n: int, net: Optional[nets.Net] = None):
   digest = covered = None
   if cache_dir:
     digest, covered = model_cache.fingerprint(key, xs, ys, {
-        "net": repr(net.module), "local": dataclasses.asdict(lcfg),
+        "net": repr(net.module), "fast_kernels": net.fast_kernels,
+        "local": dataclasses.asdict(lcfg),
         "num_seeds": int(n), "num_classes": int(s.dataset.num_classes),
         "input_shape": [int(d) for d in s.input_shape]})
     hit = model_cache.load(cache_dir, digest)

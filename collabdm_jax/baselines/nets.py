@@ -12,7 +12,10 @@ FedAvg and DENSE train, average and distil whole classifiers. Two kinds:
 ``Net`` hides the difference: ``init``, ``logits`` (inference: running
 statistics), ``train_logits`` (training: statistics of the batch, running
 statistics updated) and ``split`` / ``merge`` (trainable parameters vs
-state). Every leaf of the variables is a float array, so FedAvg averages
+state). With ``fast_kernels`` a ConvNet that ``fast_convnet`` supports
+computes its logits (and, through them, every gradient: parameters and
+inputs) with that module's kernels, as evaluation trains on a CPU; the
+same function up to float rounding. Every leaf of the variables is a float array, so FedAvg averages
 the running statistics with the weights, as the reference averages a whole
 PyTorch ``state_dict``.
 
@@ -35,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from collabdm_jax import fast_convnet
 from collabdm_jax import models
 
 _BN_EPS = 1e-5
@@ -146,6 +150,15 @@ class Net:
   Hashable, so jitted programs can be cached per ``Net``.
   """
   module: Any
+  fast_kernels: bool = False
+
+  def _apply(self, params, x):
+    """A stateless network's logits, with ``fast_convnet``'s kernels when
+    asked and supported for ``x``'s shape."""
+    if self.fast_kernels and fast_convnet.supports(self.module, x.shape[1:]):
+      # prepare is linear: gradients flow back to the ConvNet's params.
+      return fast_convnet.logits(fast_convnet.prepare(params), x)
+    return self.module.apply({"params": params}, x)
 
   @property
   def has_batchnorm(self) -> bool:
@@ -161,7 +174,7 @@ class Net:
   def logits(self, variables, x):
     """Inference logits (BatchNorm: running statistics)."""
     if not self.has_batchnorm:
-      return self.module.apply({"params": variables}, x)
+      return self._apply(variables, x)
     return self.module.apply(variables, x, False)
 
   def train_logits(self, variables, x, weights=None):
@@ -172,7 +185,7 @@ class Net:
     returns its variables unchanged.
     """
     if not self.has_batchnorm:
-      return self.module.apply({"params": variables}, x), variables
+      return self._apply(variables, x), variables
     logits, upd = self.module.apply(variables, x, True, weights,
                                     mutable=["batch_stats"])
     return logits, {"params": variables["params"],
@@ -217,7 +230,8 @@ def deep_inversion_loss(moments):
              for m, v, rm, rv in moments)
 
 
-def make_net(eval_arch: str, num_classes: int, eval_kwargs, norm=None) -> Net:
+def make_net(eval_arch: str, num_classes: int, eval_kwargs, norm=None,
+             fast_kernels: bool = False) -> Net:
   """The baselines' ``Net``: the evaluation architecture, or with ``norm``.
 
   Args:
@@ -226,10 +240,13 @@ def make_net(eval_arch: str, num_classes: int, eval_kwargs, norm=None) -> Net:
     norm: None for the evaluation network itself; "batchnorm" for
       ``BNConvNet`` with the evaluation ConvNet's width, depth, activation
       and pooling (only for ``eval_arch == "convnet"``).
+    fast_kernels: ``Net.fast_kernels`` of the evaluation network (no
+      effect on ``BNConvNet``).
   """
   kwargs = dict(eval_kwargs or {})
   if norm is None:
-    return Net(models.make_model(eval_arch, num_classes, **kwargs))
+    return Net(models.make_model(eval_arch, num_classes, **kwargs),
+               bool(fast_kernels))
   if norm not in NORMS:
     raise ValueError(f"baseline.net_norm must be None or one of {NORMS}, "
                      f"got {norm!r}")
