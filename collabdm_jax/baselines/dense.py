@@ -93,6 +93,7 @@ ceiling) and FedAvg's on the same client models (what DENSE must beat).
 
 import dataclasses
 import functools
+import logging
 import math
 import time
 from typing import Tuple
@@ -107,6 +108,8 @@ from collabdm_jax import augment
 from collabdm_jax.baselines import common
 from collabdm_jax.baselines import fedavg
 from collabdm_jax.baselines import nets
+
+log = logging.getLogger("collabdm_jax")
 
 _BN_EPS = 1e-5
 
@@ -546,6 +549,10 @@ def distill(key, teachers, net, input_shape, num_classes, cfg: DenseConfig,
       total += float(loss)
     gen_hist.append(np.stack(hist))
     kd_hist.append(total / int(n))
+    # A reference-budget run lasts hours on a CPU: say where it is.
+    log.info("DENSE round %d of %d: best generator loss %.4f, KD loss %.4f "
+             "over a pool of %d", e + 1, cfg.epochs, best_loss, kd_hist[-1],
+             int(n))
     if on_round is not None:
       on_round(e, student)
   history = {"gen": np.stack(gen_hist), "kd": np.asarray(kd_hist),
