@@ -15,9 +15,9 @@ statistics updated) and ``split`` / ``merge`` (trainable parameters vs
 state). With ``fast_kernels`` a ConvNet that ``fast_convnet`` supports
 computes its logits (and, through them, every gradient: parameters and
 inputs) with that module's kernels, as evaluation trains on a CPU; the
-same function up to float rounding. Every leaf of the variables is a float array, so FedAvg averages
-the running statistics with the weights, as the reference averages a whole
-PyTorch ``state_dict``.
+same function up to float rounding. Every leaf of the variables is a float
+array, so FedAvg averages the running statistics with the weights, as the
+reference averages a whole PyTorch ``state_dict``.
 
 BatchNorm follows PyTorch's ``BatchNorm2d``: per-channel statistics over
 (N, H, W) with the biased variance for normalising, running averages with
