@@ -87,6 +87,10 @@ _DENSE_G_STEPS = flags.DEFINE_integer(
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs of each DENSE budget.")
 
 
+# The two kernel choices timed side by side (``nets.Net.fast_kernels``).
+KERNELS = {"models": False, "fast_convnet": True}
+
+
 def reference_setup(quick: bool):
   """The reference table's setup (K = 5, alpha = 0.5, seed 0's config)."""
   c = reference_table.base_config()
@@ -112,7 +116,7 @@ def time_client_training(s, images: int, pairs: int):
   batch = min(lcfg.batch_size, n)
   micro = evaluate.default_micro_batch()
   key = [jax.random.key(0)]
-  kernels = {"models": False, "fast_convnet": True}
+  kernels = KERNELS
   programs = {name: fedavg.client_programs(
       dataclasses.replace(net, fast_kernels=fast), tuple(s.input_shape),
       batch, lcfg.dsa_strategy, micro) for name, fast in kernels.items()}
@@ -238,7 +242,7 @@ def main(argv):
       s, dataclasses.replace(net, fast_kernels=fast),
       2 if quick else _TEACHERS.value, 2 if quick else _DENSE_ROUNDS.value,
       2 if quick else _DENSE_G_STEPS.value, 1 if quick else _REPEATS.value)
-            for name, fast in (("models", False), ("fast_convnet", True))}
+            for name, fast in KERNELS.items()}
   doc = {
       "benchmark": "baseline_cost",
       "quick": quick,
