@@ -497,6 +497,62 @@ def test_an_interrupted_client_training_resumes_with_the_clients_it_finished(
   chex.assert_trees_all_equal(params, whole)
 
 
+def test_a_run_cut_off_mid_training_goes_on_from_its_last_check(
+    s, tmp_path, monkeypatch):
+  """A client's run stores its state at each validation check: a training
+  cut off inside client 0's search, at its second check, goes on from that
+  check when started again (no epoch is trained twice) and ends with the
+  models and report of an uninterrupted training; the run checkpoints go
+  once their client's models are stored."""
+  cached = with_baseline(s, client_cache_dir=str(tmp_path),
+                         local_lrs=(0.05, 0.1), local_epochs=6,
+                         local_val_every=2, local_patience=None)
+  epochs_trained = []
+  client_programs = fedavg.client_programs
+
+  def counting_programs(*args, **kwargs):
+    init, order, step, val_sums = client_programs(*args, **kwargs)
+    counted = lambda *a: epochs_trained.append(1) or order(*a)
+    return init, counted, step, val_sums
+
+  monkeypatch.setattr(fedavg, "client_programs", counting_programs)
+  save = model_cache.RunCheckpoint.save
+  saves = []
+
+  def save_then_stop(self, state, record):
+    save(self, state, record)
+    saves.append(self.name)
+    if len(saves) == 2:
+      raise KeyboardInterrupt("machine lost")
+
+  monkeypatch.setattr(model_cache.RunCheckpoint, "save", save_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    fedavg.client_models(cached, 2)
+  assert saves[0] == saves[1] and saves[0].endswith("-client0-search0")
+  assert len(epochs_trained) == 4  # two checks, every 2 epochs
+  [left] = [p.name for p in tmp_path.glob("*.npz")]
+  assert left == saves[0] + ".npz"
+  monkeypatch.setattr(model_cache.RunCheckpoint, "save", save)
+  params, record = fedavg.client_models(cached, 2)
+  resumed_epochs = len(epochs_trained) - 4
+  assert record["cache"]["action"] == "stored"
+  assert [p.name for p in tmp_path.glob("*.npz")] == [
+      record["cache"]["fingerprint"] + ".npz"]
+
+  epochs_trained.clear()
+  whole, report = fedavg.train_local_models(
+      common.baseline_key(s.root, "fedavg"), fedavg.baseline_net(s),
+      s.input_shape, *fedavg.client_data(s), 2,
+      fedavg.local_train_config(cached), s.dataset.num_classes)
+  # Resuming skipped exactly the 4 epochs trained before the cut.
+  assert resumed_epochs == len(epochs_trained) - 4
+  chex.assert_trees_all_equal(params, whole)
+  timeless = lambda c: {k: v for k, v in c.items()
+                        if k not in ("search_s", "refit_s")}
+  assert [timeless(c) for c in record["clients"]] == \
+      [timeless(c) for c in report]
+
+
 def test_pipeline_writes_the_baselines_record(s, tmp_path):
   c = s.config.copy_and_resolve_references()
   c.method = "fedavg"

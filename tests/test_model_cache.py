@@ -89,3 +89,35 @@ def test_store_then_load_and_damaged_entries_are_reported(tmp_path):
   model_cache.save_params(path, params_tree(2) | {"extra": {"w": np.ones(3)}})
   with pytest.raises(ValueError, match="does not match its record"):
     model_cache.load(tmp_path, "abc")
+
+
+def test_a_run_checkpoint_keeps_any_state_tree_and_refuses_another(tmp_path):
+  """A run's state (variables and an optimiser state of tuples) comes back
+  in its own tree structure; a checkpoint of another shape is reported."""
+  state = (params_tree(), (jnp.zeros(3), {"momentum": jnp.ones((2, 2))}))
+  ckpt = model_cache.RunCheckpoint(tmp_path, "abc-client0-search0", {})
+  assert ckpt.load(state) is None
+  ckpt.save(state, {"epoch": 4, "active": [True]})
+  back, record = ckpt.load(state)
+  assert record == {"epoch": 4, "active": [True]}
+  assert jax.tree.structure(back) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  other = (params_tree(), (jnp.zeros(4), {"momentum": jnp.ones((2, 2))}))
+  with pytest.raises(ValueError, match="does not fit this run's state"):
+    ckpt.load(other)
+  with pytest.raises(ValueError, match="does not fit this run's state"):
+    ckpt.load(state[0])  # fewer arrays
+
+
+def test_client_progress_removes_a_clients_run_checkpoints_with_it(tmp_path):
+  progress = model_cache.ClientProgress(tmp_path, "abc", {})
+  for k in (1, 10):
+    progress.run_checkpoint(k, "search0").save(params_tree(), {"epoch": 2})
+  progress.save(1, params_tree(), {"n": 5})
+  # Client 1's run checkpoint went with its models stored; client 10's
+  # (a name that starts like client 1's) stays.
+  assert sorted(p.name for p in tmp_path.glob("*.npz")) == [
+      "abc-client1.npz", "abc-client10-search0.npz"]
+  progress.clear(11)
+  assert not list(tmp_path.iterdir())

@@ -361,7 +361,8 @@ def _better(a, b) -> bool:
 
 
 def train_runs(programs, init_keys, run_keys, lrs, x, y, n: int,
-               epochs: int, cfg: LocalTrainConfig, val=None):
+               epochs: int, cfg: LocalTrainConfig, val=None,
+               checkpoint: Optional[model_cache.RunCheckpoint] = None):
   """Trains R runs of one client side by side; validates them if asked.
 
   Args:
@@ -379,6 +380,11 @@ def train_runs(programs, init_keys, run_keys, lrs, x, y, n: int,
       ``cfg.val_every`` epochs and at the last, stop a run after
       ``cfg.patience`` checks without improvement, and the whole group when
       every run has stopped.
+    checkpoint: optional ``model_cache.RunCheckpoint``: the state is saved
+      there every ``cfg.val_every`` epochs and at the last (after the check,
+      with ``val``), and a run that finds a saved state goes on from it.
+      Epoch keys depend only on the epoch, so a resumed run ends where the
+      uninterrupted one does.
 
   Returns:
     ``(variables [R, ...], curves)``: ``curves[r]`` is the list of
@@ -395,7 +401,19 @@ def train_runs(programs, init_keys, run_keys, lrs, x, y, n: int,
   run_keys = jnp.stack(run_keys)
   curves = [[] for _ in range(R)]
   best, since, active = [None] * R, [0] * R, [True] * R
-  for e in range(epochs):
+  start = 0
+  saved = None if checkpoint is None else checkpoint.load(
+      (variables, opt_state))
+  if saved is not None:
+    (variables, opt_state), rec = saved
+    variables, opt_state = jax.tree.map(jnp.asarray, (variables, opt_state))
+    start = rec["epoch"] if any(rec["active"]) else epochs
+    curves = [[tuple(p) for p in c] for c in rec["curves"]]
+    best = [None if v is None else tuple(v) for v in rec["best"]]
+    since, active = list(rec["since"]), list(rec["active"])
+    log.info("run %s resumed after epoch %d of %d", checkpoint.name,
+             rec["epoch"], epochs)
+  for e in range(start, epochs):
     ekeys = _fold_each(run_keys, e)
     orders = order(_fold_each(ekeys, 0), np.int32(n), capacity)
     akeys = _fold_each(ekeys, 1)
@@ -404,21 +422,26 @@ def train_runs(programs, init_keys, run_keys, lrs, x, y, n: int,
                                   np.int32(i), np.int32(n),
                                   _fold_each(akeys, i), lrs, *hyper)
     done = e + 1
-    if val is None or not (done % cfg.val_every == 0 or done == epochs):
+    if not (done % cfg.val_every == 0 or done == epochs):
       continue
-    acc, loss = _validate(val_sums, variables, val)
-    log.info("epoch %d: validation accuracy %s, loss %s", done,
-             np.round(acc, 4).tolist(), np.round(loss, 4).tolist())
-    for r in range(R):
-      if not active[r]:
-        continue
-      check = (float(acc[r]), float(loss[r]))
-      curves[r].append((done, *check))
-      if _better(check, best[r]):
-        best[r], since[r] = check, 0
-      else:
-        since[r] += 1
-        active[r] = cfg.patience is None or since[r] < cfg.patience
+    if val is not None:
+      acc, loss = _validate(val_sums, variables, val)
+      log.info("epoch %d: validation accuracy %s, loss %s", done,
+               np.round(acc, 4).tolist(), np.round(loss, 4).tolist())
+      for r in range(R):
+        if not active[r]:
+          continue
+        check = (float(acc[r]), float(loss[r]))
+        curves[r].append((done, *check))
+        if _better(check, best[r]):
+          best[r], since[r] = check, 0
+        else:
+          since[r] += 1
+          active[r] = cfg.patience is None or since[r] < cfg.patience
+    if checkpoint is not None:
+      checkpoint.save((variables, opt_state), {
+          "epoch": done, "curves": curves, "best": best, "since": since,
+          "active": active})
     if not any(active):
       break
   return variables, curves
@@ -440,6 +463,10 @@ def _pad(a, capacity):
   out = np.zeros((capacity,) + a.shape[1:], a.dtype)
   out[:len(a)] = a
   return out
+
+
+def _run_checkpoint(progress, client, run):
+  return None if progress is None else progress.run_checkpoint(client, run)
 
 
 def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
@@ -465,6 +492,9 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
       interrupted training resumes where it stopped. A client's training
       does not depend on the others' (only on the shapes, which all
       clients' sizes fix before any trains), so the result is the same.
+      Each of a client's runs also goes on from its last validation check
+      (``ClientProgress.run_checkpoint``; named ``search<g>`` and
+      ``refit<g>`` by run group).
 
   Returns:
     ``(variables, report)``: variables with leaves ``[num_seeds, K, ...]``;
@@ -539,10 +569,11 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
       curves = [None] * len(cfg.lrs)
       xt, yt = jnp.asarray(_pad(x[tr], capacity)), jnp.asarray(
           _pad(y[tr], capacity))
-      for g in groups:
+      for gi, g in enumerate(groups):
         _, cg = train_runs(programs, [init_key] * len(g), [run_key] * len(g),
                            [cfg.lrs[j] for j in g], xt, yt, len(tr),
-                           cfg.epochs, cfg, val)
+                           cfg.epochs, cfg, val,
+                           _run_checkpoint(progress, k, f"search{gi}"))
         for j, c in zip(g, cg):
           curves[j] = c
       chosen = choose(curves, cfg.lrs)
@@ -561,13 +592,14 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
     groups = [[i] for i in range(num_seeds)] if on_cpu else \
         [list(range(num_seeds))]
     per_group = []
-    for g in groups:
+    for gi, g in enumerate(groups):
       v, _ = train_runs(
           programs,
           [jax.random.fold_in(seed_keys[i], _INIT) for i in g],
           [jax.random.fold_in(jax.random.fold_in(seed_keys[i], _TRAIN), k)
            for i in g],
-          [lr] * len(g), xk, yk, ns[k], epochs, cfg)
+          [lr] * len(g), xk, yk, ns[k], epochs, cfg,
+          checkpoint=_run_checkpoint(progress, k, f"refit{gi}"))
       per_group.append(v)
     params = jax.tree.map(lambda *a: jnp.concatenate(a, 0), *per_group)
     jax.block_until_ready(params)
@@ -644,7 +676,8 @@ def client_models(s, n: int, net: Optional[nets.Net] = None):
   ``config.baseline.client_cache_dir`` set, the models an earlier run of
   the same training stored there (``model_cache``: keyed by the clients'
   data, the network, the settings, the key and the code). With a cache, a
-  training that was cut off resumes with the clients it finished
+  training that was cut off resumes with the clients it finished, and the
+  client it was training from that client's last validation check
   (``model_cache.ClientProgress``). The record is
   ``local_training_record``'s, plus ``cache``: None without a cache, else
   the entry's file and whether this run trained (``"stored"``) or read it

@@ -25,10 +25,16 @@ While a training is under way, each client's models are stored as soon as
 they are trained, as the partial entry ``<fingerprint>-client<k>``
 (``ClientProgress``). A training that is cut off (a time box, a lost
 machine) and started again with the same fingerprint reads the clients
-it finished instead of training them again: on this project's 2-core
-CPU one client of a reference-table partition (K = 5) trains for 0.4 to 5
-hours (``experiments/results/client_training/``). The partial entries are
-removed once the whole entry is stored.
+it finished instead of training them again. Within a client, every run
+(one learning rate's validated search, one seed's refit) stores its state
+at each validation check as ``<fingerprint>-client<k>-<run>``
+(``RunCheckpoint``), and a restarted run goes on from its last check:
+on this project's 2-core CPU one client of a reference-table partition
+(K = 5) trains for 0.4 to 5 hours and one of its runs for up to an hour
+(``experiments/results/client_training/``), so without these a cut-off
+session lost up to a client's hours. A client's run checkpoints are
+removed once its models are stored, and its partial entry once the whole
+entry is stored.
 """
 
 import hashlib
@@ -189,12 +195,59 @@ def client_entry_name(digest: str, client: int) -> str:
   return f"{digest}-client{int(client)}"
 
 
+class RunCheckpoint:
+  """The last validation check of one training run (see the module docstring).
+
+  ``fedavg.train_runs`` saves its whole state there at each check (the
+  networks' variables and optimiser state as arrays, the epoch and the
+  validation bookkeeping as JSON) and, started again, goes on from it.
+  Its epoch keys depend only on the epoch, so the resumed run is the run
+  that was cut off.
+  """
+
+  def __init__(self, directory, name: str, covered: Dict[str, Any]):
+    self.directory = pathlib.Path(directory)
+    self.name = name
+    self.covered = covered
+
+  def load(self, structure) -> Optional[Tuple[Any, Dict[str, Any]]]:
+    """``(state, record)`` saved last, or None if the run never checked.
+
+    Args:
+      structure: a state of the same run (its freshly initialised one):
+        the saved arrays are put back into its tree structure.
+
+    Raises:
+      ValueError: a checkpoint whose arrays do not fit ``structure`` (saved
+        by other code or damaged).
+    """
+    hit = load(self.directory, self.name)
+    if hit is None:
+      return None
+    leaves, entry = hit
+    ref = jax.tree.leaves(structure)
+    got = [leaves["leaf"].get(str(i)) for i in range(len(ref))]
+    if len(leaves["leaf"]) != len(ref) or any(
+        g is None or g.shape != np.shape(r) for g, r in zip(got, ref)):
+      raise ValueError(f"run checkpoint {entry_path(self.directory, self.name)}"
+                       f" does not fit this run's state; remove it (and its "
+                       f".json) to start the run again")
+    return jax.tree.unflatten(jax.tree.structure(structure), got), \
+        entry["record"]
+
+  def save(self, state, record: Dict[str, Any]) -> None:
+    """Stores ``state`` (any pytree of arrays) with its JSON ``record``."""
+    leaves = {str(i): v for i, v in enumerate(jax.tree.leaves(state))}
+    store(self.directory, self.name, {"leaf": leaves}, record, self.covered)
+
+
 class ClientProgress:
   """Per-client partial entries of one training (see the module docstring).
 
   ``fedavg.train_local_models`` calls ``load(k)`` before it trains client
-  ``k`` and ``save(k, ...)`` after; ``clear(K)`` removes the partial
-  entries once the whole training is stored.
+  ``k``, trains each of its runs with ``run_checkpoint(k, run)`` and calls
+  ``save(k, ...)`` after; ``clear(K)`` removes the partial entries once the
+  whole training is stored.
   """
 
   def __init__(self, directory, digest: str, covered: Dict[str, Any]):
@@ -207,13 +260,27 @@ class ClientProgress:
     hit = load(self.directory, client_entry_name(self.digest, client))
     return None if hit is None else (hit[0], hit[1]["record"])
 
+  def run_checkpoint(self, client: int, run: str) -> RunCheckpoint:
+    """The checkpoint of client ``client``'s run named ``run``."""
+    return RunCheckpoint(
+        self.directory, f"{client_entry_name(self.digest, client)}-{run}",
+        dict(self.covered, client=int(client), run=run))
+
   def save(self, client: int, params, report_entry: Dict[str, Any]) -> None:
-    """Stores client ``client``'s models and its report entry."""
+    """Stores client ``client``'s models and its report entry, then removes
+    its run checkpoints."""
     store(self.directory, client_entry_name(self.digest, client), params,
           report_entry, dict(self.covered, client=int(client)))
+    self._remove(f"{client_entry_name(self.digest, client)}-*")
 
   def clear(self, num_clients: int) -> None:
     """Removes the partial entries of clients ``0 .. num_clients - 1``."""
     for k in range(num_clients):
-      for path in _paths(self.directory, client_entry_name(self.digest, k)):
+      name = client_entry_name(self.digest, k)
+      self._remove(name)
+      self._remove(f"{name}-*")
+
+  def _remove(self, pattern: str) -> None:
+    for suffix in (".npz", ".json"):
+      for path in self.directory.glob(pattern + suffix):
         path.unlink(missing_ok=True)
