@@ -547,8 +547,12 @@ def test_a_run_cut_off_mid_training_goes_on_from_its_last_check(
   # Resuming skipped exactly the 4 epochs trained before the cut.
   assert resumed_epochs == len(epochs_trained) - 4
   chex.assert_trees_all_equal(params, whole)
+  # Client 0's wall times count its search's seconds before the cut.
+  first = record["clients"][0]
+  assert 0 < first["resumed_s"] <= first["search_s"]
+  assert all("resumed_s" not in c for c in record["clients"][1:])
   timeless = lambda c: {k: v for k, v in c.items()
-                        if k not in ("search_s", "refit_s")}
+                        if k not in ("search_s", "refit_s", "resumed_s")}
   assert [timeless(c) for c in record["clients"]] == \
       [timeless(c) for c in report]
 

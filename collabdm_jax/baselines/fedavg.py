@@ -382,9 +382,10 @@ def train_runs(programs, init_keys, run_keys, lrs, x, y, n: int,
       every run has stopped.
     checkpoint: optional ``model_cache.RunCheckpoint``: the state is saved
       there every ``cfg.val_every`` epochs and at the last (after the check,
-      with ``val``), and a run that finds a saved state goes on from it.
-      Epoch keys depend only on the epoch, so a resumed run ends where the
-      uninterrupted one does.
+      with ``val``; its record's ``wall_s`` counts the run's seconds so
+      far, across cuts), and a run that finds a saved state goes on from
+      it. Epoch keys depend only on the epoch, so a resumed run ends where
+      the uninterrupted one does.
 
   Returns:
     ``(variables [R, ...], curves)``: ``curves[r]`` is the list of
@@ -401,7 +402,7 @@ def train_runs(programs, init_keys, run_keys, lrs, x, y, n: int,
   run_keys = jnp.stack(run_keys)
   curves = [[] for _ in range(R)]
   best, since, active = [None] * R, [0] * R, [True] * R
-  start = 0
+  start, t0 = 0, time.perf_counter()
   saved = None if checkpoint is None else checkpoint.load(
       (variables, opt_state))
   if saved is not None:
@@ -441,7 +442,8 @@ def train_runs(programs, init_keys, run_keys, lrs, x, y, n: int,
     if checkpoint is not None:
       checkpoint.save((variables, opt_state), {
           "epoch": done, "curves": curves, "best": best, "since": since,
-          "active": active})
+          "active": active,
+          "wall_s": checkpoint.resumed_s + time.perf_counter() - t0})
     if not any(active):
       break
   return variables, curves
@@ -467,6 +469,10 @@ def _pad(a, capacity):
 
 def _run_checkpoint(progress, client, run):
   return None if progress is None else progress.run_checkpoint(client, run)
+
+
+def _resumed_s(checkpoints) -> float:
+  return sum(c.resumed_s for c in checkpoints if c is not None)
 
 
 def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
@@ -502,7 +508,8 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
     ``epochs``, the validation ``curves`` per learning rate, its best
     check, and ``search_s`` / ``refit_s`` wall seconds (of the run that
     trained it; ``resumed`` is True when this call read it from
-    ``progress``).
+    ``progress``; ``resumed_s``, when present, is how many of those
+    seconds its runs spent before a cut, read from their checkpoints).
 
   Raises:
     ValueError: bad sizes, or (before any training) a client too small for
@@ -555,6 +562,7 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
     x, y = np.asarray(client_x[k], np.float32), np.asarray(client_y[k],
                                                            np.int32)
     entry = {"n": ns[k]}
+    ckpts = []  # this client's run checkpoints (None without progress)
     t0 = time.perf_counter()
     lr, epochs = cfg.lrs[0], cfg.epochs
     if splits[k] is not None:
@@ -570,10 +578,10 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
       xt, yt = jnp.asarray(_pad(x[tr], capacity)), jnp.asarray(
           _pad(y[tr], capacity))
       for gi, g in enumerate(groups):
+        ckpts.append(_run_checkpoint(progress, k, f"search{gi}"))
         _, cg = train_runs(programs, [init_key] * len(g), [run_key] * len(g),
                            [cfg.lrs[j] for j in g], xt, yt, len(tr),
-                           cfg.epochs, cfg, val,
-                           _run_checkpoint(progress, k, f"search{gi}"))
+                           cfg.epochs, cfg, val, ckpts[-1])
         for j, c in zip(g, cg):
           curves[j] = c
       chosen = choose(curves, cfg.lrs)
@@ -587,24 +595,30 @@ def train_local_models(key, net: nets.Net, input_shape, client_x, client_y,
                            for l, c in zip(cfg.lrs, curves)})
     else:
       entry.update(lr=float(lr), epochs=int(epochs))
+    search_before = _resumed_s(ckpts)
     t1 = time.perf_counter()
     xk, yk = jnp.asarray(_pad(x, capacity)), jnp.asarray(_pad(y, capacity))
     groups = [[i] for i in range(num_seeds)] if on_cpu else \
         [list(range(num_seeds))]
     per_group = []
     for gi, g in enumerate(groups):
+      ckpts.append(_run_checkpoint(progress, k, f"refit{gi}"))
       v, _ = train_runs(
           programs,
           [jax.random.fold_in(seed_keys[i], _INIT) for i in g],
           [jax.random.fold_in(jax.random.fold_in(seed_keys[i], _TRAIN), k)
            for i in g],
-          [lr] * len(g), xk, yk, ns[k], epochs, cfg,
-          checkpoint=_run_checkpoint(progress, k, f"refit{gi}"))
+          [lr] * len(g), xk, yk, ns[k], epochs, cfg, checkpoint=ckpts[-1])
       per_group.append(v)
     params = jax.tree.map(lambda *a: jnp.concatenate(a, 0), *per_group)
     jax.block_until_ready(params)
-    entry.update(search_s=round(t1 - t0, 3),
-                 refit_s=round(time.perf_counter() - t1, 3))
+    # Wall times count the seconds runs spent before a cut, too.
+    before = _resumed_s(ckpts)
+    entry.update(search_s=round(t1 - t0 + search_before, 3),
+                 refit_s=round(time.perf_counter() - t1 + before
+                               - search_before, 3))
+    if before:
+      entry["resumed_s"] = round(before, 3)
     log.info("client %d of %d trained (%d samples) in %.0f s", k, len(ns),
              ns[k], time.perf_counter() - t0)
     if progress is not None:

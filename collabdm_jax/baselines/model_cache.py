@@ -209,6 +209,9 @@ class RunCheckpoint:
     self.directory = pathlib.Path(directory)
     self.name = name
     self.covered = covered
+    # Wall seconds the run had spent when its loaded state was saved (its
+    # record's ``wall_s``): time before a cut that this process did not see.
+    self.resumed_s = 0.0
 
   def load(self, structure) -> Optional[Tuple[Any, Dict[str, Any]]]:
     """``(state, record)`` saved last, or None if the run never checked.
@@ -232,6 +235,7 @@ class RunCheckpoint:
       raise ValueError(f"run checkpoint {entry_path(self.directory, self.name)}"
                        f" does not fit this run's state; remove it (and its "
                        f".json) to start the run again")
+    self.resumed_s = float(entry["record"].get("wall_s", 0.0))
     return jax.tree.unflatten(jax.tree.structure(structure), got), \
         entry["record"]
 
