@@ -740,6 +740,52 @@ def test_dense_ensemble_choice_reaches_every_teacher_term(s, fedavg_result):
     dense.ensemble_logits(net, "median")
 
 
+def test_a_cut_off_dense_server_goes_on_from_its_saved_rounds(
+    s, fedavg_result, tmp_path, monkeypatch):
+  """DENSE saves its student, optimiser state, pool and history after its
+  rounds: a run cut off after round 2 of seed 1 goes on from there (seed
+  0 read whole, rounds 1-2 of seed 1 not run again) and ends with the
+  uninterrupted run's students and predictions; the saved rounds go once
+  every student is finished."""
+  cached = with_baseline(s, client_cache_dir=str(tmp_path), dense_epochs=4,
+                         dense_g_steps=2)
+  whole = dense.run(cached, {}, client_params=fedavg_result["client_params"])
+  assert not list(tmp_path.iterdir())  # finished: nothing left behind
+  assert "resumed_s" not in whole["extra"]["dense"]
+
+  distill = dense.distill
+  rounds_run, cut = [], []
+
+  def cut_after_round_2_of_seed_1(key, *args, checkpoint=None, **kw):
+    seed = int(checkpoint.name.rsplit("seed", 1)[1])
+
+    def on_round(e, student):
+      rounds_run.append((seed, e))
+      if (seed, e) == (1, 1) and not cut:
+        cut.append(1)
+        raise KeyboardInterrupt("machine lost")
+
+    return distill(key, *args, checkpoint=checkpoint, save_every_s=0.0,
+                   on_round=on_round, **kw)
+
+  monkeypatch.setattr(dense, "distill", cut_after_round_2_of_seed_1)
+  with pytest.raises(KeyboardInterrupt):
+    dense.run(cached, {}, client_params=fedavg_result["client_params"])
+  # Seed 0's four rounds and seed 1's first are saved (the cut came
+  # before round 2's save).
+  assert rounds_run == [(0, e) for e in range(4)] + [(1, 0), (1, 1)]
+  assert len(list(tmp_path.glob("dense-*-seed*.npz"))) == 2
+  rounds_run.clear()
+  again = dense.run(cached, {}, client_params=fedavg_result["client_params"])
+  assert rounds_run == [(1, 1), (1, 2), (1, 3)]
+  assert again["extra"]["dense"]["resumed_s"] > 0
+  chex.assert_trees_all_equal(again["params"], whole["params"])
+  np.testing.assert_array_equal(again["predictions"], whole["predictions"])
+  for h_again, h_whole in zip(again["history"], whole["history"]):
+    chex.assert_trees_all_equal(h_again, h_whole)
+  assert not list(tmp_path.iterdir())
+
+
 def test_dense_generator_shapes_and_checks():
   tab = dense.make_generator((7,), 4)
   sample = jax.jit(lambda k, z: tab.apply(tab.init(k, z), z))

@@ -93,10 +93,12 @@ ceiling) and FedAvg's on the same client models (what DENSE must beat).
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import math
 import time
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -107,6 +109,7 @@ import optax
 from collabdm_jax import augment
 from collabdm_jax.baselines import common
 from collabdm_jax.baselines import fedavg
+from collabdm_jax.baselines import model_cache
 from collabdm_jax.baselines import nets
 
 log = logging.getLogger("collabdm_jax")
@@ -481,7 +484,9 @@ def kd_programs(net, pool_size, b, kd_lr, kd_momentum, temperature,
 
 
 def distill(key, teachers, net, input_shape, num_classes, cfg: DenseConfig,
-            mean=None, std=None, on_round=None):
+            mean=None, std=None, on_round=None,
+            checkpoint: Optional[model_cache.RunCheckpoint] = None,
+            save_every_s: float = 300.0):
   """DENSE's server stage for one seed.
 
   Args:
@@ -494,6 +499,14 @@ def distill(key, teachers, net, input_shape, num_classes, cfg: DenseConfig,
     mean, std: the dataset's per-channel normalisation (images).
     on_round: optional ``f(round, student)`` called after each round's
       distillation pass (e.g. to test the student as it learns).
+    checkpoint: optional ``model_cache.RunCheckpoint``: after a round, if
+      ``save_every_s`` seconds have passed since the last save, and after
+      the last round, the student, its optimiser state, the pool and the
+      history are saved there; a call that finds a saved state goes on
+      after its round (rounds draw their keys from the round index only,
+      so the result is the uninterrupted one). A save rewrites the pool:
+      at DENSE's reference budget up to 200 x 256 samples, hence the
+      interval rather than every round.
 
   Returns:
     ``(student, init, history)``: the distilled student's variables, its
@@ -520,7 +533,20 @@ def distill(key, teachers, net, input_shape, num_classes, cfg: DenseConfig,
   opt_state = kd_opt.init(net.split(student)[0])
   pool = jnp.zeros((pool_size,) + tuple(input_shape), jnp.float32)
   gen_hist, kd_hist = [], []
-  for e in range(cfg.epochs):
+  start = 0
+  t0 = saved_at = time.perf_counter()
+  saved = None if checkpoint is None else checkpoint.load(
+      (student, opt_state, pool))
+  if saved is not None:
+    (student, opt_state, pool), rec = saved
+    student, opt_state, pool = jax.tree.map(jnp.asarray,
+                                            (student, opt_state, pool))
+    start = rec["round"]
+    gen_hist = [np.asarray(h, np.float32) for h in rec["gen"]]
+    kd_hist = [float(v) for v in rec["kd"]]
+    log.info("DENSE %s resumed after round %d of %d", checkpoint.name,
+             start, cfg.epochs)
+  for e in range(start, cfg.epochs):
     ekey = jax.random.fold_in(jax.random.fold_in(key, 1), e)
     gkey = jax.random.fold_in(ekey, 0)
     variables, g_state, targets = start_round(gkey)
@@ -555,9 +581,49 @@ def distill(key, teachers, net, input_shape, num_classes, cfg: DenseConfig,
              int(n))
     if on_round is not None:
       on_round(e, student)
+    now = time.perf_counter()
+    if checkpoint is not None and (e + 1 == cfg.epochs
+                                   or now - saved_at >= save_every_s):
+      checkpoint.save((student, opt_state, pool), {
+          "round": e + 1, "gen": [h.tolist() for h in gen_hist],
+          "kd": kd_hist, "wall_s": checkpoint.resumed_s + now - t0})
+      saved_at = time.perf_counter()
   history = {"gen": np.stack(gen_hist), "kd": np.asarray(kd_hist),
              "pool": np.asarray(pool)}
   return student, init, history
+
+
+def server_checkpoints(directory, key, teachers, net: nets.Net, input_shape,
+                       num_classes, cfg: DenseConfig, mean, std, n: int):
+  """``n`` ``model_cache.RunCheckpoint``s of ``distill``, one per seed.
+
+  Named ``dense-<fingerprint>-seed<i>`` in ``directory`` (the client-model
+  cache), where the fingerprint covers what the server stage reads: the
+  teachers' arrays, the network, the settings, the key, the JAX version
+  and backend and the package's code. A rerun of the same cell finds its
+  students' saved rounds; anything else misses them.
+  """
+  covered = {
+      "format": "collabdm_jax dense rounds 1",
+      "net": repr(net.module), "fast_kernels": net.fast_kernels,
+      "settings": dataclasses.asdict(cfg),
+      "input_shape": [int(d) for d in input_shape],
+      "num_classes": int(num_classes),
+      "mean": None if mean is None else np.ravel(mean).tolist(),
+      "std": None if std is None else np.ravel(std).tolist(),
+      "key": np.asarray(jax.random.key_data(key)).tolist(),
+      "jax": jax.__version__, "backend": jax.default_backend(),
+      "code": model_cache.code_digest(),
+  }
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(teachers):
+    leaf = np.ascontiguousarray(jax.device_get(leaf))
+    h.update(f"{leaf.dtype}{leaf.shape}".encode() + leaf.tobytes())
+  covered["teachers"] = h.hexdigest()
+  digest = hashlib.sha256(
+      json.dumps(covered, sort_keys=True).encode()).hexdigest()
+  return [model_cache.RunCheckpoint(directory, f"dense-{digest}-seed{i}",
+                                    dict(covered, seed=i)) for i in range(n)]
 
 
 def _stack(trees):
@@ -593,8 +659,12 @@ def run(s, timings: dict, client_params=None) -> dict:
     of the same client models, the students before distillation);
     ``extra`` for ``results.json``: ``ensemble_accuracies``,
     ``fedavg_accuracies``, ``init_accuracies`` ``[n]``, ``dense``
-    (settings and ``server_budget``) and ``local_training`` (None when the
-    teachers were passed in); ``history`` (per seed, see ``distill``),
+    (settings, ``server_budget`` and, for a run that went on from saved
+    rounds, ``resumed_s``: the seconds its rounds spent before the cut,
+    which ``dense_server`` does not count) and ``local_training`` (None when the
+    teachers were passed in); with ``config.baseline.client_cache_dir``
+    set, each student's rounds are saved there as it distils
+    (``server_checkpoints``), so a cut-off cell goes on from them; ``history`` (per seed, see ``distill``),
     ``params`` and ``init_params`` (students after / before, leaves
     ``[n, ...]``) for inspection (not JSON).
   """
@@ -621,16 +691,24 @@ def run(s, timings: dict, client_params=None) -> dict:
   mean = std = None
   if len(s.input_shape) == 3:
     mean, std = s.dataset.mean, s.dataset.std
+  cache_dir = cfg.baseline.get("client_cache_dir")
+  ckpts = server_checkpoints(cache_dir, key, teachers, net, s.input_shape, C,
+                             dcfg, mean, std, n) if cache_dir else [None] * n
   students, inits, histories = [], [], []
   for i in range(n):
     st, init, hist = distill(
         jax.random.fold_in(key, i), _take(teachers, i), net, s.input_shape,
-        C, dcfg, mean, std)
+        C, dcfg, mean, std, checkpoint=ckpts[i])
     students.append(st)
     inits.append(init)
     histories.append(hist)
   students, inits = _stack(students), _stack(inits)
   jax.block_until_ready(students)
+  # Every student is finished: their saved rounds (pools included) go.
+  before_s = sum(c.resumed_s for c in ckpts if c is not None)
+  for c in ckpts:
+    if c is not None:
+      c.remove()
   t2 = time.perf_counter()
   logits = nets.logits_fn(net)
   out = common.model_metrics(
@@ -656,6 +734,8 @@ def run(s, timings: dict, client_params=None) -> dict:
   out["params"] = jax.device_get(students)
   out["init_params"] = jax.device_get(inits)
   timings["dense_client_training"] = t1 - t0
-  timings["dense_server"] = t2 - t1
+  timings["dense_server"] = t2 - t1  # this process's (see resumed_s)
+  if before_s:
+    out["extra"]["dense"]["resumed_s"] = round(before_s, 3)
   timings["dense_evaluate"] = time.perf_counter() - t2
   return out

@@ -34,7 +34,9 @@ on this project's 2-core CPU one client of a reference-table partition
 (``experiments/results/client_training/``), so without these a cut-off
 session lost up to a client's hours. A client's run checkpoints are
 removed once its models are stored, and its partial entry once the whole
-entry is stored.
+entry is stored. DENSE's server stage saves its students' rounds in the
+same directory (``dense.server_checkpoints``), removed once every student
+is finished.
 """
 
 import hashlib
@@ -196,13 +198,14 @@ def client_entry_name(digest: str, client: int) -> str:
 
 
 class RunCheckpoint:
-  """The last validation check of one training run (see the module docstring).
+  """The last saved state of one long run (see the module docstring).
 
-  ``fedavg.train_runs`` saves its whole state there at each check (the
-  networks' variables and optimiser state as arrays, the epoch and the
-  validation bookkeeping as JSON) and, started again, goes on from it.
-  Its epoch keys depend only on the epoch, so the resumed run is the run
-  that was cut off.
+  ``fedavg.train_runs`` saves its whole state there at each validation
+  check (the networks' variables and optimiser state as arrays, the epoch
+  and the validation bookkeeping as JSON), ``dense.distill`` after its
+  rounds (student, optimiser state and sample pool); started again, each
+  goes on from it. Their keys depend only on the epoch or round, so the
+  resumed run is the run that was cut off.
   """
 
   def __init__(self, directory, name: str, covered: Dict[str, Any]):
@@ -243,6 +246,11 @@ class RunCheckpoint:
     """Stores ``state`` (any pytree of arrays) with its JSON ``record``."""
     leaves = {str(i): v for i, v in enumerate(jax.tree.leaves(state))}
     store(self.directory, self.name, {"leaf": leaves}, record, self.covered)
+
+  def remove(self) -> None:
+    """Deletes the saved state, if any."""
+    for path in _paths(self.directory, self.name):
+      path.unlink(missing_ok=True)
 
 
 class ClientProgress:
