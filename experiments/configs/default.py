@@ -212,7 +212,9 @@ def get_config():
   c.baseline.local_dsa = config_dict.placeholder(bool)  # eval.dsa
   # A folder where the trained client models are kept, so the fedavg and
   # dense runs of one config train them once (the second reads them back;
-  # baselines/model_cache.py). None: always train.
+  # baselines/model_cache.py), and where a cut-off client training or
+  # DENSE server keeps its progress to go on from. None: always train,
+  # nothing resumes.
   c.baseline.client_cache_dir = config_dict.placeholder(str)
   # dense: the server's generator and distillation (DENSE's names). At this
   # budget DENSE came level with or above FedAvg in the diagnosis (2 seeds,
