@@ -30,6 +30,12 @@ def test_reference_tables_resolve_at_the_reference_budget(part, n):
       assert "flip" in cfg.dsa_strategy and cfg.local.std_ddof == 1
     else:
       assert cfg.stats.batch_real == 64
+    # Clients train to convergence at paper scale; DENSE's server runs the
+    # CPU-sized budget (the docstring says why).
+    b = cfg.baseline
+    assert (b.local_epochs, b.local_val_every, b.local_patience) == (200, 5, 5)
+    assert (b.dense_epochs, b.dense_g_steps, b.dense_synthesis_batch,
+            b.dense_kd_batch) == (30, 10, 64, 64)
   counts = {}
   for cfg in cfgs:
     counts[cfg.variant] = counts.get(cfg.variant, 0) + 1
