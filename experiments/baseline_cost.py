@@ -15,8 +15,10 @@ make up the two baselines' cells, and projects a cell's time from them:
   models' time / fast time (a slow drift of the load does not bias it).
 * ``dense_server``: per kernel (as above; the baselines' networks use
   ``fast_convnet``'s on CPU for teachers, student and generator gradients),
-  ``dense.distill`` for one seed with K random teachers at the reference
-  batches (256 generated samples per step, KD batch 256), run
+  ``dense.distill`` for one seed with K random teachers at the table's
+  batches (``dense_synthesis_batch`` generated samples per step, KD batch
+  ``dense_kd_batch``; 256 and 256, DENSE's reference, until 80e32d8 set
+  the table's DENSE server to default.py's 30 x 10 x 64), run
   for ``--dense_rounds`` rounds with 1 and with ``--dense_g_steps``
   generator steps per round (after a warm-up run of each). The two runs
   differ only in generator steps, so
@@ -37,8 +39,8 @@ the search chooses is only known by running it, so the projection gives the
 lower bound (every client's best check is its first) and the upper bound
 (every run lasts ``local_epochs``). A DENSE cell distils ``eval.num_nets``
 students, each ``dense_epochs * dense_g_steps`` generator steps and
-``server_budget``'s KD steps (the pool grows by 256 samples a round and
-every round passes over all of it), plus the client models it shares
+``server_budget``'s KD steps (the pool grows by ``dense_synthesis_batch``
+samples a round and every round passes over all of it), plus the client models it shares
 with FedAvg.
 
   python -m experiments.baseline_cost \\

@@ -5,6 +5,7 @@ import statistics
 
 import pytest
 
+from experiments.configs import reference_table
 from tests import test_provenance
 
 
@@ -38,9 +39,13 @@ def test_quick_times_both_kernels_and_projects_the_cells(quick_script_json):
   assert proj["client_sample_steps"] == {
       "lower": round(3 * 30 * ns + 3 * 5 * n),
       "upper": round(3 * 200 * ns + 3 * 200 * n)}
+  # The reference table's DENSE server budget.
+  b = reference_table.base_config().baseline
   budget = proj["dense_server_budget_per_seed"]
-  assert budget["rounds"] == 200 and budget["generator_steps"] == 6000
+  steps = b.dense_epochs * b.dense_g_steps
+  assert budget["rounds"] == b.dense_epochs
+  assert budget["generator_steps"] == steps
   assert proj["dense_server_h_per_cell"] == pytest.approx(
-      3 * (6000 * server["generator_step_s"]
+      3 * (steps * server["generator_step_s"]
            + budget["kd_steps"] * server["kd_step_s"]) / 3600, abs=0.01)
   test_provenance.check_record(doc["provenance"])
