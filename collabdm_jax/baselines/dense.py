@@ -661,10 +661,11 @@ def run(s, timings: dict, client_params=None) -> dict:
     ``fedavg_accuracies``, ``init_accuracies`` ``[n]``, ``dense``
     (settings, ``server_budget`` and, for a run that went on from saved
     rounds, ``resumed_s``: the seconds its rounds spent before the cut,
-    which ``dense_server`` does not count) and ``local_training`` (None when the
-    teachers were passed in); with ``config.baseline.client_cache_dir``
-    set, each student's rounds are saved there as it distils
-    (``server_checkpoints``), so a cut-off cell goes on from them; ``history`` (per seed, see ``distill``),
+    which ``dense_server`` does not count) and ``local_training`` (None
+    when the teachers were passed in); with
+    ``config.baseline.client_cache_dir`` set, each student's rounds are
+    saved there as it distils (``server_checkpoints``), so a cut-off cell
+    goes on from them; ``history`` (per seed, see ``distill``),
     ``params`` and ``init_params`` (students after / before, leaves
     ``[n, ...]``) for inspection (not JSON).
   """
