@@ -40,8 +40,8 @@ lower bound (every client's best check is its first) and the upper bound
 (every run lasts ``local_epochs``). A DENSE cell distils ``eval.num_nets``
 students, each ``dense_epochs * dense_g_steps`` generator steps and
 ``server_budget``'s KD steps (the pool grows by ``dense_synthesis_batch``
-samples a round and every round passes over all of it), plus the client models it shares
-with FedAvg.
+samples a round and every round passes over all of it), plus the client
+models it shares with FedAvg.
 
   python -m experiments.baseline_cost \\
       --out=experiments/results/client_training/baseline_cost.json
@@ -118,10 +118,9 @@ def time_client_training(s, images: int, pairs: int):
   batch = min(lcfg.batch_size, n)
   micro = evaluate.default_micro_batch()
   key = [jax.random.key(0)]
-  kernels = KERNELS
   programs = {name: fedavg.client_programs(
       dataclasses.replace(net, fast_kernels=fast), tuple(s.input_shape),
-      batch, lcfg.dsa_strategy, micro) for name, fast in kernels.items()}
+      batch, lcfg.dsa_strategy, micro) for name, fast in KERNELS.items()}
 
   def epoch(name):
     t = time.perf_counter()
@@ -130,13 +129,13 @@ def time_client_training(s, images: int, pairs: int):
     jax.block_until_ready(params)
     return time.perf_counter() - t
 
-  warm = {name: round(epoch(name), 3) for name in kernels}
-  per_sample = {name: [] for name in kernels}
+  warm = {name: round(epoch(name), 3) for name in KERNELS}
+  per_sample = {name: [] for name in KERNELS}
   ratios = []
   for p in range(pairs):
-    order = list(kernels) if p % 2 == 0 else list(kernels)[::-1]
+    order = list(KERNELS) if p % 2 == 0 else list(KERNELS)[::-1]
     t = {name: epoch(name) for name in order}
-    for name in kernels:
+    for name in KERNELS:
       per_sample[name].append(t[name] / n)
     ratios.append(t["models"] / t["fast_convnet"])
   return {

@@ -36,9 +36,9 @@ when its ``results.json`` exists; finished cells are skipped, so rerunning
 the same command resumes a sweep (an interrupted CollabDM cell also resumes
 from its server checkpoint, and a FedAvg or DENSE cell with
 ``baseline.client_cache_dir`` set from its client training's last
-validation check and DENSE's last saved round). A cell that raises is logged with its
-traceback, leaves ``error.json`` (its row in the table reads ``failed``)
-and the sweep goes on; the next rerun retries it. Cells are matched by
+validation check and DENSE's last saved round). A cell that raises is
+logged with its traceback, leaves ``error.json`` (its row in the table
+reads ``failed``) and the sweep goes on; the next rerun retries it. Cells are matched by
 name only: a finished cell whose recorded config differs from the sweep's
 current one (e.g. after editing a budget) is kept, with a warning; delete
 its folder to rerun it.
