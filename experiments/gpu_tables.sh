@@ -26,6 +26,7 @@
 #   C (1 worker): paper-budget cells of fmnist_table_paper.py (K = 5, ipc 10,
 #      alpha 0.1 and 0.5; CollabDM, merged local DM, central DM; one seed).
 #
+# Cells already committed are skipped (see RERUN_COMMITTED below).
 # No cell starts after START_LIMIT_S seconds from the start of this script;
 # running cells finish. Every 30 s (and at the end) the small files of every
 # cell (results.json, cell.json, error.json, logs) are packed into
@@ -44,6 +45,20 @@ EXTRA=("$@")
 T0=$(date +%s)
 SW=${SWEEP_ROOT:-/tmp/sweeps}
 mkdir -p "$SW" "$OUT_DIR"
+
+# The cells committed under experiments/results/ are finished: they are copied
+# into the workdirs first, so the sweeps skip them and a lent card's few
+# minutes go to the cells still missing (on 2026-11-28, 93 of 123 were
+# committed; the missing ones are FedAvg's and DENSE's). RERUN_COMMITTED=1
+# starts from empty workdirs instead, to reproduce the committed cells.
+if [ "${RERUN_COMMITTED:-0}" != 1 ]; then
+  for t in reference_main reference_ipc reference_cifar10 paper_fashion_mnist; do
+    if [ -d "experiments/results/$t/cells" ]; then
+      mkdir -p "$SW/$t"
+      cp -rn "experiments/results/$t/cells/." "$SW/$t/"
+    fi
+  done
+fi
 
 WHEELS=${WHEELS:-.whl}
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
