@@ -5,7 +5,8 @@ code was timed at, see that file) through ``pipeline.run_distillation`` and
 writes ONE JSON document: per phase the wall time, the FLOPs XLA counts for
 the work the phase did, the GFLOP/s that makes and its fraction of a float32
 2048 x 2048 matmul timed in the same run (best of its start and end
-timings); the accuracy; git commit, command line, machine and load average.
+timings); the accuracy; and the ``provenance`` record every results file
+carries (commit, command line, machine, versions, load, peak RSS).
 The server's entry also holds its per-iteration wall times
 (``server_iteration_times``): the step (median over iterations 2..T) and
 the time until the first iteration ended (compilation included).
@@ -42,8 +43,6 @@ ReLU, pooling) also where the CPU kernels of ``cpu_first_block`` run it.
 """
 
 import os
-import pathlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +64,7 @@ from collabdm_jax import losses
 from collabdm_jax import metrics as metrics_lib
 from collabdm_jax import models
 from collabdm_jax import pipeline
+from collabdm_jax import provenance
 from collabdm_jax import server as server_lib
 from collabdm_jax import setup as setup_lib
 from experiments.benchlib import measure
@@ -78,18 +78,6 @@ _MATMUL_N = flags.DEFINE_integer(
     "the peak (a GPU needs 8192 to fill).")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: a new temporary one, kept).")
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def git_state():
-  """Commit and dirty flag of the checkout this script runs from."""
-  def git(*args):
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
-                          text=True, check=False).stdout.strip()
-  commit = git("rev-parse", "HEAD")
-  return {"commit": commit or None,
-          "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def loop_once_flops(f, *args):
@@ -205,7 +193,8 @@ def main(argv):
   config.checkpoint.every = 0  # time the algorithm, not checkpoint writes
   device = jax.devices()[0]
   env = measure.environment()
-  load_start = list(os.getloadavg())
+  record = provenance.start()
+  load_start = record["load_average_start"]
   logging.info("load average at start: %s", load_start)
   peak_start = measure.matmul_peak(device, _MATMUL_N.value, 10)
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="collabdm_reference_")
@@ -234,7 +223,6 @@ def main(argv):
       "config": "experiments/configs/reference.py",
       "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
       "workdir": str(workdir),
-      "git": git_state(),
       "total_s": results["wall_s"]["total"],
       "script_wall_s": wall,
       "accuracy_mean": results["accuracy_mean"],
@@ -256,6 +244,7 @@ def main(argv):
       "environment": env,
       "config_values": config.to_dict(),
       "upload_bytes_total": results["upload_bytes_total"],
+      "provenance": provenance.finish(record),
   }
   measure.write_document(doc, _OUT.value)
 

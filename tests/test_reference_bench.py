@@ -35,5 +35,6 @@ def test_reference_bench_writes_phases_flops_and_provenance(tmp_path):
   assert 0 < its["step_median_s"] <= its["step_max_s"]
   assert its["first_s"] + 2 * its["step_mean_s"] == pytest.approx(
       doc["phases"]["server"]["wall_s"])
-  assert len(doc["git"]["commit"]) == 40
+  assert len(doc["provenance"]["git_commit"]) == 40
+  assert doc["provenance"]["peak_rss_mb"] > 0
   assert doc["load_average_start"] and doc["environment"]["cpu_count"]
