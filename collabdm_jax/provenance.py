@@ -28,6 +28,7 @@ Record keys (``start``):
 
 ``finish`` adds ``peak_rss_mb`` (this process; ``peak_rss_children_mb`` for
 finished child processes), ``load_average_end`` and ``finished_utc``.
+``missing`` says which of the fields a finished record must hold it lacks.
 """
 
 import datetime
@@ -47,6 +48,11 @@ import jax
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy")
 MAX_DIRTY_FILES = 20
+# What a finished record must hold for a number to be traced (issue 13):
+# code version, command, machine, libraries, load and memory.
+REQUIRED = ("git_commit", "git_dirty", "command", "cpu_model", "cpu_count",
+            "device_kinds", "versions", "load_average_start", "peak_rss_mb")
+REQUIRED_LIBRARIES = ("jax", "jaxlib", "flax", "optax")
 _GIT_TIMEOUT_S = 10
 
 
@@ -166,4 +172,18 @@ def finish(record: Optional[Dict]) -> Dict:
       "load_average_end": load_average(),
       "finished_utc": _now(),
   })
+  return out
+
+
+def missing(record: Dict) -> list:
+  """The ``REQUIRED`` fields (and library versions) ``record`` lacks.
+
+  A field counts as missing when it is absent or None (a commit of None:
+  not made from a git checkout; a dirty flag of None: unknown). An empty
+  list means the record is complete.
+  """
+  out = [k for k in REQUIRED if record.get(k) is None]
+  versions = record.get("versions") or {}
+  out += [f"versions.{k}" for k in REQUIRED_LIBRARIES
+          if "versions" not in out and versions.get(k) is None]
   return out

@@ -114,3 +114,15 @@ def test_record_from_a_subprocess_names_its_command():
   rec = json.loads(out)
   check_record(rec)
   assert rec["command"] == "-c extra-arg"
+
+
+def test_missing_names_what_a_record_lacks():
+  started = provenance.start()
+  assert provenance.missing(started) == ["peak_rss_mb"]
+  assert provenance.missing(provenance.finish(started)) == []
+  partial = dict(provenance.finish(started), git_dirty=None,
+                 versions={"jax": "0.10.2", "jaxlib": "0.10.2", "flax": None})
+  assert provenance.missing(partial) == ["git_dirty", "versions.flax",
+                                         "versions.optax"]
+  assert provenance.missing({"command": "x"}) == [
+      k for k in provenance.REQUIRED if k != "command"]
