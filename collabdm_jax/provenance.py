@@ -41,7 +41,7 @@ import shlex
 import socket
 import subprocess
 import sys
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import jax
 
@@ -175,7 +175,7 @@ def finish(record: Optional[Dict]) -> Dict:
   return out
 
 
-def missing(record: Dict) -> list:
+def missing(record: Dict) -> List[str]:
   """The ``REQUIRED`` fields (and library versions) ``record`` lacks.
 
   A field counts as missing when it is absent or None (a commit of None:
