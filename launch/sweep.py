@@ -38,10 +38,10 @@ from its server checkpoint, and a FedAvg or DENSE cell with
 ``baseline.client_cache_dir`` set from its client training's last
 validation check and DENSE's last saved round). A cell that raises is
 logged with its traceback, leaves ``error.json`` (its row in the table
-reads ``failed``) and the sweep goes on; the next rerun retries it. Cells are matched by
-name only: a finished cell whose recorded config differs from the sweep's
-current one (e.g. after editing a budget) is kept, with a warning; delete
-its folder to rerun it.
+reads ``failed``) and the sweep goes on; the next rerun retries it. Cells
+are matched by name only: a finished cell whose recorded config differs
+from the sweep's current one (e.g. after editing a budget) is kept, with a
+warning; delete its folder to rerun it.
 
 Modes:
 

@@ -11,6 +11,11 @@ TABLES = ("reference_main", "reference_ipc", "reference_cifar10",
           "paper_fashion_mnist")
 
 
+def committed_cells(table):
+  return {p.name for p in
+          (ROOT / "experiments/results" / table / "cells").iterdir()}
+
+
 def run_script(tmp_path, **env):
   """The script with no time left: it lists and seeds, then starts no cell."""
   out = tmp_path / "out"
@@ -21,7 +26,7 @@ def run_script(tmp_path, **env):
            "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no_wheels"),
            **env})
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return proc, out
+  return out
 
 
 def listing(workdir, config):
@@ -35,29 +40,25 @@ def listing(workdir, config):
 
 def test_committed_cells_are_seeded_so_only_the_missing_ones_would_run(
     tmp_path):
-  _, out = run_script(tmp_path)
+  out = run_script(tmp_path)
   sw = tmp_path / "sw"
+  committed = {t: committed_cells(t) for t in TABLES}
   for table in TABLES:
-    committed = {p.name for p in
-                 (ROOT / "experiments/results" / table / "cells").iterdir()}
-    assert committed, table
-    assert {p.name for p in (sw / table).iterdir()} == committed
+    assert committed[table], table
+    assert {p.name for p in (sw / table).iterdir()} == committed[table]
   # The sweep itself sees them as finished: in the main table exactly the
   # committed cells are done and the rest (FedAvg's, DENSE's) pending.
   status = listing(sw / "reference_main",
                    "experiments/configs/reference_table.py:main")
-  committed = {p.name for p in
-               (ROOT / "experiments/results/reference_main/cells").iterdir()}
-  assert {n for n, s in status.items() if s == "done"} == committed
+  assert ({n for n, s in status.items() if s == "done"}
+          == committed["reference_main"])
   pending = {n for n, s in status.items() if s != "done"}
   assert pending and all(n.startswith(("variant=fedavg", "variant=dense"))
                          for n in pending)
   # The seeded cells come back packed with whatever the card finishes.
   with tarfile.open(out / "cells.tar.gz") as tar:
     packed = [n for n in tar.getnames() if n.endswith("results.json")]
-  assert len(packed) == sum(
-      len(list((ROOT / "experiments/results" / t / "cells").iterdir()))
-      for t in TABLES)
+  assert len(packed) == sum(len(c) for c in committed.values())
 
 
 def test_rerun_committed_starts_from_empty_workdirs(tmp_path):

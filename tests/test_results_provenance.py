@@ -94,4 +94,5 @@ def test_the_legacy_list_is_exact():
     matched = fnmatch.filter(files, pattern)
     assert matched, f"{pattern}: no committed file matches; drop it"
     complete = [p for p in matched if not gaps(p)]
-    assert not complete, f"{pattern}: now complete, drop from LEGACY: {complete}"
+    assert not complete, (
+        f"{pattern}: now complete, drop from LEGACY: {complete}")
